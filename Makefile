@@ -1,0 +1,33 @@
+# Two entry points: `make run` (set up + main demo + table) and `make test` (set up + tests).
+# Needs only python3 (and make); everything else is installed into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints-cpu.txt
+
+.PHONY: setup run test lint study report clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[quant,prune,dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/membench run +experiment=demo
+	$(VENV)/bin/membench report results --experiment demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+study: setup
+	$(VENV)/bin/membench run +experiment=checkpointing
+
+report: setup
+	$(VENV)/bin/membench report results
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
