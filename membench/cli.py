@@ -1,0 +1,138 @@
+"""`membench run [-m] [overrides...]` and `membench report [results_dir]`.
+
+Overrides follow Hydra's grammar. Sweeps (`-m`, e.g. `run.seed=0,1` or `technique=choice([],[bf16])`) are
+expanded with Hydra's own sweeper; `+experiment=NAME` adds the experiment's cells. Every cell is composed
+and validated before the first run starts; then each runs in its own child process (membench/runner.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from membench.errors import ConfigError
+
+CONF_DIR = Path(os.environ.get("MEMBENCH_CONF", Path(__file__).resolve().parent.parent / "conf"))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text.split(" Config search path:")[0][:400]
+
+
+def _options(group: str) -> str:
+    return ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"bad override: {_one_line(e)}") from None
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise ConfigError(f"{sweeps[0]}: a sweep needs -m/--multirun")
+    return [cell for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose(config_name="config", overrides=overrides)
+    except MissingConfigException as e:
+        for group in ("workload", "technique", "experiment"):
+            for o in overrides:
+                key = o.lstrip("+~").split("=", 1)[0]
+                if key == group and f"'{group}/" in str(e):
+                    name = str(e).split(f"'{group}/", 1)[1].split("'", 1)[0]
+                    raise ConfigError(f"{group}={name}: unknown; allowed: {_options(group)}") from None
+        raise ConfigError(_one_line(e)) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def plan(overrides: list[str], multirun: bool) -> list[dict]:
+    """Overrides -> fully resolved, validated config dicts, one per cell. Nothing runs here."""
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from membench.config import register_schema
+    from membench.execute import build_all
+
+    register_schema()
+    cells: list[dict] = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for user in _expand(overrides, multirun):
+            base = _compose(user)
+            exp_cells = list(base.get("experiment", {}).get("cells", []) or []) or [[]]
+            for extra in exp_cells:
+                # experiment cell first, the user's overrides last so they win (e.g. run.train_steps=...)
+                cfg = _compose([*list(extra), *user]) if extra else base
+                try:
+                    resolved = OmegaConf.to_container(cfg, resolve=True)
+                except OmegaConfBaseException as e:
+                    raise ConfigError(_one_line(e)) from None
+                build_all(resolved)
+                cells.append(resolved)
+    return cells
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from membench.records import config_hash, has_ok
+    from membench.report import summary_line
+    from membench.runner import run_cell
+
+    cells = plan(args.overrides, args.multirun)
+    print(f"membench: {len(cells)} run(s) planned", flush=True)
+    failed = 0
+    for i, cfg in enumerate(cells, 1):
+        run = cfg["run"]
+        label = f"[{i}/{len(cells)}] {cfg['workload']['preset']} technique={list(cfg.get('technique') or {})}"
+        if not run["force"] and has_ok(run["results_dir"], config_hash(cfg)):
+            print(f"{label}: skipped (ok record exists; run.force=true re-runs)", flush=True)
+            continue
+        print(f"{label}: running", flush=True)
+        record = run_cell(cfg, run["results_dir"], run["timeout_s"])
+        failed += record["status"] != "ok"
+        print(f"{label}: {summary_line(record)}", flush=True)
+    return 0 if failed == 0 else 3
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from membench.report import write_report
+
+    text = write_report(args.results_dir, args.out, args.experiment)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run one experiment, a sweep (-m) or a named study (+experiment=NAME)")
+    r.add_argument("-m", "--multirun", action="store_true", help="expand sweep overrides (a,b or choice(...))")
+    r.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. workload=gpt_small technique=[bf16]")
+    rp = sub.add_parser("report", help="print the markdown table of records and write it to a file")
+    rp.add_argument("results_dir", nargs="?", default="results")
+    rp.add_argument("--experiment", default=None, help="only records of this experiment")
+    rp.add_argument("--out", default=None, help="file to write (default: RESULTS_DIR/REPORT[-experiment].md)")
+    args = p.parse_args(argv)
+    try:
+        return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    except ConfigError as e:
+        print(f"membench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Structured config schema for the top level (`run`) and the config -> object builder.
+
+Workload and technique YAMLs carry `_target_` naming their config dataclass; `build()` type-checks the YAML
+node against that dataclass (OmegaConf structured merge) and constructs it, so a wrong type or value fails
+when the config is composed, before any run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from membench.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    batch_size: int = 8  # samples per step; the workload presets set their own default
+    warmup_steps: int = 2  # untimed, unmeasured
+    measure_steps: int = 5  # timed steps (no instrumentation active)
+    train_steps: int = 20  # total optimizer steps before quality is evaluated (>= warmup + 2 + measure)
+    device: str = "auto"
+    num_threads: int = 0  # 0 keeps torch's default
+    results_dir: str = "results/scratch"
+    timeout_s: float = 900.0
+    memory_budget_mib: float | None = None  # a run whose peak exceeds it ends as `oom` (CPU and CUDA)
+    world_size: int = 1  # reserved for ZeRO / multi-rank runs
+    force: bool = False  # re-run cells that already have an ok record
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "measure_steps", "train_steps", "timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"run.{key}={getattr(self, key)}: must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"run.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.device not in DEVICES:
+            raise ConfigError(f"run.device={self.device!r}: allowed values are {', '.join(DEVICES)}")
+        if self.memory_budget_mib is not None and self.memory_budget_mib <= 0:
+            raise ConfigError(f"run.memory_budget_mib={self.memory_budget_mib}: must be > 0 or null")
+        if self.world_size != 1:
+            raise ConfigError(f"run.world_size={self.world_size}: only 1 is supported until multi-rank runs land")
+        need = self.warmup_steps + self.measure_steps + 2
+        if self.train_steps < need:
+            raise ConfigError(f"run.train_steps={self.train_steps}: must be >= warmup + measure + 2 = {need}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "adhoc"
+    description: str = ""
+    # cells: each a list of Hydra override strings; the user's command-line overrides apply to every cell
+    cells: list[Any] = field(default_factory=list)
+
+
+def register_schema() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="run", node=RunConfig, package="run")
+
+
+def _locate(target: str) -> type:
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def build(node: DictConfig | dict, key: str) -> Any:
+    """Type-check a `_target_` node against its dataclass and construct it; errors name `key`."""
+    node = OmegaConf.create(node) if isinstance(node, dict) else node
+    target = node.get("_target_")
+    if target is None:
+        raise ConfigError(f"{key}: missing _target_")
+    cls = _locate(target)
+    body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(cls), body)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{key}.{e.full_key}: {_first_line(e)}") from None
+    kwargs = OmegaConf.to_container(typed, resolve=True)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+def build_run(node: DictConfig | dict) -> RunConfig:
+    body = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(body) - names)
+    if unknown:
+        raise ConfigError(f"run.{unknown[0]}: unknown key; allowed: {', '.join(sorted(names))}")
+    return RunConfig(**body)

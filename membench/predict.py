@@ -1,0 +1,46 @@
+"""Analytic memory prediction by category, next to the measured one.
+
+Model states from bytes-per-parameter rules of the techniques in force (fp32 AdamW: 4 + 4 + 8 bytes per
+parameter; Rajbhandari et al. 2020, "ZeRO", sec. 3.1), buffers at their exact size, activations from the
+workload's analytic model. `other` (temporaries, autocast weight copies, allocator slack) is not predicted.
+"""
+
+from __future__ import annotations
+
+from techniques.base import Context, Prediction
+
+
+def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
+    pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
+    for t in techniques:
+        t.predict(pred, ctx)
+    n = sum(p.numel() for p in model.parameters())
+    n_trainable = round(n * pred.trainable_fraction)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    act = workload.activation_model(batch_size, pred.act_elem_bytes, pred.checkpoint)
+    return {
+        "by_category": {
+            "params": n * pred.param_bytes + buffers,
+            "grads": n_trainable * pred.grad_bytes,
+            "optimizer": n_trainable * pred.optimizer_bytes,
+            "activations": act["total"],
+            "other": None,
+        },
+        "activation_terms": act,
+        "rules": {
+            "param_bytes": pred.param_bytes,
+            "grad_bytes": pred.grad_bytes,
+            "optimizer_bytes": pred.optimizer_bytes,
+            "act_elem_bytes": pred.act_elem_bytes,
+            "checkpoint": pred.checkpoint,
+        },
+        "notes": pred.notes,
+    }
+
+
+def relative_error(measured: dict, predicted: dict) -> dict:
+    out = {}
+    for k, p in predicted.items():
+        m = measured.get(k)
+        out[k] = None if (p is None or m is None or m == 0) else (p - m) / m
+    return out

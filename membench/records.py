@@ -1,0 +1,159 @@
+"""Versioned run records: one JSON file per run under results_dir/runs/, written atomically.
+
+Records are append-only; a re-run writes a new file. `config_hash` identifies a cell (the resolved config
+without the knobs that do not change what is measured), so sweeps can skip cells already recorded ok.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from membench import SCHEMA_VERSION
+
+STATUSES = ("ok", "oom", "error", "timeout")
+# Keys that do not change what a run measures, left out of the cell identity.
+_NOT_IDENTITY = ("results_dir", "force", "timeout_s")
+_LIBS = (
+    "torch",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+    "scikit-learn",
+    "bitsandbytes",
+    "torchao",
+    "torch-pruning",
+    "deepspeed",
+)
+
+
+def config_hash(config: dict) -> str:
+    ident = json.loads(json.dumps(config))
+    for k in _NOT_IDENTITY:
+        ident.get("run", {}).pop(k, None)
+    ident.pop("experiment", None)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def new_run_id(chash: str) -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}-{chash[:10]}"
+
+
+def runs_dir(results_dir: str | Path) -> Path:
+    return Path(results_dir) / "runs"
+
+
+def write_record(results_dir: str | Path, record: dict) -> Path:
+    """Atomic: write a temp file in the same directory, fsync, then rename over the final name."""
+    d = runs_dir(results_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"{record['run_id']}.json"
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def load_records(results_dir: str | Path) -> list[dict]:
+    out = []
+    for p in sorted(runs_dir(results_dir).glob("*.json")):
+        with open(p) as f:
+            out.append(json.load(f))
+    return out
+
+
+def latest_by_cell(records: list[dict]) -> dict[str, dict]:
+    latest: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: r["run_id"]):
+        latest[r["config_hash"]] = r
+    return latest
+
+
+def has_ok(results_dir: str | Path, chash: str) -> bool:
+    return any(r["config_hash"] == chash and r["status"] == "ok" for r in load_records(results_dir))
+
+
+def _git() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"commit": commit.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    versions = {}
+    for lib in _LIBS:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    env: dict[str, Any] = {
+        "git": _git(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+    }
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return env
+
+
+def skeleton(run_id: str, chash: str, config: dict, status: str) -> dict[str, Any]:
+    """The fields every record has, whatever its status; the child fills in the measured sections."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "config_hash": chash,
+        "status": status,
+        "error": None,
+        "experiment": (config.get("experiment") or {}).get("name"),
+        "config": config,
+        "workload": {"preset": config["workload"].get("preset"), "target": config["workload"].get("_target_")},
+        "techniques": list((config.get("technique") or {}).keys()),
+        "env": None,
+        "memory": None,
+        "timing": None,
+        "flops": None,
+        "quality": None,
+        "wall_s": None,
+    }

@@ -1,0 +1,1 @@
+"""Memory-saving techniques: each module holds a config dataclass with one verb, `apply(model, ctx) -> Patch`."""

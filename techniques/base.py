@@ -1,0 +1,59 @@
+"""The technique contract: a config dataclass with `apply(model, ctx) -> Patch` and `predict(pred, ctx)`.
+
+A Patch never forks the training loop; it may give a step context (autocast), a grad scaler, an optimizer
+factory, after-step hooks, or a replacement model. `compose.py` applies techniques in one fixed order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class Context:
+    """What a technique may look at: the workload (blocks, presets), device, and the run knobs."""
+
+    workload: Any
+    device: torch.device
+    run: Any
+
+
+@dataclass
+class Patch:
+    step_context: Callable[[], contextlib.AbstractContextManager] | None = None
+    grad_scaler: Any | None = None
+    optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
+    after_step: list[Callable[[], None]] = field(default_factory=list)
+    model: torch.nn.Module | None = None  # set when a technique replaces the model object
+    info: dict[str, Any] = field(default_factory=dict)  # measured facts for the record (e.g. adapter counts)
+
+
+@dataclass
+class Prediction:
+    """Analytic inputs the techniques adjust before the byte prediction is computed (see membench/predict.py)."""
+
+    param_bytes: float  # bytes per parameter as stored
+    grad_bytes: float  # bytes per trainable parameter
+    optimizer_bytes: float  # bytes per trainable parameter (AdamW: 2 states)
+    act_elem_bytes: int = 4  # bytes per activation element saved for backward
+    checkpoint: tuple[str, int] | None = None  # (mode, every_k) when activation checkpointing is on
+    autocast_dtype: torch.dtype | None = None
+    trainable_fraction: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+
+class Technique:
+    kind: ClassVar[str] = ""
+    exact: ClassVar[bool] = False  # exact techniques must leave the loss bit-identical to the baseline
+    loss_rtol: ClassVar[float] = 0.0  # declared tolerance on the training loss for approximate ones
+
+    def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
+        raise NotImplementedError
+
+    def predict(self, pred: Prediction, ctx: Context) -> None:
+        """Adjust the analytic prediction; default: no effect on bytes."""

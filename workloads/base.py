@@ -1,0 +1,55 @@
+"""What every workload provides to the harness. Concrete workloads: gpt.py, digits.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Quality:
+    metric: str  # e.g. "eval_loss" or "test_accuracy"
+    value: float
+    higher_is_better: bool
+    extra: dict[str, float]
+
+
+class Workload:
+    """A built workload: model, data, loss, quality metric, repeated blocks, analytic models."""
+
+    name: str
+    preset: str
+    model: nn.Module
+    tokens_per_sample: int = 1
+
+    def blocks(self) -> nn.ModuleList:
+        """The repeated blocks; techniques wrap or swap entries of this list, never match names."""
+        return self.model.blocks
+
+    def batch(self, step: int, batch_size: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> Quality:
+        raise NotImplementedError
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def activation_model(
+        self, batch_size: int, elem_bytes: int, checkpoint: tuple[str, int] | None
+    ) -> dict[str, float]:
+        """Predicted bytes saved for backward at the end of forward, by term; key `total` sums them."""
+        raise NotImplementedError
+
+    def model_flops(self, batch_size: int) -> float:
+        """Analytic training FLOPs per step (forward + backward, no recomputation)."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return {}

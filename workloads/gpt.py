@@ -1,0 +1,206 @@
+"""GPT-2-style decoder-only byte-level LM in plain PyTorch, on Python standard-library source text.
+
+q/k/v/output projections are separate nn.Linear layers so torch-pruning can trace them and selective
+checkpointing sees each matmul. Attention uses F.scaled_dot_product_attention (flash kernel on CPU/CUDA),
+so no s^2 score matrix is saved for backward. Quality: held-out loss (nats/byte) and bits per byte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from membench.errors import ConfigError
+from workloads.base import Quality, Workload
+from workloads.corpus import load_corpus
+
+
+@dataclass
+class GPTConfig:
+    preset: str = "gpt_tiny"
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 64
+    seq_len: int = 64
+    vocab_size: int = 256  # byte-level
+    dropout: float = 0.0
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    batch_size: int = 8  # default run.batch_size for this preset
+    max_corpus_bytes: int = 4_000_000
+    eval_fraction: float = 0.1
+    eval_batches: int = 8
+    data_path: str | None = None  # a user's own text file instead of the stdlib corpus
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "eval_batches", "max_corpus_bytes"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"workload.{key}={getattr(self, key)}: must be > 0")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"workload.d_model={self.d_model}: must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"workload.dropout={self.dropout}: must be in [0, 1)")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"workload.eval_fraction={self.eval_fraction}: must be in (0, 0.5)")
+
+    def build(self, seed: int) -> GPTWorkload:
+        return GPTWorkload(self, seed)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.q = nn.Linear(c.d_model, c.d_model)
+        self.k = nn.Linear(c.d_model, c.d_model)
+        self.v = nn.Linear(c.d_model, c.d_model)
+        self.proj = nn.Linear(c.d_model, c.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # head count from the weight shape, so heads removed by structured pruning are honoured
+        hd = self.q.out_features // self.n_head
+        q, k, v = (m(x).view(b, t, self.n_head, hd).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
+
+
+class Block(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.d_model)
+        self.attn = Attention(c)
+        self.ln2 = nn.LayerNorm(c.d_model)
+        self.fc = nn.Linear(c.d_model, 4 * c.d_model)
+        self.fc_out = nn.Linear(4 * c.d_model, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+
+
+class GPT(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.tok = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos = nn.Embedding(c.seq_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.apply(self._init)
+        for b in self.blocks:  # GPT-2 scaled init of residual projections
+            for m in (b.attn.proj, b.fc_out):
+                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.drop(self.tok(idx) + self.pos(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class GPTWorkload(Workload):
+    name = "gpt"
+
+    def __init__(self, c: GPTConfig, seed: int):
+        self.c, self.preset, self.seed = c, c.preset, seed
+        self.corpus = load_corpus(c.data_path, c.max_corpus_bytes, c.eval_fraction)
+        if len(self.corpus.eval) <= c.seq_len + 1 or len(self.corpus.train) <= c.seq_len + 1:
+            raise ConfigError(f"workload.seq_len={c.seq_len}: longer than the corpus split")
+        torch.manual_seed(seed)
+        self.model = GPT(c)
+        self.tokens_per_sample = c.seq_len
+
+    def _windows(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + torch.arange(self.c.seq_len + 1)
+        w = data[idx].long()
+        return w[:, :-1], w[:, 1:]
+
+    def batch(self, step: int, batch_size: int, device: torch.device):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(len(self.corpus.train) - self.c.seq_len - 1, (batch_size,), generator=g)
+        x, y = self._windows(self.corpus.train, starts)
+        return x.to(device), y.to(device)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> Quality:
+        was_training = model.training
+        model.eval()
+        n = len(self.corpus.eval) - self.c.seq_len - 1
+        per = 8
+        starts = torch.linspace(0, n - 1, self.c.eval_batches * per).long()
+        total = 0.0
+        for chunk in starts.split(per):
+            x, y = self._windows(self.corpus.eval, chunk)
+            total += self.loss(model, (x.to(device), y.to(device))).item() * len(chunk)
+        model.train(was_training)
+        nats = total / len(starts)
+        return Quality("eval_loss", nats, False, {"bits_per_byte": nats / math.log(2)})
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.c.lr, weight_decay=self.c.weight_decay)
+
+    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None) -> dict[str, float]:
+        """Bytes saved for backward, following the per-layer terms of Korthikanti et al. 2022
+        ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1), adapted to this model:
+        flash attention saves q, k, v, its output and a logsumexp instead of the 5as^2b softmax/dropout
+        terms; dropout masks (1 byte/element) only when dropout > 0. Units: elements * elem_bytes.
+        """
+        c, b, s, h, a = self.c, batch_size, self.c.seq_len, self.c.d_model, self.c.n_head
+        sbh, e = s * b * h, elem_bytes
+        mask = 1 if c.dropout > 0 else 0
+        # per layer: ln1 in + ln1 out + q,k,v + attn out + proj in | ln2 in + ln2 out + fc out + gelu out
+        attn = (1 + 1 + 3 + 1 + 1) * sbh * e + a * s * b * 4 + mask * sbh  # + fp32 logsumexp
+        mlp = (1 + 1 + 4 + 4) * sbh * e + mask * sbh
+        full_layer = attn + mlp
+        layer_input = sbh * e  # what a checkpointed block keeps: its input
+        # selective: keep matmul outputs (q,k,v, attention, proj, fc, fc_out) + block input; recompute LN/GELU
+        selective_layer = (1 + 3 + 1 + 1 + 4 + 1) * sbh * e + a * s * b * 4
+        L = c.n_layer
+        mode, k = checkpoint if checkpoint else ("none", 1)
+        if mode == "full":
+            layers = L * layer_input
+        elif mode == "every_k":
+            n_ckpt = len(range(0, L, k))
+            layers = n_ckpt * layer_input + (L - n_ckpt) * full_layer
+        elif mode == "selective":
+            layers = L * selective_layer
+        else:
+            layers = L * full_layer
+        head = sbh * e + sbh * e + s * b * c.vocab_size * 4  # ln_f in, ln_f out (head input), fp32 log-softmax
+        return {"layers": layers, "embedding_and_head": head, "total": layers + head}
+
+    def model_flops(self, batch_size: int) -> float:
+        """6 N T for the matmul parameters plus causal-free attention 12 L s^2 h per sequence (Kaplan et al.)."""
+        c = self.c
+        n_matmul = c.n_layer * 12 * c.d_model**2 + c.d_model * c.vocab_size
+        tokens = batch_size * c.seq_len
+        return 6 * n_matmul * tokens + 12 * c.n_layer * c.seq_len * c.d_model * tokens
+
+    def info(self):
+        return {
+            "corpus_id": self.corpus.corpus_id,
+            "corpus_source": self.corpus.source,
+            "corpus_files": len(self.corpus.files),
+            "train_bytes": len(self.corpus.train),
+            "eval_bytes": len(self.corpus.eval),
+        }
