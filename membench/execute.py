@@ -43,8 +43,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _state_bytes(model, optimizer) -> dict[str, int]:
-    """Exact bytes of model states from the tensors themselves (unique storages)."""
+def _state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[str, int]:
+    """Exact bytes of model states from the tensors themselves (unique storages), plus technique extras."""
     seen: set[int] = set()
 
     def nbytes(ts) -> int:
@@ -60,9 +60,9 @@ def _state_bytes(model, optimizer) -> dict[str, int]:
         return total
 
     return {
-        "params": nbytes(list(model.parameters()) + list(model.buffers())),
-        "grads": nbytes(p.grad for p in model.parameters() if p.grad is not None),
-        "optimizer": nbytes(v for s in optimizer.state.values() for v in s.values()),
+        "params": nbytes(list(model.parameters()) + list(model.buffers()) + extra.get("params", [])),
+        "grads": nbytes([p.grad for p in model.parameters() if p.grad is not None] + extra.get("grads", [])),
+        "optimizer": nbytes([v for s in optimizer.state.values() for v in s.values()] + extra.get("optimizer", [])),
     }
 
 
@@ -122,12 +122,17 @@ def execute(config: dict) -> dict:
         if i == mem_i:
 
             def snapshot_states():
-                states.update(_state_bytes(model, optimizer))
+                states.update(_state_bytes(model, optimizer, patch.extra_state()))
 
             mem, loss = measure.measure_memory(
                 functools.partial(step, i, before_zero=snapshot_states), model, optimizer
             )
             losses.append(loss)
+            for cat, ts in patch.extra_state().items():  # state MemTracker was not told about
+                added = sum(t.untyped_storage().nbytes() for t in ts)
+                mem.by_category[cat] += added
+                mem.after_forward[cat] = mem.after_forward.get(cat, 0) + added
+                mem.peak_bytes += added
             if run.memory_budget_mib and mem.peak_bytes > run.memory_budget_mib * 2**20:
                 raise MemoryBudgetExceeded(
                     f"peak {mem.peak_bytes / 2**20:.1f} MiB > run.memory_budget_mib={run.memory_budget_mib}"

@@ -20,9 +20,11 @@ def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
     act = workload.activation_model(batch_size, pred.act_elem_bytes, pred.checkpoint)
     return {
         "by_category": {
-            "params": n * pred.param_bytes + buffers,
-            "grads": n_trainable * pred.grad_bytes,
-            "optimizer": n_trainable * pred.optimizer_bytes,
+            "params": pred.params_total if pred.params_total is not None else n * pred.param_bytes + buffers,
+            "grads": pred.grads_total if pred.grads_total is not None else n_trainable * pred.grad_bytes,
+            "optimizer": pred.optimizer_total
+            if pred.optimizer_total is not None
+            else n_trainable * pred.optimizer_bytes,
             "activations": act["total"],
             "other": None,
         },

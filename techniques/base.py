@@ -30,6 +30,10 @@ class Patch:
     optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
     after_step: list[Callable[[], None]] = field(default_factory=list)
     model: torch.nn.Module | None = None  # set when a technique replaces the model object
+    # Tensors that hold model state but are neither parameters, buffers, grads nor optimizer.state entries
+    # (e.g. quantization scales kept as attributes). Keyed by category; added to the exact state bytes and,
+    # since MemTracker cannot see tensors created before tracking that it was not told about, to the peak.
+    extra_state: Callable[[], dict[str, list[torch.Tensor]]] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # measured facts for the record (e.g. adapter counts)
 
 
@@ -44,6 +48,10 @@ class Prediction:
     checkpoint: tuple[str, int] | None = None  # (mode, every_k) when activation checkpointing is on
     autocast_dtype: torch.dtype | None = None
     trainable_fraction: float = 1.0
+    # Absolute overrides (bytes) where a per-parameter rule does not fit (quantized formats, pruned models):
+    params_total: float | None = None
+    grads_total: float | None = None
+    optimizer_total: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -56,4 +64,8 @@ class Technique:
         raise NotImplementedError
 
     def predict(self, pred: Prediction, ctx: Context) -> None:
-        """Adjust the analytic prediction; default: no effect on bytes."""
+        """Adjust the analytic prediction; default: no effect on bytes. Called after apply()."""
+
+    def check(self, kinds: set[str], device_type: str) -> None:
+        """Reject combinations/devices this technique cannot run with (raise membench.errors.ConfigError
+        naming the key and why). `kinds` are all techniques of the run. Default: no constraint."""

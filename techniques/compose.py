@@ -50,15 +50,13 @@ def validate(techniques: list[Technique], device_type: str) -> None:
             a, b = sorted(pair)
             raise ConfigError(f"technique=[{a},{b}]: incompatible: {why}")
     for t in techniques:
-        check = getattr(t, "check_device", None)
-        if check is not None:
-            check(device_type)
+        t.check(set(kinds), device_type)
 
 
 def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object, Patch]:
     """Apply in ORDER; merge patches. Returns the (possibly replaced) model and one merged patch."""
     merged = Patch()
-    contexts = []
+    contexts, extras = [], []
     for t in ordered(techniques):
         p = t.apply(model, ctx)
         if p.model is not None:
@@ -71,6 +69,8 @@ def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object,
                     raise ConfigError(f"technique={t.kind}: a second technique also sets the {name}")
                 setattr(merged, name, getattr(p, name))
         merged.after_step += p.after_step
+        if p.extra_state is not None:
+            extras.append(p.extra_state)
         merged.info.update({f"{t.kind}.{k}": v for k, v in p.info.items()})
 
     def step_context():
@@ -79,5 +79,13 @@ def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object,
             stack.enter_context(make())
         return stack
 
+    def extra_state():
+        out: dict[str, list] = {}
+        for fn in extras:
+            for k, ts in fn().items():
+                out.setdefault(k, []).extend(ts)
+        return out
+
     merged.step_context = step_context
+    merged.extra_state = extra_state
     return model, merged

@@ -1,0 +1,33 @@
+"""Shared test helpers: compose configs through the real CLI planner; run a config in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from membench.cli import plan
+
+torch.set_num_threads(2)
+
+
+def compose(*overrides: str) -> dict:
+    """One resolved, validated config dict (raises membench.errors.ConfigError on bad input)."""
+    cells = plan(list(overrides), multirun=False)
+    assert len(cells) == 1
+    return cells[0]
+
+
+def run_inprocess(*overrides: str) -> dict:
+    """Execute one run in this process (no child): the measured sections of a record."""
+    from membench.execute import execute
+
+    return execute(compose(*overrides))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
