@@ -17,7 +17,9 @@ def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
     n = sum(p.numel() for p in model.parameters())
     n_trainable = round(n * pred.trainable_fraction)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    act = workload.activation_model(batch_size, pred.act_elem_bytes, pred.checkpoint)
+    act = workload.activation_model(
+        batch_size, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None
+    )
     return {
         "by_category": {
             "params": pred.params_total if pred.params_total is not None else n * pred.param_bytes + buffers,

@@ -42,9 +42,10 @@ class Workload:
         raise NotImplementedError
 
     def activation_model(
-        self, batch_size: int, elem_bytes: int, checkpoint: tuple[str, int] | None
+        self, batch_size: int, elem_bytes: int, checkpoint: tuple[str, int] | None, autocast: bool = False
     ) -> dict[str, float]:
-        """Predicted bytes saved for backward at the end of forward, by term; key `total` sums them."""
+        """Predicted bytes saved for backward at the end of forward, by term; key `total` sums them.
+        `autocast`: 16-bit autocast is on (mixed dtypes: some tensors stay fp32, weights get 16-bit copies)."""
         raise NotImplementedError
 
     def model_flops(self, batch_size: int) -> float:

@@ -124,7 +124,7 @@ class DigitsWorkload(Workload):
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.c.lr, weight_decay=self.c.weight_decay)
 
-    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None) -> dict[str, float]:
+    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
         """Bytes saved for backward. Per block: its input (conv1 and skip conv), conv1 out (bn1), relu1 out
         (conv2), conv2 out (bn2), and on the down-sampling block the skip conv out (skip BN); the block's
         final ReLU output is the next block's input. BN's fp32 mean/invstd per channel are negligible."""
@@ -149,7 +149,8 @@ class DigitsWorkload(Workload):
                 total_layers += inp
             else:
                 total_layers += inp + convs + relu
-        last_out = b * c_in * s_in * s_in * e  # final ReLU output (saved by the ReLU)
+        last_ckpt = mode in ("full", "selective") or (mode == "every_k" and (c.num_blocks - 1) % k == 0)
+        last_out = 0 if last_ckpt else b * c_in * s_in * s_in * e  # final ReLU output, saved by that ReLU
         head = last_out + b * c_in * e + b * 10 * 4  # + linear input + fp32 log-softmax
         return {"layers": total_layers, "stem_and_head": stem + head, "total": total_layers + stem + head}
 

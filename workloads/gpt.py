@@ -159,34 +159,33 @@ class GPTWorkload(Workload):
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.c.lr, weight_decay=self.c.weight_decay)
 
-    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None) -> dict[str, float]:
+    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
         """Bytes saved for backward, following the per-layer terms of Korthikanti et al. 2022
         ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1), adapted to this model:
-        flash attention saves q, k, v, its output and a logsumexp instead of the 5as^2b softmax/dropout
-        terms; dropout masks (1 byte/element) only when dropout > 0. Units: elements * elem_bytes.
+        flash attention keeps q, k, v and an fp32 logsumexp instead of the 5as^2b softmax and dropout terms
+        (measured with saved_tensors_hooks: the kernel's output is not held apart from the projection input); dropout masks (1 byte/element) only when dropout > 0. Under autocast the residual
+        stream (LayerNorm inputs) stays fp32, each of q/k/v casts the fp32 LayerNorm output to its own 16-bit
+        copy, and the 16-bit weight copies of non-checkpointed blocks are held until backward.
         """
         c, b, s, h, a = self.c, batch_size, self.c.seq_len, self.c.d_model, self.c.n_head
         sbh, e = s * b * h, elem_bytes
-        mask = 1 if c.dropout > 0 else 0
-        # per layer: ln1 in + ln1 out + q,k,v + attn out + proj in | ln2 in + ln2 out + fc out + gelu out
-        attn = (1 + 1 + 3 + 1 + 1) * sbh * e + a * s * b * 4 + mask * sbh  # + fp32 logsumexp
-        mlp = (1 + 1 + 4 + 4) * sbh * e + mask * sbh
-        full_layer = attn + mlp
-        layer_input = sbh * e  # what a checkpointed block keeps: its input
-        # selective: keep matmul outputs (q,k,v, attention, proj, fc, fc_out) + block input; recompute LN/GELU
-        selective_layer = (1 + 3 + 1 + 1 + 4 + 1) * sbh * e + a * s * b * 4
+        r = 4 if autocast else e  # residual stream / LayerNorm inputs
+        in_copies = 3 if autocast else 1  # LayerNorm output as saved by the q, k, v matmuls
+        mask = sbh if c.dropout > 0 else 0
+        lse = a * s * b * 4
+        # ln1 in | ln1 out (x copies) + q,k,v + proj in | ln2 in | ln2 out + fc out + gelu out
+        full_layer = r * sbh + (in_copies + 3 + 1) * e * sbh + lse + mask + r * sbh + (1 + 4 + 4) * e * sbh + mask
+        layer_input = r * sbh  # what a checkpointed block keeps: its input
+        # selective: keep block input + matmul/attention outputs (q,k,v, attn, proj, fc, fc_out); recompute rest
+        selective_layer = r * sbh + (3 + 1 + 1 + 4 + 1) * e * sbh + lse
+        block_weights = 12 * h * h  # matmul weights per block
+        wcopy = 2 * block_weights if autocast else 0
         L = c.n_layer
         mode, k = checkpoint if checkpoint else ("none", 1)
-        if mode == "full":
-            layers = L * layer_input
-        elif mode == "every_k":
-            n_ckpt = len(range(0, L, k))
-            layers = n_ckpt * layer_input + (L - n_ckpt) * full_layer
-        elif mode == "selective":
-            layers = L * selective_layer
-        else:
-            layers = L * full_layer
-        head = sbh * e + sbh * e + s * b * c.vocab_size * 4  # ln_f in, ln_f out (head input), fp32 log-softmax
+        n_ckpt = {"full": L, "selective": L, "every_k": len(range(0, L, k))}.get(mode, 0)
+        per_ckpt = selective_layer if mode == "selective" else layer_input
+        layers = n_ckpt * per_ckpt + (L - n_ckpt) * (full_layer + wcopy)
+        head = r * sbh + e * sbh + s * b * c.vocab_size * 4 + (2 * h * c.vocab_size if autocast else 0)
         return {"layers": layers, "embedding_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:
