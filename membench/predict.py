@@ -20,6 +20,8 @@ def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
     act = workload.activation_model(
         batch_size, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None
     )
+    if pred.act_extra_bytes:
+        act = {**act, "technique_extra": pred.act_extra_bytes, "total": act["total"] + pred.act_extra_bytes}
     return {
         "by_category": {
             "params": pred.params_total if pred.params_total is not None else n * pred.param_bytes + buffers,

@@ -52,6 +52,7 @@ class Prediction:
     params_total: float | None = None
     grads_total: float | None = None
     optimizer_total: float | None = None
+    act_extra_bytes: float = 0.0  # bytes a technique adds to what forward holds (e.g. pruning's masked weights)
     notes: list[str] = field(default_factory=list)
 
 
