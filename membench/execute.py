@@ -43,15 +43,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _leaves(ts):
+    """Plain tensors behind `ts`: tensor subclasses (torchao's quantized optimizer states) flatten to their
+    inner tensors, whose storages hold the bytes (the subclass's own storage cannot be read)."""
+    for t in ts:
+        if hasattr(t, "__tensor_flatten__"):
+            yield from _leaves(getattr(t, n) for n in t.__tensor_flatten__()[0])
+        elif torch.is_tensor(t):
+            yield t
+
+
 def _state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[str, int]:
     """Exact bytes of model states from the tensors themselves (unique storages), plus technique extras."""
     seen: set[int] = set()
 
     def nbytes(ts) -> int:
         total = 0
-        for t in ts:
-            if not torch.is_tensor(t):
-                continue
+        for t in _leaves(ts):
             key = t.untyped_storage().data_ptr()
             if key in seen and key != 0:
                 continue
@@ -149,6 +157,8 @@ def execute(config: dict) -> dict:
         else:
             losses.append(step(i))
 
+    for hook in patch.before_eval:  # e.g. post-training quantization; its facts join technique_info
+        patch.info.update(hook(model))
     quality = wl.evaluate(model, device)
     device_stats = {"process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":

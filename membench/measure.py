@@ -66,10 +66,21 @@ class MemoryMeasurement:
     device: dict[str, int] = field(default_factory=dict)
 
 
+class _NoHook:
+    @staticmethod
+    def remove() -> None:
+        pass
+
+
 def measure_memory(step: Callable[[Callable[[], None]], T], model, optimizer) -> tuple[MemoryMeasurement, T]:
     """Run one training step under MemTracker. `step(after_forward)` must call after_forward() between
     computing the loss and calling backward. Returns the measurement and the step's own result."""
     mt = MemTracker()
+    # MemTracker installs a grad hook on every parameter and raises on frozen ones (quantized or LoRA-frozen
+    # bases); a no-op handle marks them hooked, so they are still tracked as PARAM, just without a grad hook.
+    for p in model.parameters():
+        if not p.requires_grad:
+            mt._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
     mt.track_external(model, optimizer)
     held: dict[str, int] = {}
 

@@ -29,6 +29,9 @@ class Patch:
     grad_scaler: Any | None = None
     optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
     after_step: list[Callable[[], None]] = field(default_factory=list)
+    # Called once after training, right before the final evaluation, with the trained model; may change it in
+    # place (post-training quantization) and returns facts merged into the record's technique_info.
+    before_eval: list[Callable[[torch.nn.Module], dict[str, Any]]] = field(default_factory=list)
     model: torch.nn.Module | None = None  # set when a technique replaces the model object
     # Tensors that hold model state but are neither parameters, buffers, grads nor optimizer.state entries
     # (e.g. quantization scales kept as attributes). Keyed by category; added to the exact state bytes and,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from membench.errors import ConfigError
 from techniques.base import Context, Patch, Technique
@@ -69,6 +70,7 @@ def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object,
                     raise ConfigError(f"technique={t.kind}: a second technique also sets the {name}")
                 setattr(merged, name, getattr(p, name))
         merged.after_step += p.after_step
+        merged.before_eval += [functools.partial(_prefixed, t.kind, h) for h in p.before_eval]
         if p.extra_state is not None:
             extras.append(p.extra_state)
         merged.info.update({f"{t.kind}.{k}": v for k, v in p.info.items()})
@@ -89,3 +91,7 @@ def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object,
     merged.step_context = step_context
     merged.extra_state = extra_state
     return model, merged
+
+
+def _prefixed(kind: str, hook, model) -> dict:
+    return {f"{kind}.{k}": v for k, v in hook(model).items()}
