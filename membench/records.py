@@ -157,3 +157,37 @@ def skeleton(run_id: str, chash: str, config: dict, status: str) -> dict[str, An
         "quality": None,
         "wall_s": None,
     }
+
+
+# Schema v1: the keys every ok record carries (tests and `membench report` rely on them).
+REQUIRED_OK = {
+    "memory": ("peak_bytes", "by_category", "predicted_by_category", "held_after_forward", "model_states", "device"),
+    "timing": ("step_times_s", "median_step_s", "iqr_step_s", "samples_per_s", "tokens_per_s"),
+    "flops": ("counted_per_step", "model_per_step"),
+    "quality": ("metric", "value", "loss_curve"),
+    "workload": ("name", "preset", "num_params"),
+    "env": ("git", "python", "versions", "device", "cpu"),
+}
+CATEGORY_KEYS = ("params", "grads", "optimizer", "activations", "other")
+
+
+def validate_record(r: dict) -> None:
+    """Raise ValueError naming the first missing or malformed field."""
+    for key in ("schema_version", "run_id", "config_hash", "status", "config", "workload", "techniques"):
+        if key not in r:
+            raise ValueError(f"record: missing {key}")
+    if r["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"record: schema_version {r['schema_version']} != {SCHEMA_VERSION}")
+    if r["status"] not in STATUSES:
+        raise ValueError(f"record: status {r['status']!r} not in {STATUSES}")
+    if r["status"] != "ok":
+        if not r.get("error"):
+            raise ValueError("record: a failed run must carry an error message")
+        return
+    for section, keys in REQUIRED_OK.items():
+        for k in keys:
+            if k not in (r.get(section) or {}):
+                raise ValueError(f"record: missing {section}.{k}")
+    for k in CATEGORY_KEYS:
+        if k not in r["memory"]["by_category"] or k not in r["memory"]["predicted_by_category"]:
+            raise ValueError(f"record: memory category {k} missing")

@@ -1,0 +1,251 @@
+"""Quantization techniques: swaps only where intended, exact stored bytes per format, 8-bit AdamW state bytes,
+adapters train on a frozen base, config errors, and every technique x workload composes."""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from membench.errors import ConfigError
+from techniques import quantization as q
+from techniques.base import Context
+from techniques.optim8bit import Optimizer8bit
+from techniques.quantized_base import LoRALinear, QuantizedBase
+from techniques.weight_quant import WeightQuant
+from tests.helpers import compose
+from workloads.digits import DigitsConfig
+from workloads.gpt import GPTConfig
+
+CPU = torch.device("cpu")
+TINY_GPT = dict(n_layer=2, n_head=2, d_model=64, seq_len=32, max_corpus_bytes=200_000)
+
+
+def _gpt(seed: int = 0):
+    return GPTConfig(**TINY_GPT).build(seed)
+
+
+def _ctx(wl) -> Context:
+    return Context(workload=wl, device=CPU, run=None)
+
+
+def _linears_in_blocks(wl) -> int:
+    return sum(type(m) is nn.Linear for m in wl.blocks().modules())
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4", "fp4"])
+def test_swaps_exactly_the_block_linears(quant_type):
+    wl = _gpt()
+    n_block_linears, head = _linears_in_blocks(wl), wl.model.head
+    t = QuantizedBase(quant_type=quant_type)
+    patch = t.apply(wl.model, _ctx(wl))
+    wrapped = [m for m in wl.model.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == n_block_linears == patch.info["quantized_layers"] == 12
+    assert wl.model.head is head  # the head stays a full-precision nn.Linear by default
+    assert type(wl.model.tok) is nn.Embedding and head.weight.dtype == torch.float32
+    bnb_type = bnb.nn.Linear8bitLt if quant_type == "int8" else bnb.nn.Linear4bit
+    assert all(type(m.base) is bnb_type and not m.base.weight.requires_grad for m in wrapped)
+    assert _linears_in_blocks(wl) == 2 * n_block_linears  # the only plain linears left: adapters A and B
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "double_quant", "blocksize"),
+    [("int8", False, 64), ("nf4", False, 64), ("fp4", False, 64), ("nf4", True, 64), ("nf4", False, 128)],
+)
+def test_stored_bytes_match_the_layout_and_bits_the_formula(quant_type, double_quant, blocksize):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512)
+    layer = q.to_bnb(lin, quant_type, blocksize, double_quant, torch.float32, CPU)
+    stored = q.storage_bytes([layer.weight, *q.side_tensors(layer)])
+    assert stored == q.layout_bytes(512, 256, quant_type, blocksize, double_quant)
+    tables = {"int8": 0, False: 16 * 4, True: 16 * 4 + 256 * 4 + 4}[
+        quant_type if quant_type == "int8" else double_quant
+    ]
+    n = 512 * 256
+    # measured bits = the literature's formula + code tables (+ rounding of the nested scale blocks)
+    extra = 8 * (tables + (4 * math.ceil(n / blocksize / 256) - 4 * n / blocksize / 256 if double_quant else 0)) / n
+    assert 8 * stored / n == pytest.approx(q.formula_bits(quant_type, blocksize, double_quant, 256) + extra)
+    assert q.formula_bits("nf4", 64, False, 256) == 4.5 and round(q.formula_bits("nf4", 64, True, 256), 3) == 4.127
+
+
+def test_quantized_base_prediction_equals_measured_state_bytes():
+    from membench.execute import _state_bytes
+
+    wl = _gpt()
+    t = QuantizedBase(quant_type="nf4", double_quant=True)
+    patch = t.apply(wl.model, _ctx(wl))
+    extra = patch.extra_state()
+    pred = __import__("techniques.base", fromlist=["Prediction"]).Prediction(4, 4, 8)
+    t.predict(pred, _ctx(wl))
+    opt = wl.make_optimizer([p for p in wl.model.parameters() if p.requires_grad])
+    wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
+    opt.step()
+    states = _state_bytes(wl.model, opt, extra)
+    assert states == {"params": pred.params_total, "grads": pred.grads_total, "optimizer": pred.optimizer_total}
+
+
+def test_adapters_train_and_the_quantized_base_stays_bit_identical():
+    torch.manual_seed(0)
+    wl = _gpt()
+    t = QuantizedBase(quant_type="nf4", freeze_rest=True)
+    t.apply(wl.model, _ctx(wl))
+    frozen = {n: p.detach().clone() for n, p in wl.model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in wl.model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == t._info(wl.model)["adapter_params"]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = wl.batch(0, 4, CPU)
+    losses = []
+    for _ in range(8):
+        loss = wl.loss(wl.model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(frozen[n], p) for n, p in wl.model.named_parameters() if n in frozen)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in trainable)
+
+
+def test_adapter_count_is_rank_times_in_plus_out():
+    wl = _gpt()
+    info = QuantizedBase(rank=4, freeze_rest=True).apply(wl.model, _ctx(wl)).info
+    # per block: q, k, v, proj (64 -> 64), fc (64 -> 256), fc_out (256 -> 64)
+    per_block = 4 * 4 * (64 + 64) + 4 * (64 + 256) + 4 * (256 + 64)
+    assert info["adapter_params"] == info["trainable_params"] == 2 * per_block
+
+
+def _bnb_state_formula(params: list[torch.Tensor], min_size: int = 4096) -> int:
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= min_size else 8 * n
+    return total + (2 * 256 * 4 if any(p.numel() >= min_size for p in params) else 0)
+
+
+def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
+    import bitsandbytes as bnb
+
+    from membench.execute import _state_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 16))
+    params = list(model.parameters())
+    opt32, opt8 = torch.optim.AdamW(params, lr=1e-3), bnb.optim.AdamW8bit(params, lr=1e-3)
+    for opt in (opt32, opt8):
+        model(torch.randn(4, 512)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    b32 = _state_bytes(model, opt32, {})["optimizer"] - 4 * len(params)  # minus torch's fp32 step scalars
+    b8 = _state_bytes(model, opt8, {})["optimizer"]
+    assert b32 == 8 * sum(p.numel() for p in params)
+    assert b8 == _bnb_state_formula(params)
+    assert 0.25 < b8 / b32 < 0.26  # 1 byte per state instead of 4, plus one fp32 scale per 256 values
+
+
+def test_optimizer_8bit_prediction_matches_measured():
+    from membench.execute import _state_bytes
+    from techniques.base import Prediction
+
+    wl = _gpt()
+    t = Optimizer8bit()
+    opt = t.apply(wl.model, _ctx(wl)).optimizer_factory(wl.model)
+    wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
+    opt.step()
+    pred = Prediction(4, 4, 8)
+    t.predict(pred, _ctx(wl))
+    assert _state_bytes(wl.model, opt, {})["optimizer"] == pred.optimizer_total
+
+
+def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
+    from membench.execute import _state_bytes
+    from techniques.base import Prediction
+
+    wl = _gpt()
+    t = Optimizer8bit(backend="torchao", bits=4)
+    opt = t.apply(wl.model, _ctx(wl)).optimizer_factory(wl.model)
+    wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
+    with torch.compiler.set_stance("force_eager"):  # skip the tens-of-seconds compile in a unit test
+        opt.step()
+    pred = Prediction(4, 4, 8)
+    t.predict(pred, _ctx(wl))
+    assert _state_bytes(wl.model, opt, {})["optimizer"] == pred.optimizer_total
+
+
+def test_weight_quant_reports_before_and_after_and_torchao_int4_is_eight_bits():
+    for backend, bits, expect in [("bitsandbytes", 4, 4.5), ("torchao", 4, 8 + 40 / 64), ("torchao", 8, 8 + 40 / 64)]:
+        wl = _gpt()
+        hook = WeightQuant(backend=backend, bits=bits).apply(wl.model, _ctx(wl)).before_eval[0]
+        info = hook(wl.model)
+        assert info["quantized_layers"] == 12
+        assert info["quality_delta"] == info["quality_after"] - info["quality_before"]
+        if backend == "bitsandbytes":  # + one 64-byte code table per layer
+            assert info["weight_bytes_stored"] == sum(q.layout_bytes(o, i, "nf4", 64, False) for o, i in _shapes())
+        else:
+            assert info["bits_per_param_measured"] == pytest.approx(info["bits_per_param_formula"])
+        assert expect <= info["bits_per_param_formula"] <= expect + 0.6
+
+
+def _shapes():
+    return 2 * ([(64, 64)] * 4 + [(256, 64), (64, 256)])
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (QuantizedBase, {"quant_type": "int4"}),
+        (QuantizedBase, {"quant_type": "int8", "double_quant": True}),
+        (QuantizedBase, {"blocksize": 48}),
+        (QuantizedBase, {"compute_dtype": "fp8"}),
+        (Optimizer8bit, {"backend": "apex"}),
+        (Optimizer8bit, {"bits": 4}),
+        (Optimizer8bit, {"backend": "torchao", "paged": "on"}),
+        (WeightQuant, {"bits": 2}),
+        (WeightQuant, {"backend": "torchao", "double_quant": True, "bits": 4}),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_key(cls, kwargs):
+    with pytest.raises(ConfigError, match=f"technique.{cls.kind}.{next(iter(kwargs))}"):
+        cls(**kwargs)
+
+
+def test_bad_quant_type_fails_at_compose_time():
+    with pytest.raises(ConfigError, match="quant_type"):
+        compose("technique=[quantized_base]", "technique.quantized_base.quant_type=int3")
+
+
+def test_combinations_and_devices_are_checked():
+    with pytest.raises(ConfigError, match="quantized_base,weight_quant"):
+        compose("technique=[quantized_base,weight_quant]")
+    with pytest.raises(ConfigError, match="paged=on: needs cuda"):
+        compose("technique=[optimizer_8bit]", "technique.optimizer_8bit.paged=on", "run.device=cpu")
+
+
+def test_digits_has_no_linear_in_blocks_and_says_so():
+    wl = DigitsConfig().build(0)
+    with pytest.raises(ConfigError, match="no nn.Linear in its blocks"):
+        QuantizedBase().apply(wl.model, _ctx(wl))
+    info = QuantizedBase(quantize_outside_blocks=True).apply(wl.model, _ctx(wl)).info
+    assert info["quantized_layers"] == 1 and info["quantized_params"] == 64 * 10
+    wl.model.eval()  # 10 output rows: the packed CPU kernel (out % 32) is switched off, eval still runs
+    with torch.no_grad():
+        assert wl.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("workload", ["gpt_tiny", "gpt_small", "digits_cnn", "digits_cnn_tiny"])
+@pytest.mark.parametrize(
+    "techs",
+    [
+        ["technique=[quantized_base]"],
+        ["technique=[optimizer_8bit]"],
+        ["technique=[weight_quant]"],
+        ["technique=[optimizer_8bit]", "technique.optimizer_8bit.backend=torchao", "technique.optimizer_8bit.bits=4"],
+        ["technique=[quantized_base,activation_checkpointing,optimizer_8bit]"],
+        ["technique=[weight_quant,bf16]"],
+    ],
+)
+def test_every_technique_composes_with_each_workload(workload, techs):
+    cfg = compose(f"workload={workload}", *techs)
+    assert set(cfg["technique"]) >= {t.split("[")[1].split(",")[0].rstrip("]") for t in techs[:1]}

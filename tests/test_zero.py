@@ -1,0 +1,184 @@
+"""ZeRO on CPU over gloo with 2 ranks: per-rank state bytes against the ZeRO paper's formula, losses against
+stage 0, communication volume against 2 Psi / 3 Psi, a DeepSpeed run per stage, composition, failure handling.
+
+The 2-rank runs share one torch.multiprocessing spawn (one process group, several runs) to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from membench.distributed import run_ranks
+from membench.errors import ConfigError
+from tests.helpers import compose, run_inprocess
+
+TINY = ("workload=gpt_tiny", "run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=5", "run.num_threads=1")
+CELLS = [("torch", s) for s in range(4)] + [("deepspeed", s) for s in range(4)]
+
+
+def _overrides(backend: str, stage: int, n: int = 2) -> list[str]:
+    zero = ["technique=[zero]", f"technique.zero.backend={backend}", f"technique.zero.stage={stage}"]
+    return [*TINY, *zero, f"run.world_size={n}"]
+
+
+def _rank(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    from membench.execute import execute
+
+    for backend, stage in CELLS:
+        out = execute(compose(*_overrides(backend, stage)))
+        if rank == 0:
+            Path(out_dir, f"{backend}{stage}.json").write_text(json.dumps(out, default=str))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[tuple[str, int], dict]:
+    from membench.distributed import _free_port
+
+    out = tmp_path_factory.mktemp("zero2")
+    torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
+    return {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
+
+
+def _psi(rec: dict) -> int:
+    return rec["technique_info"]["zero.psi"]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_ddp_and_fsdp_hold_exactly_the_formula_bytes_per_rank(two_ranks, stage):
+    rec = two_ranks[("torch", stage)]
+    psi, n = _psi(rec), 2
+    n_tensors = 2 + 2 * 16 + 2 + 1  # tok, pos | 16 per block (LN, q/k/v/proj, fc, fc_out: weight+bias) | ln_f | head
+    for r in rec["memory"]["per_rank"]:
+        st = r["model_states"]
+        # at rest FSDP2 holds its parameter shard at stage 2 as well (unlike ZeRO-2; see docs/zero.md)
+        assert st["params"] == 4 * psi // (n if stage >= 2 else 1)
+        assert st["grads"] == 4 * psi // (n if stage >= 2 else 1)
+        # AdamW: exp_avg + exp_avg_sq (8 bytes/param over the rank's shard) + one fp32 `step` scalar per tensor
+        assert st["optimizer"] == 8 * psi // (n if stage >= 1 else 1) + 4 * n_tensors
+    pred = rec["memory"]["predicted_by_category"]
+    assert pred["grads"] == 4 * psi / (n if stage >= 2 else 1)
+
+
+def test_fsdp_stage2_keeps_unsharded_params_during_compute_and_stage3_does_not(two_ranks):
+    psi = _psi(two_ranks[("torch", 2)])
+    assert two_ranks[("torch", 2)]["memory"]["by_category"]["params_unsharded"] == 4 * psi
+    assert two_ranks[("torch", 3)]["memory"]["by_category"]["params_unsharded"] < 4 * psi / 2
+
+
+def test_zero_redundancy_optimizer_shards_state_within_one_parameter(two_ranks):
+    rec = two_ranks[("torch", 1)]
+    psi = _psi(rec)
+    largest = 256 * 64  # the head / token embedding: the coarsest unit ZeroRedundancyOptimizer can assign
+    per_rank = [r["model_states"]["optimizer"] for r in rec["memory"]["per_rank"]]
+    assert all(abs(b - 8 * psi / 2) <= 8 * largest + 4 * 40 for b in per_rank)
+    assert sum(per_rank) == two_ranks[("torch", 0)]["memory"]["model_states"]["optimizer"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_torch_stages_train_like_stage_0(two_ranks, stage):
+    base = two_ranks[("torch", 0)]["quality"]["loss_curve"]
+    assert two_ranks[("torch", stage)]["quality"]["loss_curve"] == pytest.approx(base, rel=1e-5)
+
+
+def test_communication_stage3_is_one_and_a_half_times_stage0(two_ranks):
+    c0 = two_ranks[("torch", 0)]["distributed"]["communication"]
+    c3 = two_ranks[("torch", 3)]["distributed"]["communication"]
+    psi = _psi(two_ranks[("torch", 0)])
+    assert c0["paper_elements"] == pytest.approx(2 * psi, rel=1e-3)
+    assert c3["paper_elements"] == 3 * psi
+    assert c3["paper_elements"] / c0["paper_elements"] == pytest.approx(1.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_stage_runs_shards_and_tracks_stage0(two_ranks, stage):
+    rec = two_ranks[("deepspeed", stage)]
+    psi, n = _psi(rec), 2
+    st = rec["memory"]["model_states"]
+    if stage >= 1:  # DeepSpeed keeps an fp32 master partition even in fp32 training
+        assert st["fp32_master"] == 4 * psi // n
+        assert st["optimizer"] - 8 * psi // n in range(0, 4 * 40)
+    if stage == 3:
+        assert st["params"] == 4 * psi // n
+    base = two_ranks[("torch", 0)]["quality"]["loss_curve"]
+    assert rec["quality"]["loss_curve"] == pytest.approx(base, rel=1e-3)
+
+
+def test_zero_composes_with_checkpointing_and_bf16_in_one_run():
+    for backend, stage in (("torch", 3), ("deepspeed", 2)):
+        out = run_inprocess(
+            *TINY,
+            "technique=[zero,activation_checkpointing,bf16]",
+            f"technique.zero.backend={backend}",
+            f"technique.zero.stage={stage}",
+            "run.warmup_steps=0",
+            "run.train_steps=3",
+        )
+        assert out["techniques_applied"] == ["activation_checkpointing", "bf16", "zero"]
+        assert out["technique_info"]["activation_checkpointing.checkpointed_blocks"] == 2
+        if backend == "deepspeed":  # DeepSpeed's bf16 mode: bf16 params, fp32 master partition
+            assert out["technique_info"]["zero.deepspeed_config"]["bf16"]["enabled"]
+            assert out["memory"]["model_states"]["params"] == 2 * out["technique_info"]["zero.psi"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["technique=[zero,fp16]", "technique.zero.backend=deepspeed"], "no fp16"),
+        (["technique=[zero]", "technique.zero.offload_optimizer=cpu"], "already on CPU"),
+        (["technique=[zero]", "technique.zero.stage=1", "technique.zero.offload_params=cpu"], "needs stage=3"),
+        (["technique=[zero]", "technique.zero.stage=4"], "technique.zero.stage=4"),
+        (["run.world_size=2"], "needs technique zero"),
+        (["run.world_size=0"], "run.world_size=0"),
+    ],
+)
+def test_bad_zero_input_is_a_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose("workload=gpt_tiny", "run.device=cpu", *overrides)
+
+
+def test_a_dying_rank_ends_the_group_at_once():
+    t0 = time.monotonic()
+    code = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(120)"
+    assert run_ranks(2, [sys.executable, "-c", code]) == 3
+    assert time.monotonic() - t0 < 30
+
+
+def test_cli_two_rank_run_writes_one_record_with_every_rank(tmp_path):
+    cmd = [sys.executable, "-m", "membench.cli", "run", *_overrides("torch", 3), f"run.results_dir={tmp_path}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (rec_path,) = (tmp_path / "runs").glob("*.json")
+    rec = json.loads(rec_path.read_text())
+    assert rec["status"] == "ok"
+    assert [r["rank"] for r in rec["memory"]["per_rank"]] == [0, 1]
+    assert rec["memory"]["peak_bytes"] == max(r["peak_bytes"] for r in rec["memory"]["per_rank"])
+    assert rec["distributed"]["world_size"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_deepspeed_mixed_precision_and_offload_on_gpu(precision):
+    out = run_inprocess(
+        *TINY,
+        f"technique=[zero,{precision}]",
+        "technique.zero.stage=3",
+        "technique.zero.offload_optimizer=cpu",
+        "technique.zero.offload_params=cpu",
+        "run.device=cuda",
+    )
+    assert out["technique_info"]["zero.deepspeed_config"]["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert out["memory"]["predicted_by_category"]["grads"] == 2 * out["technique_info"]["zero.psi"]
