@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import compose, run_inprocess
