@@ -99,22 +99,20 @@ class PruneUnstructured(Technique):
             info["quality_pruned"] = quality(model, ctx)
         info.update(pruned_layers=len(mods), pruned_weights=sum(m.weight_mask.numel() for m in mods))
         info["mask_bytes"] = sum(m.weight_mask.numel() * m.weight_mask.element_size() for m in mods)
-        info["final"] = final = {}  # filled after the run's last optimizer step (the dict is the record's)
+        semi = self.pattern == "2:4" and ctx.device.type == "cuda"
         done = [0]
 
         def after_step() -> None:
             done[0] += 1
             t = done[0]
-            if (
-                self.schedule == "gradual"
-                and t <= self.ramp_steps
-                and (t % self.prune_every == 0 or t == self.ramp_steps)
-            ):
+            if t <= self.ramp_steps and (t % self.prune_every == 0 or t == self.ramp_steps):
                 self.update_masks(mods, cubic_sparsity(t, self.sparsity, self.ramp_steps))
-            if t == ctx.run.train_steps:
-                final.update(storage(mods, self.pattern == "2:4" and ctx.device.type == "cuda"))
 
-        return Patch(after_step=[after_step], info=info)
+        return Patch(
+            after_step=[after_step] if self.schedule == "gradual" else [],
+            before_eval=[lambda m: {"final": storage(mods, semi)}],  # the trained weights, after the last step
+            info=info,
+        )
 
     @torch.no_grad()
     def update_masks(self, mods: list[nn.Module], sparsity: float) -> None:
