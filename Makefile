@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 run: setup
 	$(VENV)/bin/membench run +experiment=demo
-	$(VENV)/bin/membench report results --experiment demo
+	$(VENV)/bin/membench report results/demo --experiment demo
 
 test: setup
 	$(PY) -m pytest -q
