@@ -58,6 +58,7 @@ def _cache_key(ctx: Context, steps: int) -> str:
         "steps": steps,
         "torch": torch.__version__,
         "device": ctx.device.type,
+        "threads": torch.get_num_threads(),  # reductions, hence the trained bits, depend on it
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
