@@ -7,6 +7,7 @@ status; if it dies before that (segfault, SIGKILL), the parent writes one instea
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -38,10 +39,15 @@ def main(spec_path: str) -> int:
         record["status"] = "oom" if _is_oom(e) else "error"
         record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         record["error_traceback"] = traceback.format_exc(limit=8)[-4000:]
+    if int(os.environ.get("RANK", 0)) != 0:  # multi-rank: rank 0 writes the one record (with every rank's data)
+        if record["status"] != "ok":
+            print(record["error_traceback"], file=sys.stderr, flush=True)
+        return 0 if record["status"] == "ok" else 1
     record["env"] = environment(record.get("timing", {}) and record["timing"].get("device"))
     record["wall_s"] = time.perf_counter() - t0
     write_record(spec["results_dir"], record)
-    return 0
+    # a failed rank 0 exits non-zero so the launcher stops peers that may wait in a collective
+    return 0 if record["status"] == "ok" or int(os.environ.get("WORLD_SIZE", 1)) == 1 else 1
 
 
 if __name__ == "__main__":

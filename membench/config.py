@@ -33,7 +33,7 @@ class RunConfig:
     results_dir: str = "results/scratch"
     timeout_s: float = 900.0
     memory_budget_mib: float | None = None  # a run whose peak exceeds it ends as `oom` (CPU and CUDA)
-    world_size: int = 1  # reserved for ZeRO / multi-rank runs
+    world_size: int = 1  # ranks launched for one run (needs technique zero; batch_size is per rank)
     force: bool = False  # re-run cells that already have an ok record
 
     def __post_init__(self) -> None:
@@ -46,8 +46,8 @@ class RunConfig:
             raise ConfigError(f"run.device={self.device!r}: allowed values are {', '.join(DEVICES)}")
         if self.memory_budget_mib is not None and self.memory_budget_mib <= 0:
             raise ConfigError(f"run.memory_budget_mib={self.memory_budget_mib}: must be > 0 or null")
-        if self.world_size != 1:
-            raise ConfigError(f"run.world_size={self.world_size}: only 1 is supported until multi-rank runs land")
+        if self.world_size < 1:
+            raise ConfigError(f"run.world_size={self.world_size}: must be >= 1 (ranks launched for one run)")
         need = self.warmup_steps + self.measure_steps + 2
         if self.train_steps < need:
             raise ConfigError(f"run.train_steps={self.train_steps}: must be >= warmup + measure + 2 = {need}")

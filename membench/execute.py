@@ -6,13 +6,14 @@ warm-up steps -> 1 memory step (MemTracker) -> 1 FLOP step (FlopCounterMode) -> 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import resource
 import time
 
 import torch
 
-from membench import measure
+from membench import distributed, measure
 from membench.config import build, build_run
 from membench.errors import ConfigError, MemoryBudgetExceeded
 from membench.predict import predict, relative_error
@@ -35,6 +36,8 @@ def build_all(config: dict):
     techs = [build(node, f"technique.{name}") for name, node in (config.get("technique") or {}).items()]
     device = resolve_device(run.device)
     compose.validate(techs, device.type)
+    if run.world_size > 1 and not any(t.kind == "zero" for t in techs):
+        raise ConfigError(f"run.world_size={run.world_size}: needs technique zero (stage 0 is plain DDP)")
     return run, wcfg, techs, device
 
 
@@ -71,11 +74,20 @@ def _state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict
         "params": nbytes(list(model.parameters()) + list(model.buffers()) + extra.get("params", [])),
         "grads": nbytes([p.grad for p in model.parameters() if p.grad is not None] + extra.get("grads", [])),
         "optimizer": nbytes([v for s in optimizer.state.values() for v in s.values()] + extra.get("optimizer", [])),
+        # named extra copies a technique holds (DeepSpeed's fp32 master partition)
+        **{k: nbytes(ts) for k, ts in extra.items() if k not in ("params", "grads", "optimizer")},
     }
 
 
 def execute(config: dict) -> dict:
     run, wcfg, techs, device = build_all(config)
+    needed = any(t.kind == "zero" for t in techs)
+    with distributed.process_group(device, run.timeout_s, needed):
+        out = _execute(run, wcfg, techs, distributed.rank_device(device))
+        return distributed.merge_ranks(out) if "distributed" in out else out
+
+
+def _execute(run, wcfg, techs, device: torch.device) -> dict:
     torch.manual_seed(run.seed)
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
@@ -97,20 +109,32 @@ def execute(config: dict) -> dict:
     scaler = patch.grad_scaler
     losses: list[float] = []
     states: dict[str, int] = {}
+    grads_after_backward: dict[str, int] = {}
+    multi = torch.distributed.is_initialized()
+    # data parallelism: each rank reads its own shard of the batch stream (run.batch_size is per rank)
+    world, rank = distributed.world_size(), distributed.rank()
 
-    def step(i: int, after_forward=None, before_zero=None) -> float:
+    def step(i: int, after_forward=None, before_zero=None, after_backward=None) -> float:
         """One real training step; the hooks let instrumented steps look between its phases."""
-        batch = wl.batch(i, run.batch_size, device)
+        batch = wl.batch(i * world + rank, run.batch_size, device)
         with patch.step_context():
             loss = wl.loss(model, batch)
         if after_forward:
             after_forward()
-        if scaler is not None:
+        if patch.backward is not None:  # an engine that owns backward and step (DeepSpeed)
+            patch.backward(loss)
+        elif scaler is not None:
             scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if after_backward:
+            after_backward()
+        if patch.optimizer_step is not None:
+            patch.optimizer_step()
+        elif scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         if before_zero:
             before_zero()
@@ -129,16 +153,19 @@ def execute(config: dict) -> dict:
     for i in range(run.train_steps):
         if i == mem_i:
 
-            def snapshot_states():
-                states.update(_state_bytes(model, optimizer, patch.extra_state()))
+            def snapshot_grads():  # right after backward: engines (DeepSpeed) free their grads in step()
+                grads_after_backward["grads"] = _state_bytes(model, optimizer, patch.extra_state())["grads"]
 
-            mem, loss = measure.measure_memory(
-                functools.partial(step, i, before_zero=snapshot_states), model, optimizer
+            def snapshot_states():
+                states.update(_state_bytes(model, optimizer, patch.extra_state()), **grads_after_backward)
+
+            mem, loss = (patch.measure_memory or measure.measure_memory)(
+                functools.partial(step, i, before_zero=snapshot_states, after_backward=snapshot_grads), model, optimizer
             )
             losses.append(loss)
             for cat, ts in patch.extra_state().items():  # state MemTracker was not told about
                 added = sum(t.untyped_storage().nbytes() for t in ts)
-                mem.by_category[cat] += added
+                mem.by_category[cat] = mem.by_category.get(cat, 0) + added
                 mem.after_forward[cat] = mem.after_forward.get(cat, 0) + added
                 mem.peak_bytes += added
             if run.memory_budget_mib and mem.peak_bytes > run.memory_budget_mib * 2**20:
@@ -146,7 +173,8 @@ def execute(config: dict) -> dict:
                     f"peak {mem.peak_bytes / 2**20:.1f} MiB > run.memory_budget_mib={run.memory_budget_mib}"
                 )
         elif i == flop_i:
-            flops_counted, flops_by_op, loss = measure.count_flops(functools.partial(step, i))
+            with distributed.CommCounter() if multi else contextlib.nullcontext() as comm:
+                flops_counted, flops_by_op, loss = measure.count_flops(functools.partial(step, i))
             losses.append(loss)
         elif i in timed:
             _sync(device)
@@ -170,8 +198,10 @@ def execute(config: dict) -> dict:
         "workload": {
             "name": wl.name,
             "preset": wl.preset,
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "num_trainable_params": sum(
+                getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
+            ),
             "tokens_per_sample": wl.tokens_per_sample,
             **wl.info(),
         },
@@ -215,4 +245,19 @@ def execute(config: dict) -> dict:
             "loss_curve": losses,
             "train_steps": run.train_steps,
         },
+        **(_distributed_section(comm, techs, run) if multi else {}),
+    }
+
+
+def _distributed_section(comm, techs, run) -> dict:
+    """This rank's communication in the FLOP step, next to the ZeRO paper's volume for the technique."""
+    expected = next((t.expected_comm() for t in techs if hasattr(t, "expected_comm")), None)
+    return {
+        "distributed": {
+            "world_size": distributed.world_size(),
+            "rank": distributed.rank(),
+            "backend": torch.distributed.get_backend(),
+            "communication": dict(comm.summary(), expected=expected),
+            "batch_note": f"run.batch_size={run.batch_size} is per rank; each rank reads its own data shard",
+        }
     }

@@ -30,9 +30,13 @@ def run_cell(config: dict, results_dir: str, timeout_s: float) -> dict:
             os.environ,
             PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
         )
+        argv = [sys.executable, "-m", "membench.child", str(spec)]
+        world = int(config["run"].get("world_size", 1))
+        if world > 1:  # a launcher starts the N ranks in this same process group (membench/distributed.py)
+            argv = [sys.executable, "-m", "membench.distributed", str(world), *argv]
         with open(log, "w") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "membench.child", str(spec)],
+                argv,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -38,6 +38,13 @@ class Patch:
     # since MemTracker cannot see tensors created before tracking that it was not told about, to the peak.
     extra_state: Callable[[], dict[str, list[torch.Tensor]]] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # measured facts for the record (e.g. adapter counts)
+    # Engines that own backward and the optimizer step (DeepSpeed): the loop calls these instead of
+    # loss.backward() / optimizer.step(); zero_grad is still called after.
+    backward: Callable[[torch.Tensor], None] | None = None
+    optimizer_step: Callable[[], None] | None = None
+    # Replaces membench.measure.measure_memory (same signature) where a wrapper's tracker knows more categories
+    # (FSDP's unsharded parameters and all-gather buffers).
+    measure_memory: Callable | None = None
 
 
 @dataclass

@@ -64,7 +64,7 @@ def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object,
             model = p.model
         if p.step_context is not None:
             contexts.append(p.step_context)
-        for name in ("grad_scaler", "optimizer_factory"):
+        for name in ("grad_scaler", "optimizer_factory", "backward", "optimizer_step", "measure_memory"):
             if getattr(p, name) is not None:
                 if getattr(merged, name) is not None:
                     raise ConfigError(f"technique={t.kind}: a second technique also sets the {name}")

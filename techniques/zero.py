@@ -1,0 +1,273 @@
+"""ZeRO sharding: trades extra communication (1x-1.5x plain data parallelism) for holding only 1/N of the
+optimizer state (stage 1), also of the gradients (2), also of the parameters (3) on each of N ranks.
+
+Backends: `deepspeed` (deepspeed.initialize with a generated config; torch's AdamW via `torch_adam`, since
+DeepSpeed's CPU Adam is a minutes-long C++ build) and `torch` (0: DDP, 1: DDP + ZeroRedundancyOptimizer,
+2: FSDP2 fully_shard(reshard_after_forward=False), 3: FSDP2 fully_shard). Exact: fp32 losses match stage 0 up to
+float reassociation. Limits: torch stage 2 is not ZeRO-2 (FSDP2 also shards parameters at rest and all-gathers
+them once per step); ZeroRedundancyOptimizer shards whole parameters; offload needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from membench import distributed
+from membench.errors import ConfigError
+from techniques.base import Context, Patch, Prediction, Technique
+
+BACKENDS = ("deepspeed", "torch")
+OFFLOAD = ("none", "cpu")
+# Techniques whose parameters or optimizer these wrappers cannot shard or rebuild.
+_CANNOT = {
+    "optimizer_8bit": "zero builds its own (sharded) optimizer from the workload's AdamW",
+    "quantized_base": "FSDP/DeepSpeed shard floating-point parameters only",
+    "weight_quant": "FSDP/DeepSpeed shard floating-point parameters only",
+}
+MT_CATEGORIES = {"PARAM": "params", "BUFFER": "params", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations"}
+# FSDPMemTracker reference types -> record categories (FSDP's extra copies keep names of their own).
+FSDP_CATEGORIES = {
+    "SHARDED_PARAM": "params",
+    "BUFFER": "params",
+    "UNSHARDED_PARAM": "params_unsharded",
+    "SHARDED_GRAD": "grads",
+    "UNSHARDED_GRAD": "grads_unsharded",
+    "ALL_GATHER": "comm_buffers",
+    "REDUCE_SCATTER": "comm_buffers",
+    "ACT": "activations",
+    "OPT": "optimizer",
+}
+
+
+@dataclass
+class Zero(Technique):
+    kind: ClassVar[str] = "zero"
+    exact: ClassVar[bool] = True
+    loss_rtol: ClassVar[float] = 1e-5  # sharded reductions reorder float sums
+    stage: int = 2
+    backend: str = "deepspeed"
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    reduce_bucket_size: int = 5_000_000
+    allgather_bucket_size: int = 5_000_000
+    torch_adam: bool = True  # deepspeed: torch's AdamW instead of DeepSpeed's compiled Fused/CPU Adam
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"technique.zero.stage={self.stage}: allowed 0, 1, 2, 3")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"technique.zero.backend={self.backend!r}: allowed {', '.join(BACKENDS)}")
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(self, key) not in OFFLOAD:
+                raise ConfigError(f"technique.zero.{key}={getattr(self, key)!r}: allowed {', '.join(OFFLOAD)}")
+        if self.offload_params != "none" and self.stage != 3:
+            raise ConfigError(f"technique.zero.offload_params={self.offload_params}: needs stage=3")
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise ConfigError("technique.zero.offload_optimizer=cpu: needs stage >= 1")
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"technique.zero.{key}={getattr(self, key)}: must be > 0")
+
+    def check(self, kinds: set[str], device_type: str) -> None:
+        self._kinds = set(kinds)  # apply() reads the precision technique in force from here
+        for k in sorted(kinds & set(_CANNOT)):
+            raise ConfigError(f"technique=[zero,{k}]: incompatible: {_CANNOT[k]}")
+        offload = self.offload_optimizer != "none" or self.offload_params != "none"
+        if offload and device_type != "cuda":
+            raise ConfigError("technique.zero.offload_*=cpu: the run is already on CPU; offload needs run.device=cuda")
+        if self.backend == "torch" and self.offload_optimizer != "none":
+            raise ConfigError(
+                "technique.zero.offload_optimizer=cpu: backend=torch offloads only with stage=3 offload_params=cpu "
+                "(FSDP2's CPUOffloadPolicy moves params, grads and the optimizer step together)"
+            )
+        if self.backend == "deepspeed":
+            if "fp16" in kinds and device_type == "cpu":
+                raise ConfigError("technique=[zero,fp16]: DeepSpeed's CPU accelerator has no fp16; use bf16 or cuda")
+            if "bf16_pure" in kinds:
+                raise ConfigError("technique=[zero,bf16_pure]: DeepSpeed keeps fp32 masters; use technique=[zero,bf16]")
+
+    # ---- apply -------------------------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
+        self._psi = sum(p.numel() for p in model.parameters())
+        self._buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        self._largest = max(p.numel() for p in model.parameters())
+        self._n = distributed.world_size()
+        patch = _apply_deepspeed(self, model, ctx) if self.backend == "deepspeed" else _apply_torch(self, model, ctx)
+        patch.info.update(psi=self._psi, world_size=self._n, stage=self.stage, backend=self.backend)
+        return patch
+
+    # ---- predict (per rank) ------------------------------------------------------------------------------
+    def predict(self, pred: Prediction, ctx: Context) -> None:
+        """ZeRO paper (Rajbhandari et al. 2020, sec. 5): per-rank model states with stage s over N ranks."""
+        n, psi = self._n, self._psi
+        if self.backend == "deepspeed" and getattr(self, "_ds_dtype", torch.float32) != torch.float32:
+            pred.param_bytes, pred.grad_bytes, pred.optimizer_bytes = 2, 2, 12  # mixed precision: 2 + 2 + K=12
+        pred.params_total = psi * pred.param_bytes / (n if self.stage >= 3 else 1) + self._buffers
+        pred.grads_total = psi * pred.grad_bytes / (n if self.stage >= 2 else 1)
+        pred.optimizer_total = psi * pred.optimizer_bytes / (n if self.stage >= 1 else 1)
+        pred.notes.append(
+            f"zero stage {self.stage} over N={n}: paper formula, {pred.param_bytes:g}+{pred.grad_bytes:g}+"
+            f"{pred.optimizer_bytes:g} bytes/param; DeepSpeed's fp32 master copy (4 bytes/param/N) is recorded as "
+            "fp32_master and is part of K=12 only in mixed precision"
+        )
+
+    def expected_comm(self) -> dict:
+        """ZeRO paper sec. 7: 2 Psi elements per rank per step for DP and stages 1-2, 3 Psi for stage 3."""
+        factor = 3 if self.stage == 3 else 2
+        return {"paper_elements": factor * self._psi, "factor_of_psi": factor, "psi": self._psi}
+
+
+# ---- torch backend -----------------------------------------------------------------------------------------
+def _optimizer_spec(ctx: Context, params) -> tuple[type, dict]:
+    """The workload's optimizer class and its hyper-parameters, read off a throwaway instance."""
+    probe = ctx.workload.make_optimizer(params)
+    cls = type(probe)
+    names = inspect.signature(cls).parameters
+    return cls, {k: v for k, v in probe.defaults.items() if k in names}
+
+
+def _apply_torch(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if z.stage >= 2:
+        offload = CPUOffloadPolicy() if z.offload_params == "cpu" else OffloadPolicy()
+        reshard = z.stage == 3
+        for block in ctx.workload.blocks():
+            fully_shard(block, reshard_after_forward=reshard, offload_policy=offload)
+        fully_shard(model, reshard_after_forward=reshard, offload_policy=offload)
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        return Patch(model=model, measure_memory=distributed.measure_with(FSDPMemTracker, FSDP_CATEGORIES))
+    # gradient_as_bucket_view: grads live in DDP's buckets instead of a second full-size copy
+    ddp = DDP(model, gradient_as_bucket_view=True)
+    holder: dict = {}
+
+    def bucket_grads():  # grads are views into DDP's persistent buckets, which MemTracker does not see
+        live = {p.grad.untyped_storage().data_ptr(): p.grad for p in ddp.parameters() if p.grad is not None}
+        holder["grads"] = list(live.values()) or holder.get("grads", [])  # one view per bucket storage
+        return holder["grads"]
+
+    if z.stage == 0:
+        return Patch(model=ddp, extra_state=lambda: {"grads": bucket_grads()})
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def factory(m):
+        cls, kw = _optimizer_spec(ctx, list(m.parameters()))
+        holder["opt"] = ZeroRedundancyOptimizer(list(m.parameters()), optimizer_class=cls, **kw)
+        return holder["opt"]
+
+    def local_state():  # the rank's own shard of the optimizer state, held by the wrapped local optimizer
+        return {
+            "optimizer": [v for s in holder["opt"].optim.state.values() for v in s.values()],
+            "grads": bucket_grads(),
+        }
+
+    return Patch(model=ddp, optimizer_factory=factory, extra_state=local_state)
+
+
+# ---- deepspeed backend -------------------------------------------------------------------------------------
+def _ds_config(z: Zero, ctx: Context, opt_cls: type, opt_kw: dict, dtype: torch.dtype) -> dict:
+    if opt_cls.__name__ not in ("Adam", "AdamW"):
+        raise ConfigError(f"technique.zero.backend=deepspeed: workload optimizer {opt_cls.__name__} is not Adam(W)")
+    zo = {
+        "stage": z.stage,
+        "reduce_bucket_size": z.reduce_bucket_size,
+        "allgather_bucket_size": z.allgather_bucket_size,
+        "stage3_prefetch_bucket_size": z.allgather_bucket_size,
+        # as the paper's stage 3: shard every parameter, release each after use (re-gather in backward)
+        "stage3_param_persistence_threshold": 0,
+        "stage3_max_reuse_distance": 0,
+        "stage3_max_live_parameters": z.allgather_bucket_size,
+    }
+    if z.offload_optimizer == "cpu":
+        zo["offload_optimizer"] = {"device": "cpu"}
+    if z.offload_params == "cpu":
+        zo["offload_param"] = {"device": "cpu"}
+    params = {k: opt_kw[k] for k in ("lr", "betas", "eps", "weight_decay") if k in opt_kw}
+    return {
+        "train_micro_batch_size_per_gpu": ctx.run.batch_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": opt_cls.__name__, "params": dict(params, torch_adam=z.torch_adam)},
+        "zero_optimization": zo,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_force_ds_cpu_optimizer": False,  # allow torch's AdamW with offload
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _ds_state(engine, stage: int) -> dict[str, list[torch.Tensor]]:
+    """The rank's own DeepSpeed shards, as named categories: its fp32 master partition is kept even in fp32
+    training (a copy the paper's fp32 formula does not have); stage 3 params live in ds_tensor partitions."""
+    opt = engine.optimizer
+    if stage == 0:
+        return {}
+    if stage == 3:
+        return {
+            "params": [p.ds_tensor for p in engine.module.parameters()],
+            "fp32_master": list(opt.fp32_partitioned_groups_flat),
+            "grads": [opt.grad_partitions_flat_buffer] if hasattr(opt, "grad_partitions_flat_buffer") else [],
+        }
+    grads = [g for gs in opt.averaged_gradients.values() if gs for g in gs if g is not None]
+    return {"fp32_master": list(opt.single_partition_of_fp32_groups), "grads": grads}
+
+
+def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    dtype = _autocast_dtype(getattr(z, "_kinds", set()))
+    z._ds_dtype = dtype
+    cls, kw = _optimizer_spec(ctx, list(model.parameters()))
+    config = _ds_config(z, ctx, cls, kw, dtype)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    info = {"deepspeed_config": config, **_ds_estimate(z)}
+
+    def tracker(model, optimizer):  # MemTracker takes torch optimizers only: track DeepSpeed's inner one
+        mt = MemTracker()
+        mt.track_external(engine.module, getattr(engine.optimizer, "optimizer", engine.optimizer))
+        return mt
+
+    return Patch(
+        model=engine,
+        measure_memory=distributed.measure_with(tracker, MT_CATEGORIES),
+        optimizer_factory=lambda m: engine.optimizer,
+        backward=engine.backward,
+        optimizer_step=engine.step,
+        extra_state=lambda: _ds_state(engine, z.stage),
+        info=info,
+    )
+
+
+def _autocast_dtype(kinds: set[str]) -> torch.dtype:
+    """bf16/fp16 from the precision technique in force (DeepSpeed then runs its own mixed precision)."""
+    for kind, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if kind in kinds:
+            return dtype
+    return torch.float32
+
+
+def _ds_estimate(z: Zero) -> dict:
+    """DeepSpeed's own estimator (per rank, 'gpu' = device bytes); it assumes 16-bit params and grads
+    (2 + 2 + 12 + 2 bytes/param at stage 2), so it differs from the paper's formula and from fp32 runs."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    off = z.offload_optimizer == "cpu"
+    if z.stage == 2:
+        cpu, dev = estimate_zero2_model_states_mem_needs(z._psi, z._n, 1, cpu_offload=off, additional_buffer_factor=1)
+    elif z.stage == 3:
+        cpu, dev, _ = estimate_zero3_model_states_mem_needs(
+            z._psi, z._largest, z._n, 1, off, z.offload_params == "cpu", zero_init=False, additional_buffer_factor=1
+        )
+    else:
+        return {"deepspeed_estimator": None}
+    return {"deepspeed_estimator": {"device_bytes": dev, "cpu_bytes": cpu, "assumes": "16-bit params and grads"}}
