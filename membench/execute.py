@@ -164,7 +164,7 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
             )
             losses.append(loss)
             for cat, ts in patch.extra_state().items():  # state MemTracker was not told about
-                added = sum(t.untyped_storage().nbytes() for t in ts)
+                added = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
                 mem.by_category[cat] = mem.by_category.get(cat, 0) + added
                 mem.after_forward[cat] = mem.after_forward.get(cat, 0) + added
                 mem.peak_bytes += added
