@@ -103,3 +103,47 @@ def param_bytes(model: torch.nn.Module) -> int:
 def zero_fraction(tensors: list[torch.Tensor]) -> float:
     n = sum(t.numel() for t in tensors)
     return sum(int((t == 0).sum()) for t in tensors) / n if n else math.nan
+
+
+def study_table(results_dir: str) -> str:
+    """Quality before/right after/after fine-tune and storage per pruned cell, from the records (derived)."""
+    from membench.records import latest_by_cell, load_records
+
+    rs = [r for r in latest_by_cell(load_records(results_dir)).values() if r["status"] == "ok"]
+    rs = [r for r in rs if set(r["techniques"]) & {"prune_structured", "prune_unstructured"} or not r["techniques"]]
+    base = {r["config"]["workload"]["preset"]: r for r in rs if not r["techniques"]}
+    rows = [
+        "| workload | cell | realised | before pruning | right after | after fine-tune | dense baseline "
+        "| pruned weights dense / CSR-int64 / CSR-int32 KiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rs, key=lambda r: (r["config"]["workload"]["preset"], r["run_id"])):
+        if r["techniques"]:
+            rows.append(_row(r, base.get(r["config"]["workload"]["preset"])))
+    return "\n".join(rows)
+
+
+def _row(r: dict, base: dict | None) -> str:
+    kind = next(k for k in r["techniques"] if k.startswith("prune_"))
+    node, info = r["config"]["technique"][kind], r["technique_info"]
+    g = lambda key: info.get(f"{kind}.{key}")  # noqa: E731
+    if kind == "prune_unstructured":
+        cell, f = f"unstructured {node['sparsity']:.0%} {node['schedule']}", g("final")
+        real = f"{f['sparsity']:.1%} zero ({f['value_dtype'].removeprefix('torch.')})"
+        store = " / ".join(f"{f[x] / 1024:.0f}" for x in ("dense_bytes", "csr_int64_bytes", "csr_int32_bytes"))
+    else:
+        cell, store, heads = f"structured {node['ratio']:.0%}", "-", g("heads_per_layer")
+        real = f"-{g('params_removed_fraction'):.1%} params" + (f", {heads[0]} heads/layer" if heads else "")
+    cell += "".join(f" + {k}" for k in r["techniques"] if k != kind)
+    after = f"{g('quality_pruned')['value']:.4f}" if g("quality_pruned") else "-"
+    dense = f"{base['quality']['value']:.4f}" if base else "-"
+    return (
+        f"| {r['config']['workload']['preset']} | {cell} | {real} | {g('quality_dense')['value']:.4f} | {after} "
+        f"| {r['quality']['value']:.4f} ({r['config']['run']['train_steps']} steps) | {dense} | {store} |"
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(study_table(sys.argv[1] if len(sys.argv) > 1 else "results/pruning"))
