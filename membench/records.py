@@ -110,6 +110,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that decide how fast 16-bit autocast runs on a CPU (bf16 dot products, AMX tiles).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def environment(device: str | None = None) -> dict[str, Any]:
     versions = {}
     for lib in _LIBS:
@@ -123,6 +138,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions,
         "cpu": _cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "device": device,
     }

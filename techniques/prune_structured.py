@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from membench.errors import ConfigError
-from techniques.base import Context, Patch, Prediction, Technique
+from techniques.base import Context, Patch, Technique
 from techniques.pruning import check_fraction, check_not_negative, param_bytes, pretrain, quality, reject_both
 
 KEY = "technique.prune_structured"
@@ -79,12 +79,6 @@ class PruneStructured(Technique):
         info["heads_per_layer"] = [attn.n_head for attn in heads]
         info["quality_pruned"] = quality(model, ctx)
         return Patch(info=info)
-
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        pred.notes.append(
-            "prune_structured: params/grads/optimizer follow the pruned parameter count (exact); the workload's "
-            "activation model uses the unpruned config dims, so the activation prediction over-estimates"
-        )
 
 
 def _forward(workload, model: nn.Module, batch) -> torch.Tensor:

@@ -127,31 +127,30 @@ class DigitsWorkload(Workload):
     def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
         """Bytes saved for backward. Per block: its input (conv1 and skip conv), conv1 out (bn1), relu1 out
         (conv2), conv2 out (bn2), and on the down-sampling block the skip conv out (skip BN); the block's
-        final ReLU output is the next block's input. BN's fp32 mean/invstd per channel are negligible."""
-        c, b, e = self.c, batch_size, elem_bytes
-        s = c.image_size
-        stem = (b * 1 * s * s + b * c.width * s * s) * e  # conv in, bn in; relu out = block 0 input
-        layers, c_in, s_in = [], c.width, s
-        half = c.num_blocks // 2
-        for i in range(c.num_blocks):
-            c_out = 2 * c.width if i >= half else c.width
-            so = (s_in + 1) // 2 if i == half else s_in
-            inp = b * c_in * s_in * s_in * e
-            conv_outs = 2 * b * c_out * so * so * e + (b * c_out * so * so * e if i == half else 0)
-            layers.append((inp, conv_outs, b * c_out * so * so * e))  # input, conv outputs, relu1 out
-            c_in, s_in = c_out, so
+        final ReLU output is the next block's input. BN's fp32 mean/invstd per channel are negligible.
+        Channel counts are read from the modules, so structurally pruned channels are followed."""
+        b, e, s = batch_size, elem_bytes, self.c.image_size
+        stem_conv = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
+        stem = (b * 1 * s * s + b * stem_conv.out_channels * s * s) * e  # conv in, bn in
         mode, k = checkpoint if checkpoint else ("none", 1)
-        total_layers = 0.0
-        for i, (inp, convs, relu) in enumerate(layers):
+        blocks = [m for m in self.model.modules() if isinstance(m, ResBlock)]
+        total_layers, s_in, c_last, last_ckpt = 0.0, s, stem_conv.out_channels, False
+        for i, blk in enumerate(blocks):
+            so = (s_in - 1) // blk.conv1.stride[0] + 1
+            inp = b * blk.conv1.in_channels * s_in * s_in * e
+            mid = b * blk.conv1.out_channels * so * so * e  # conv1 out (bn1 in) = relu1 out size
+            out = b * blk.conv2.out_channels * so * so * e
+            convs = mid + out + (out if isinstance(blk.skip, nn.Sequential) else 0)  # + skip conv out
+            last_ckpt = mode in ("full", "selective") or (mode == "every_k" and i % k == 0)
             if mode == "selective":  # conv outputs kept, relu recomputed
                 total_layers += inp + convs
-            elif mode == "full" or (mode == "every_k" and i % k == 0):
+            elif last_ckpt:
                 total_layers += inp
             else:
-                total_layers += inp + convs + relu
-        last_ckpt = mode in ("full", "selective") or (mode == "every_k" and (c.num_blocks - 1) % k == 0)
-        last_out = 0 if last_ckpt else b * c_in * s_in * s_in * e  # final ReLU output, saved by that ReLU
-        head = last_out + b * c_in * e + b * 10 * 4  # + linear input + fp32 log-softmax
+                total_layers += inp + convs + mid
+            s_in, c_last = so, blk.conv2.out_channels
+        last_out = 0 if last_ckpt else b * c_last * s_in * s_in * e  # final ReLU output, saved by that ReLU
+        head = last_out + b * c_last * e + b * 10 * 4  # + linear input + fp32 log-softmax
         return {"layers": total_layers, "stem_and_head": stem + head, "total": total_layers + stem + head}
 
     def model_flops(self, batch_size: int) -> float:

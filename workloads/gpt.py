@@ -163,29 +163,31 @@ class GPTWorkload(Workload):
         """Bytes saved for backward, following the per-layer terms of Korthikanti et al. 2022
         ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1), adapted to this model:
         flash attention keeps q, k, v and an fp32 logsumexp instead of the 5as^2b softmax and dropout terms
-        (measured with saved_tensors_hooks: the kernel's output is not held apart from the projection input); dropout masks (1 byte/element) only when dropout > 0. Under autocast the residual
-        stream (LayerNorm inputs) stays fp32, each of q/k/v casts the fp32 LayerNorm output to its own 16-bit
-        copy, and the 16-bit weight copies of non-checkpointed blocks are held until backward.
+        (measured with saved_tensors_hooks: the kernel's output is not held apart from the projection input);
+        dropout masks (1 byte/element) only when dropout > 0. Under autocast the residual stream (LayerNorm
+        inputs) stays fp32, each of q/k/v casts the fp32 LayerNorm output to its own 16-bit copy, and the
+        16-bit weight copies of non-checkpointed blocks are held until backward. Widths are read from each
+        block's modules, so structurally pruned heads and MLP neurons are followed.
         """
-        c, b, s, h, a = self.c, batch_size, self.c.seq_len, self.c.d_model, self.c.n_head
-        sbh, e = s * b * h, elem_bytes
+        c, b, s, h = self.c, batch_size, self.c.seq_len, self.c.d_model
+        sb, e = s * b, elem_bytes
         r = 4 if autocast else e  # residual stream / LayerNorm inputs
         in_copies = 3 if autocast else 1  # LayerNorm output as saved by the q, k, v matmuls
-        mask = sbh if c.dropout > 0 else 0
-        lse = a * s * b * 4
-        # ln1 in | ln1 out (x copies) + q,k,v + proj in | ln2 in | ln2 out + fc out + gelu out
-        full_layer = r * sbh + (in_copies + 3 + 1) * e * sbh + lse + mask + r * sbh + (1 + 4 + 4) * e * sbh + mask
-        layer_input = r * sbh  # what a checkpointed block keeps: its input
-        # selective: keep block input + matmul/attention outputs (q,k,v, attn, proj, fc, fc_out); recompute rest
-        selective_layer = r * sbh + (3 + 1 + 1 + 4 + 1) * e * sbh + lse
-        block_weights = 12 * h * h  # matmul weights per block
-        wcopy = 2 * block_weights if autocast else 0
-        L = c.n_layer
+        mask = sb if c.dropout > 0 else 0  # per unit of width, 1 byte
         mode, k = checkpoint if checkpoint else ("none", 1)
-        n_ckpt = {"full": L, "selective": L, "every_k": len(range(0, L, k))}.get(mode, 0)
-        per_ckpt = selective_layer if mode == "selective" else layer_input
-        layers = n_ckpt * per_ckpt + (L - n_ckpt) * (full_layer + wcopy)
-        head = r * sbh + e * sbh + s * b * c.vocab_size * 4 + (2 * h * c.vocab_size if autocast else 0)
+        blocks = [m for m in self.model.modules() if isinstance(m, Block)]
+        layers = 0.0
+        for i, blk in enumerate(blocks):
+            hq, heads, f = blk.attn.q.out_features, blk.attn.n_head, blk.fc.out_features
+            lse = heads * sb * 4
+            if mode == "selective":  # block input + q,k,v, attention out, proj out, fc out, fc_out out
+                layers += r * sb * h + (4 * hq + 2 * h + f) * e * sb + lse
+            elif mode == "full" or (mode == "every_k" and i % k == 0):
+                layers += r * sb * h  # a checkpointed block keeps only its input
+            else:  # ln1 in | ln1 out copies, q,k,v, proj in | ln2 in | ln2 out, fc out, gelu out
+                layers += 2 * r * sb * h + ((in_copies + 1) * h + 4 * hq + 2 * f) * e * sb + lse
+                layers += mask * (2 * h) + (2 * (4 * h * hq + 2 * h * f) if autocast else 0)  # 16-bit weights
+        head = r * sb * h + e * sb * h + sb * c.vocab_size * 4 + (2 * h * c.vocab_size if autocast else 0)
         return {"layers": layers, "embedding_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:
