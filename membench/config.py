@@ -62,8 +62,20 @@ class ExperimentConfig:
 
 
 def register_schema() -> None:
+    """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
+    defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
+    wrong type fails at composition."""
+    from workloads.digits import DigitsConfig
+    from workloads.gpt import GPTConfig
+
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
+    for name, cls in (("gpt", GPTConfig), ("digits", DigitsConfig)):
+        node = OmegaConf.structured(cls)
+        OmegaConf.set_struct(node, False)
+        node._target_ = f"{cls.__module__}.{cls.__name__}"
+        OmegaConf.set_struct(node, True)
+        cs.store(group="schema/workload", name=name, node=node)
 
 
 def _locate(target: str) -> type:

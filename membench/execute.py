@@ -128,6 +128,8 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
     def step(i: int, after_forward=None, before_zero=None, after_backward=None) -> float:
         """One real training step; the hooks let instrumented steps look between its phases."""
         batch = wl.batch(i * world + rank, run.batch_size, device)
+        for g in optimizer.param_groups:  # the workload's LR warm-up, as a factor on each group's own LR
+            g["lr"] = g.setdefault("membench_base_lr", g["lr"]) * wl.lr_scale(i)
         with patch.step_context():
             loss = wl.loss(model, batch)
         if after_forward:

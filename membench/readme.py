@@ -1,43 +1,61 @@
-"""Regenerate the README's result tables from records: `python -m membench.readme [--check]`.
+"""Regenerate the result tables in README.md and docs/*.md from records: `python -m membench.readme [--check]`.
 
-Each table sits between `<!-- table:EXPERIMENT -->` and `<!-- /table -->` and is the output of
-membench.report.table over results/EXPERIMENT (latest record per cell). `--check` exits 1 if the README
-differs from what the records give (tests run it, so README tables cannot drift from the records).
+A table sits between `<!-- table:EXPERIMENT -->` (or `<!-- table:EXPERIMENT:KIND -->`) and `<!-- /table -->`
+and is rendered from results/EXPERIMENT (latest record per cell of that experiment) by the KIND's table
+function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`. `--check` exits 1 if
+a file differs from what the records give (a test runs it, so tables cannot drift from the records).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
 
 from membench.records import latest_by_cell, load_records
-from membench.report import table
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+)(?::(?P<kind>\w+))? -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+RENDERERS = {
+    "main": "membench.report:table",
+    "zero": "membench.distributed:zero_table",
+    "quantization": "techniques.quantization:study_table",
+    "pruning": "techniques.pruning:study_table",
+}
+
+
+def _renderer(kind: str):
+    module, _, fn = RENDERERS[kind].partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def render(text: str, results: Path = ROOT / "results") -> str:
     def sub(m: re.Match) -> str:
-        name = m.group("name")
+        name, kind = m.group("name"), m.group("kind") or "main"
         records = [r for r in latest_by_cell(load_records(results / name)).values() if r.get("experiment") == name]
-        body = table(records) if records else f"(no records in results/{name} yet)"
-        return f"{m.group(1)}{body}\n{m.group(4)}"
+        body = _renderer(kind)(records) if records else f"(no records in results/{name} yet)"
+        return f"{m.group(1)}{body}\n{m.group(5)}"
 
     return BLOCK.sub(sub, text)
 
 
+def files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def main(argv: list[str]) -> int:
-    path = ROOT / "README.md"
-    text = path.read_text()
-    new = render(text)
-    if "--check" in argv:
+    stale = []
+    for path in files():
+        text = path.read_text()
+        new = render(text)
         if new != text:
-            print("README tables differ from results/: run `python -m membench.readme`", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new)
+            stale.append(path.name)
+            if "--check" not in argv:
+                path.write_text(new)
+    if "--check" in argv and stale:
+        print(f"tables differ from results/ in {', '.join(stale)}: run `python -m membench.readme`", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,11 +105,9 @@ def zero_fraction(tensors: list[torch.Tensor]) -> float:
     return sum(int((t == 0).sum()) for t in tensors) / n if n else math.nan
 
 
-def study_table(results_dir: str) -> str:
+def study_table(records: list[dict]) -> str:
     """Quality before/right after/after fine-tune and storage per pruned cell, from the records (derived)."""
-    from membench.records import latest_by_cell, load_records
-
-    rs = [r for r in latest_by_cell(load_records(results_dir)).values() if r["status"] == "ok"]
+    rs = [r for r in records if r["status"] == "ok"]
     rs = [r for r in rs if set(r["techniques"]) & {"prune_structured", "prune_unstructured"} or not r["techniques"]]
     base = {r["config"]["workload"]["preset"]: r for r in rs if not r["techniques"]}
     rows = [
@@ -146,4 +144,10 @@ def _row(r: dict, base: dict | None) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(study_table(sys.argv[1] if len(sys.argv) > 1 else "results/pruning"))
+    from membench.records import latest_by_cell, load_records
+
+    print(
+        study_table(
+            list(latest_by_cell(load_records(sys.argv[1] if len(sys.argv) > 1 else "results/pruning")).values())
+        )
+    )

@@ -11,7 +11,7 @@ TINY = ("workload=gpt_tiny", "run.train_steps=3", "run.warmup_steps=0", "run.mea
 
 
 def test_a_run_that_raises_is_recorded_as_error(tmp_path):
-    cfg = compose(*TINY, "+workload.data_path=/nonexistent/corpus.txt", f"run.results_dir={tmp_path}")
+    cfg = compose(*TINY, "workload.data_path=/nonexistent/corpus.txt", f"run.results_dir={tmp_path}")
     r = run_cell(cfg, str(tmp_path), timeout_s=120)
     assert r["status"] == "error"
     assert "no such file" in r["error"]

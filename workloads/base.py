@@ -41,6 +41,12 @@ class Workload:
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         raise NotImplementedError
 
+    def lr_scale(self, step: int) -> float:
+        """Linear LR warm-up over `lr_warmup_steps` (then constant): without it, Adam's first large updates
+        make short runs spike and their quality numbers meaningless."""
+        warm = getattr(self.c, "lr_warmup_steps", 0)
+        return min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+
     def activation_model(
         self, batch_size: int, elem_bytes: int, checkpoint: tuple[str, int] | None, autocast: bool = False
     ) -> dict[str, float]:

@@ -24,6 +24,7 @@ class DigitsConfig:
     image_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    lr_warmup_steps: int = 10  # linear LR warm-up, then constant
     batch_size: int = 64
     test_fraction: float = 0.25
 

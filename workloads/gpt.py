@@ -30,6 +30,7 @@ class GPTConfig:
     dropout: float = 0.0
     lr: float = 3e-3
     weight_decay: float = 0.1
+    lr_warmup_steps: int = 10  # linear LR warm-up, then constant
     batch_size: int = 8  # default run.batch_size for this preset
     max_corpus_bytes: int = 4_000_000
     eval_fraction: float = 0.1
