@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: setup run test lint study report clean
+.PHONY: setup run test lint studies report clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -25,11 +25,13 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-study: setup
-	$(VENV)/bin/membench run +experiment=checkpointing
+# The four committed studies (~1 h on 2 CPU cores), then the README/docs tables regenerated from their records.
+studies: setup
+	for e in checkpointing zero_stages quantization pruning; do $(VENV)/bin/membench run +experiment=$$e || exit 1; done
+	$(PY) -m membench.readme
 
 report: setup
-	$(VENV)/bin/membench report results
+	$(PY) -m membench.readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

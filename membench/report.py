@@ -13,13 +13,26 @@ from membench.records import latest_by_cell, load_records
 MiB = 2**20
 
 
+def _defaults(target: str) -> dict:
+    import dataclasses
+
+    from membench.config import _locate
+
+    try:
+        cls = _locate(target)
+    except (ImportError, AttributeError):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def _label(r: dict) -> str:
-    techs = r.get("techniques") or []
+    """Technique names with the knobs that differ from their dataclass defaults, e.g. `zero(stage=3)`."""
     parts = []
-    for t in techs:
+    for t in r.get("techniques") or []:
         node = r["config"]["technique"][t]
-        knobs = ",".join(f"{k}={v}" for k, v in node.items() if k != "_target_")
-        parts.append(f"{t}({knobs})" if knobs and t != "bf16" else t)
+        defaults = _defaults(node.get("_target_", ""))
+        knobs = ",".join(f"{k}={v}" for k, v in node.items() if k != "_target_" and defaults.get(k, object()) != v)
+        parts.append(f"{t}({knobs})" if knobs else t)
     return " + ".join(parts) or "baseline"
 
 
