@@ -59,6 +59,7 @@ def _cache_key(ctx: Context, steps: int) -> str:
         "torch": torch.__version__,
         "device": ctx.device.type,
         "threads": torch.get_num_threads(),  # reductions, hence the trained bits, depend on it
+        "lr_schedule": "linear-warmup-v1",
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -75,7 +76,10 @@ def pretrain(model: torch.nn.Module, ctx: Context, steps: int, cache: bool) -> d
     opt = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
     model.train()
     losses = []
+    base_lrs = [g["lr"] for g in opt.param_groups]
     for i in range(steps):
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):  # the same LR warm-up as the harness's loop
+            g["lr"] = lr * wl.lr_scale(i)
         loss = wl.loss(model, wl.batch(PRETRAIN_BATCH_OFFSET + i, ctx.run.batch_size, ctx.device))
         loss.backward()
         opt.step()
