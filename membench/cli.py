@@ -1,4 +1,4 @@
-"""`membench run [-m] [overrides...]` and `membench report [results_dir]`.
+"""`membench run [-m] [overrides...]`, `membench report [results_dir]`, `membench compare BASE NEW`.
 
 Overrides follow Hydra's grammar. Sweeps (`-m`, e.g. `run.seed=0,1` or `technique=choice([],[bf16])`) are
 expanded with Hydra's own sweeper; `+experiment=NAME` adds the experiment's cells. Every cell is composed
@@ -119,6 +119,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from membench.compare import Tolerances, compare
+
+    for d in (args.baseline, args.candidate):
+        if not (Path(d) / "runs").is_dir():
+            raise ConfigError(f"compare: {d!r} has no runs/ folder of records")
+    tol = Tolerances(args.mem_rtol, args.flops_rtol, args.quality_atol, args.time_rtol)
+    text, regressed = compare(args.baseline, args.candidate, tol, args.experiment)
+    print(text)
+    print(f"membench: {regressed} cell(s) regressed")
+    return 1 if regressed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -129,9 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("results_dir", nargs="?", default="results")
     rp.add_argument("--experiment", default=None, help="only records of this experiment")
     rp.add_argument("--out", default=None, help="file to write (default: RESULTS_DIR/REPORT[-experiment].md)")
+    c = sub.add_parser("compare", help="flag regressions of a candidate record set against a baseline one")
+    c.add_argument("baseline")
+    c.add_argument("candidate")
+    c.add_argument("--experiment", default=None)
+    c.add_argument("--mem-rtol", type=float, default=0.01, help="allowed relative growth of peak/state bytes")
+    c.add_argument("--flops-rtol", type=float, default=0.01, help="allowed relative growth of counted FLOPs")
+    c.add_argument("--quality-atol", type=float, default=0.01, help="allowed absolute worsening of the metric")
+    c.add_argument("--time-rtol", type=float, default=0.5, help="allowed relative growth of step time (0: off)")
     args = p.parse_args(argv)
     try:
-        return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+        return {"run": cmd_run, "report": cmd_report, "compare": cmd_compare}[args.cmd](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)
         return 2
