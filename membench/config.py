@@ -25,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class RunConfig:
     seed: int = 0
     batch_size: int = 8  # samples per step; the workload presets set their own default
-    warmup_steps: int = 2  # untimed, unmeasured
+    warmup_steps: int = 2  # untimed, unmeasured; >= 1 so the memory step sees allocated optimizer state
     measure_steps: int = 5  # timed steps (no instrumentation active)
     train_steps: int = 20  # total optimizer steps before quality is evaluated (>= warmup + 2 + measure)
     device: str = "auto"
@@ -40,8 +40,8 @@ class RunConfig:
         for key in ("batch_size", "measure_steps", "train_steps", "timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"run.{key}={getattr(self, key)}: must be > 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"run.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.warmup_steps < 1:  # a first step allocates optimizer state: measuring it would miss the steady peak
+            raise ConfigError(f"run.warmup_steps={self.warmup_steps}: must be >= 1 (memory is measured after warm-up)")
         if self.device not in DEVICES:
             raise ConfigError(f"run.device={self.device!r}: allowed values are {', '.join(DEVICES)}")
         if self.memory_budget_mib is not None and self.memory_budget_mib <= 0:

@@ -64,6 +64,7 @@ BAD = [
     (["run.batch_size=abc"], "run.batch_size"),
     (["run.batch_size=0"], "run.batch_size=0: must be > 0"),
     (["run.measure_steps=-1"], "run.measure_steps=-1: must be > 0"),
+    (["run.warmup_steps=0"], "run.warmup_steps=0: must be >= 1"),
     (["workload.n_layer=0"], "workload.n_layer=0: must be > 0"),
     (["workload.n_layer=two"], "workload.n_layer"),
     (["technique=[bf16,fp16]"], "technique=[bf16,fp16]: incompatible"),

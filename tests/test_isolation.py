@@ -7,7 +7,7 @@ from membench.records import load_records, validate_record
 from membench.runner import run_cell
 from tests.helpers import compose
 
-TINY = ("workload=gpt_tiny", "run.train_steps=3", "run.warmup_steps=0", "run.measure_steps=1")
+TINY = ("workload=gpt_tiny", "run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")
 
 
 def test_a_run_that_raises_is_recorded_as_error(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import run_inprocess
 
-STEPS = ("run.train_steps=3", "run.warmup_steps=0", "run.measure_steps=1")
+STEPS = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")
 
 
 @pytest.fixture(scope="module")

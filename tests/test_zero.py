@@ -125,8 +125,8 @@ def test_zero_composes_with_checkpointing_and_bf16_in_one_run():
             "technique=[zero,activation_checkpointing,bf16]",
             f"technique.zero.backend={backend}",
             f"technique.zero.stage={stage}",
-            "run.warmup_steps=0",
-            "run.train_steps=3",
+            "run.warmup_steps=1",
+            "run.train_steps=4",
         )
         assert out["techniques_applied"] == ["activation_checkpointing", "bf16", "zero"]
         assert out["technique_info"]["activation_checkpointing.checkpointed_blocks"] == 2
