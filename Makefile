@@ -25,7 +25,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# The four committed studies (~1 h on 2 CPU cores), then the README/docs tables regenerated from their records.
+# The four committed studies (~30 min on 2 CPU cores), then the README/docs tables regenerated from their records.
 studies: setup
 	for e in checkpointing zero_stages quantization pruning; do $(VENV)/bin/membench run +experiment=$$e || exit 1; done
 	$(PY) -m membench.readme
