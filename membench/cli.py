@@ -88,17 +88,18 @@ def plan(overrides: list[str], multirun: bool) -> list[dict]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from membench.records import config_hash, has_ok
+    from membench.records import config_hash, ok_hashes
     from membench.report import summary_line
     from membench.runner import run_cell
 
     cells = plan(args.overrides, args.multirun)
     print(f"membench: {len(cells)} run(s) planned", flush=True)
     counts: dict[str, int] = {}
+    done = {d: ok_hashes(d) for d in {c["run"]["results_dir"] for c in cells}}  # read each results dir once
     for i, cfg in enumerate(cells, 1):
         run = cfg["run"]
         label = f"[{i}/{len(cells)}] {cfg['workload']['preset']} technique={list(cfg.get('technique') or {})}"
-        if not run["force"] and has_ok(run["results_dir"], config_hash(cfg)):
+        if not run["force"] and config_hash(cfg) in done[run["results_dir"]]:
             print(f"{label}: skipped (ok record exists; run.force=true re-runs)", flush=True)
             counts["skipped"] = counts.get("skipped", 0) + 1
             continue

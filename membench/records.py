@@ -80,8 +80,9 @@ def latest_by_cell(records: list[dict]) -> dict[str, dict]:
     return latest
 
 
-def has_ok(results_dir: str | Path, chash: str) -> bool:
-    return any(r["config_hash"] == chash and r["status"] == "ok" for r in load_records(results_dir))
+def ok_hashes(results_dir: str | Path) -> set[str]:
+    """Cells that already have an ok record (a sweep skips them unless run.force=true)."""
+    return {r["config_hash"] for r in load_records(results_dir) if r["status"] == "ok"}
 
 
 def _git() -> dict[str, Any]:
