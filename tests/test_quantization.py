@@ -96,14 +96,7 @@ def test_adapters_train_and_the_quantized_base_stays_bit_identical():
     trainable = [p for p in wl.model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == t._info(wl.model)["adapter_params"]
     opt = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = wl.batch(0, 4, CPU)
-    losses = []
-    for _ in range(8):
-        loss = wl.loss(wl.model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _fit_one_batch(wl, opt, CPU, steps=8)
     assert losses[-1] < losses[0]
     assert all(torch.equal(frozen[n], p) for n, p in wl.model.named_parameters() if n in frozen)
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in trainable)
@@ -268,12 +261,18 @@ def test_cuda_quantized_base_and_paged_adamw8bit():
     QuantizedBase(quant_type="nf4", double_quant=True, compute_dtype="bfloat16").apply(wl.model, ctx)
     opt = Optimizer8bit().apply(wl.model, ctx).optimizer_factory(wl.model)
     assert isinstance(opt, bnb.optim.PagedAdamW8bit)
-    batch = wl.batch(0, 4, cuda)
+    losses = _fit_one_batch(wl, opt, cuda, steps=5)
+    assert losses[-1] < losses[0]
+
+
+def _fit_one_batch(wl, opt, device, steps: int) -> list[float]:
+    """Train repeatedly on one fixed batch; the losses (a trainable model must drive them down)."""
+    batch = wl.batch(0, 4, device)
     losses = []
-    for _ in range(5):
+    for _ in range(steps):
         loss = wl.loss(wl.model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    return losses
