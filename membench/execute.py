@@ -233,8 +233,16 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
     with meter.phase("warmup"):
         for i in sched.warmup:
             tr.step(i)
-    with meter.phase("memory_step"):
+    history = run.cuda_memory_history and device.type == "cuda"
+    with meter.phase("memory_step") as ph:
+        if history:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         split, states = tr.memory_step(sched.memory)
+        if history:
+            ph["cuda_history_at_peak"] = measure.cuda_history_at_peak(
+                torch.cuda.memory._snapshot(), ph["cuda_allocated_start_bytes"]
+            )
+            torch.cuda.memory._record_memory_history(enabled=None)
     if device.type != "cuda":  # no allocator counter here: the tracker's peak of the device is the figure
         _check_budget(split.total(str(device)), run.memory_budget_mib, f"tracker peak on {device}")
     with meter.phase("flop_step"):

@@ -299,3 +299,47 @@ def timing_stats(step_times_s: list[float], samples_per_step: int, tokens_per_sa
         "samples_per_s": samples / total,
         "tokens_per_s": samples * tokens_per_sample / total,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the allocator's peak lives (CUDA, opt-in: run.cuda_memory_history=true)
+
+_OWN_CODE = ("/membench/", "/workloads/", "/techniques/", "/deepspeed/", "/bitsandbytes/", "/torchao/")
+
+
+def _site(frames: list[dict]) -> str:
+    """An allocation's site: the innermost frame in this project or a technique library, and the innermost frame."""
+    own = next((f for f in frames if any(s in f["filename"] for s in _OWN_CODE)), None)
+    inner = frames[0] if frames else None
+    name = lambda f: f"{f['filename'].rsplit('/', 2)[-2:][-1]}:{f['line']} {f['name']}"  # noqa: E731
+    if own is None:
+        return name(inner) if inner else "(no python frame)"
+    return name(own) + ("" if own is inner else f" <- {inner['name']}")
+
+
+def cuda_history_at_peak(snapshot: dict, allocated_at_start: int, top: int = 12) -> dict:
+    """From torch.cuda.memory._snapshot() taken after recording one step: the moment allocated bytes peaked and
+    the live blocks at that moment allocated during the step, grouped by allocation site (largest first).
+    Blocks allocated before recording began are one line, "before the step"."""
+    live: dict[int, tuple[int, str]] = {}
+    cur = peak = allocated_at_start
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot.get("device_traces", []):
+        for ev in trace:
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = (ev["size"], _site(ev.get("frames", [])))
+                cur += ev["size"]
+                if cur > peak:
+                    peak, at_peak = cur, dict(live)
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                cur -= live.pop(ev["addr"])[0]
+    sites: dict[str, int] = {}
+    for size, site in at_peak.values():
+        sites[site] = sites.get(site, 0) + size
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])
+    return {
+        "peak_allocated_bytes": peak,
+        "before_the_step_bytes": allocated_at_start,
+        "live_at_peak_by_site": [{"site": s, "bytes": n} for s, n in ranked[:top]],
+        "other_sites_bytes": sum(n for _, n in ranked[top:]),
+    }
