@@ -29,13 +29,16 @@ def table(records: list[dict]) -> str:
         "| workload | techniques | device | peak MiB (plain steps) | memory step: device MiB | tracker MiB "
         "| tracker / device | untracked MiB | host tracker MiB | NVML used MiB (timed) "
         "| per phase MiB: warmup / memory / flop / timed / rest / eval | largest live site at the step's peak |\n|"
-        + "---|" * 12
+        + "---|"
+        * 12
     )
     rows = [head]
     for r in sorted(records, key=lambda r: (r["config"]["workload"].get("preset"), _label(r))):
         wl = f"{r['config']['workload'].get('preset')} b={r['config']['run']['batch_size']}"
         if r["status"] != "ok":
-            rows.append(f"| {wl} | {_label(r)} | - | {r['status']} |" + " - |" * 8 + f" {(r.get('error') or '')[:60]} |")
+            rows.append(
+                f"| {wl} | {_label(r)} | - | {r['status']} |" + " - |" * 8 + f" {(r.get('error') or '')[:60]} |"
+            )
             continue
         m = r["memory"]
         dev = m["device_name"]

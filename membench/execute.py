@@ -140,7 +140,7 @@ class Trainer:
             lambda after_forward: run_step(after_forward=after_forward),
             self.model,
             self.optimizer,
-            extra=self.patch.extra_state(),
+            extra=self.patch.extra_state,
         )
         return split, states
 
@@ -236,7 +236,7 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
     history = run.cuda_memory_history and device.type == "cuda"
     with meter.phase("memory_step") as ph:
         if history:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
         split, states = tr.memory_step(sched.memory)
         if history:
             ph["cuda_history_at_peak"] = measure.cuda_history_at_peak(

@@ -8,7 +8,6 @@ def handle(device):
         return None
     try:
         import pynvml
-
         import torch
 
         pynvml.nvmlInit()

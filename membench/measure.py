@@ -199,15 +199,16 @@ def measure_memory(
     step: Callable[[Callable[[], None]], T],
     model,
     optimizer,
-    extra: dict[str, list[torch.Tensor]] | None = None,
+    extra: Callable[[], dict[str, list[torch.Tensor]]] | None = None,
     tracker_factory: Callable | None = None,
     category_map: dict[str, str] | None = None,
 ) -> tuple[TrackerSplit, T]:
     """Run one training step under MemTracker. `step(after_forward)` must call after_forward() between computing
-    the loss and calling backward. `extra`: tensors a technique holds as model state that are neither parameters,
-    buffers, grads nor optimizer.state entries (by category): tracked from the start, each storage once, and
-    reported under its category instead of the one the tracker gave it (DDP's gradient buckets, which the tracker
-    otherwise sees as activations when backward writes them). `tracker_factory(model, optimizer)` and
+    the loss and calling backward. `extra()`: tensors a technique holds as model state that are neither
+    parameters, buffers, grads nor optimizer.state entries (by category). Called before the step, its storages are
+    tracked from the first op (each once); called again after it (some exist only once a step has run), every
+    storage the tracker saw is reported under the technique's category instead of the one the tracker gave it
+    (DDP's gradient buckets, which it otherwise counts as activations). `tracker_factory(model, optimizer)` and
     `category_map` (its reference names -> ours) replace MemTracker for wrappers whose tracker knows more
     (FSDPMemTracker's unsharded parameters and all-gather buffers; DeepSpeed's inner optimizer)."""
     if tracker_factory is not None:
@@ -223,14 +224,17 @@ def measure_memory(
     # Extra storages not already known as params/optimizer state: registered now (MemTracker's "other"), so they
     # count from the first op of the step; their final reference type says where the tracker put their bytes.
     owned: dict[tuple[str, int], tuple[str, torch.UntypedStorage]] = {}
-    for cat, ts in (extra or {}).items():
-        for t in ts:
-            st = t.untyped_storage()
-            if st.nbytes() == 0 or storage_key(t) in owned:
-                continue
-            owned[storage_key(t)] = (cat, st)
-            if st not in mt._WINFO:
-                mt.track_external(t)
+
+    def collect(register: bool) -> None:
+        for cat, ts in (extra() if extra else {}).items():
+            for t in ts:
+                st = t.untyped_storage()
+                if st.nbytes() > 0 and storage_key(t) not in owned:
+                    owned[storage_key(t)] = (cat, st)
+                    if register and st not in mt._WINFO:
+                        mt.track_external(t)
+
+    collect(register=True)
     held: dict = {}
 
     def after_forward():
@@ -238,6 +242,7 @@ def measure_memory(
 
     with mt:
         result = step(after_forward)
+    collect(register=False)
     peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
     moved: dict[str, dict[str, int]] = {}
     for (dev, _), (cat, st) in owned.items():
@@ -250,8 +255,9 @@ def measure_memory(
             if d is not None and d.get(ref, 0) >= n:
                 d[ref] -= n
                 d[cat] = d.get(cat, 0) + n
-        moved.setdefault(dev, {})
-        moved[dev][cat] = moved[dev].get(cat, 0) + n
+                if snap is peak:
+                    moved.setdefault(dev, {})
+                    moved[dev][cat] = moved[dev].get(cat, 0) + n
     cmap = {**_MT_MAP, **(category_map or {})}
     return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result
 
@@ -261,7 +267,9 @@ def with_tracker(tracker_factory: Callable, category_map: dict[str, str]) -> Cal
     return functools.partial(measure_memory, tracker_factory=tracker_factory, category_map=category_map)
 
 
-def categorise(by_ref: dict[str, int], optimizer_state_bytes: int, category_map: dict[str, str] = _MT_MAP) -> dict[str, int]:
+def categorise(
+    by_ref: dict[str, int], optimizer_state_bytes: int, category_map: dict[str, str] = _MT_MAP
+) -> dict[str, int]:
     """Reference-type bytes of one device -> record categories. Names that are not MemTracker's are a technique's
     own categories (re-attributed extra state, e.g. fp32_master) and pass through. The tracker calls everything
     allocated inside optimizer.step() optimizer memory; the part beyond the exact persistent state on this device
