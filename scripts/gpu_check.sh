@@ -4,8 +4,8 @@
 #   OUT=/tmp/gpu-out bash scripts/gpu_check.sh [SECTION ...]  # there; default: env tests cells d
 # Uses the machine's own CUDA torch; the wheels it lacks are installed from .whl/ into /tmp/site (no index, no deps).
 # Per cell it prints the tracker's peak, the allocator's peak of the same step and their ratio, and the allocator's
-# peak of each phase (membench/device_table.py). Sections: env, tests (GPU-marked pytest), cells (gpt2 b=8 study
-# cells with the allocator history at the memory step's peak), d (scripts/gpu_check.d/*.sh, one per capability).
+# peak of each phase (membench/device_table.py). Sections: env, tests (GPU-marked pytest), cells (the `gpu` study,
+# conf/experiment/gpu.yaml, records under $OUT/records), d (scripts/gpu_check.d/*.sh, one per capability).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/membench-gpu}
@@ -20,15 +20,6 @@ export PY=python3
 MB="$PY -m membench.cli"
 RES="$OUT/results"
 
-cell() {  # cell NAME SECONDS overrides... : one gpt2 b=8 run into $RES/NAME, time-boxed; CELLS="a b" picks some
-  local name=$1 box=$2; shift 2
-  [ -z "${CELLS:-}" ] || [[ " $CELLS " == *" $name "* ]] || return 0
-  log "cell $name"
-  timeout "$box" $MB run workload=gpt2 run.device=cuda run.batch_size=8 run.cuda_memory_history=true \
-    run.warmup_steps=1 run.measure_steps=3 run.train_steps=6 "run.results_dir=$RES/$name" "$@" 2>&1 \
-    | grep -E "ok|oom|error|timeout" | tail -1 | tee -a "$OUT/log.txt"
-}
-
 for section in ${*:-env tests cells d}; do
   case $section in
   env)
@@ -42,15 +33,10 @@ for section in ${*:-env tests cells d}; do
     tail -3 "$OUT/pytest-gpu.txt" | tee -a "$OUT/log.txt"
     ;;
   cells)
-    cell baseline 60
-    cell ckpt_full 60 "technique=[activation_checkpointing]"
-    cell ckpt_full_bf16 60 "technique=[activation_checkpointing,bf16]"
-    cell ckpt_selective_bf16 60 "technique=[activation_checkpointing,bf16]" technique.activation_checkpointing.mode=selective
-    cell qbase_int8 60 "technique=[quantized_base]" technique.quantized_base.quant_type=int8 technique.quantized_base.compute_dtype=bfloat16
-    cell qbase_nf4_ckpt_bf16 60 "technique=[quantized_base,activation_checkpointing,bf16]" technique.quantized_base.compute_dtype=bfloat16
-    cell prune_structured 60 "technique=[prune_structured]"
-    cell zero1_offload_bf16 75 "technique=[zero,bf16]" technique.zero.stage=1 technique.zero.offload_optimizer=cpu
-    $PY -m membench.device_table "$RES"/* > "$OUT/device_table.md" 2>&1
+    log "cells: membench run +experiment=gpu (conf/experiment/gpu.yaml; 90 s box per cell)"
+    timeout 330 $MB run +experiment=gpu "run.results_dir=$RES" 2>&1 | grep -E "^\[|done" | grep -v running | tee -a "$OUT/log.txt"
+    mkdir -p "$OUT/records" && cp "$RES"/runs/*.json "$OUT/records/" 2>/dev/null
+    $PY -m membench.device_table "$RES" > "$OUT/device_table.md" 2>&1
     cat "$OUT/device_table.md"
     ;;
   d)
