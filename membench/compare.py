@@ -29,8 +29,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 from membench.errors import ConfigError
-from membench.records import config_hash, latest_by_cell, load_records
-from membench.report import _label
+from membench.records import latest_by_cell, load_records
+from membench.report import _label, seed_group
 
 MiB = 2**20
 
@@ -72,13 +72,6 @@ def profile_diff(a: dict, b: dict) -> list[str]:
         elif a.get(k) != b.get(k):
             out.append(f"{k} {a.get(k)} vs {b.get(k)}")
     return sorted(out)
-
-
-def seed_group(r: dict) -> str:
-    """The cell without its seed: records of one group differ only by run.seed."""
-    cfg = json.loads(json.dumps(r["config"]))
-    cfg.get("run", {}).pop("seed", None)
-    return config_hash(cfg)
 
 
 def time_verdict(base: list[float], cand: list[float], tol: Tolerances) -> dict:
