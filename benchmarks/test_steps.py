@@ -21,6 +21,10 @@ CELLS = {
     "precision_bf16": ["workload=gpt_tiny", "technique=[bf16]", *CPU],
     "optimizer_8bit": ["workload=gpt_tiny", "technique=[optimizer_8bit]", *CPU],
     "quantized_base_nf4": ["workload=gpt_tiny", "technique=[quantized_base]", *CPU],
+    "digits_baseline": ["workload=digits_cnn_tiny", *CPU],
+    "prune_structured": ["workload=digits_cnn_tiny", "technique=[prune_structured]", *CPU],
+    "prune_unstructured": ["workload=digits_cnn_tiny", "technique=[prune_unstructured]", *CPU],
+    # last: gloo prefixes the process's later log lines with [rank0]
     "zero_stage1_torch": [
         "workload=gpt_tiny",
         "technique=[zero]",
@@ -28,9 +32,6 @@ CELLS = {
         "technique.zero.stage=1",
         *CPU,
     ],
-    "digits_baseline": ["workload=digits_cnn_tiny", *CPU],
-    "prune_structured": ["workload=digits_cnn_tiny", "technique=[prune_structured]", *CPU],
-    "prune_unstructured": ["workload=digits_cnn_tiny", "technique=[prune_unstructured]", *CPU],
 }
 GPU = ["run.device=cuda"]
 GPU_CELLS = {

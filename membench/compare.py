@@ -102,7 +102,11 @@ def _band(values: list[float]) -> tuple[float, float]:
 
 
 def _exact(r: dict) -> bool:
-    return all(e.get("exact") for e in (r.get("exactness") or {}).values())
+    """No technique, or only exact ones. Records older than the exactness field count as exact only when
+    they have no technique."""
+    if r.get("exactness") is None:
+        return not r.get("techniques")
+    return all(e.get("exact") for e in r["exactness"].values())
 
 
 def _quality(b: dict, c: dict, band_values: list[float], tol: Tolerances) -> str | None:
