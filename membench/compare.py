@@ -66,7 +66,8 @@ def profile_diff(a: dict, b: dict) -> list[str]:
     out = []
     for k in a.keys() | b.keys():
         if k == "versions":
-            for lib in sorted(a[k].keys() | b[k].keys()):
+            # a library one side did not record (an older record) is unknown, not different; None = not installed
+            for lib in sorted(a[k].keys() & b[k].keys()):
                 if a[k].get(lib) != b[k].get(lib):
                     out.append(f"{lib} {a[k].get(lib)} vs {b[k].get(lib)}")
         elif a.get(k) != b.get(k):
@@ -127,8 +128,10 @@ def _grew(new: float, old: float, rtol: float) -> bool:
     return old > 0 and (new - old) / old > rtol
 
 
-def check_cell(b: dict, c: dict, band_values: list[float], tol: Tolerances) -> tuple[list[str], list[str], dict]:
-    """(problems, notes, time verdict) for one matched cell."""
+def check_cell(
+    b: dict, c: dict, band_values: list[float], tol: Tolerances, other_hardware: bool = False
+) -> tuple[list[str], list[str], dict]:
+    """(problems, notes, time verdict) for one matched cell; `other_hardware` labels the time verdict."""
     if b["status"] == "ok" and c["status"] != "ok":
         return [f"status ok -> {c['status']}"], [], {}
     if b["status"] != "ok" or c["status"] != "ok":
@@ -151,7 +154,7 @@ def check_cell(b: dict, c: dict, band_values: list[float], tol: Tolerances) -> t
     if tol.time_min_effect > 0:
         tv = time_verdict(b["timing"]["step_times_s"], c["timing"]["step_times_s"], tol)
         bt, ct = b["timing"]["median_step_s"], c["timing"]["median_step_s"]
-        label = " (other hardware)" if tol.any_hardware and hardware_profile(b) != hardware_profile(c) else ""
+        label = " (other hardware)" if other_hardware else ""
         text = f"step {bt * 1e3:.2f} -> {ct * 1e3:.2f} ms"
         if "p_value" in tv:
             text += f" (shift {tv['shift_rel']:+.1%}, p={tv['p_value']:.2g})"
@@ -213,7 +216,8 @@ def compare_dirs(baseline_dir: str, candidate_dir: str, tol: Tolerances, experim
             row.verdict = "new"
             row.notes = ["only in candidate"]
         else:
-            row.problems, row.notes, row.time = check_cell(base[h], cand[h], groups.get(seed_group(r), []), tol)
+            band = groups.get(seed_group(r), [])
+            row.problems, row.notes, row.time = check_cell(base[h], cand[h], band, tol, bool(differing.get(h)))
             row.verdict = "REGRESSED" if row.problems else "ok"
             if differing.get(h):
                 row.notes.append("other hardware: " + "; ".join(differing[h]))

@@ -203,3 +203,14 @@ def test_two_fresh_runs_of_the_same_cells_pass(tmp_path, capsys):
     if code and load > 0.75 * (os.cpu_count() or 1):
         pytest.xfail(f"step times differ under load: load average {load:.1f} on {os.cpu_count()} cores")
     assert code == 0
+
+
+def test_a_library_only_one_side_recorded_is_not_a_difference_but_a_changed_version_is(tmp_path, capsys):
+    _copy(tmp_path / "a")
+    files = _copy(tmp_path / "b")
+    for f in files:
+        _edit(f, lambda r: r["env"]["versions"].update(transformers="5.24.0"))
+    assert _compare(tmp_path / "a", tmp_path / "b") == 0
+    _edit(files[0], lambda r: r["env"]["versions"].update(torch="2.99.0"))
+    assert _compare(tmp_path / "a", tmp_path / "b") == 2
+    assert "1 of 8 cells ran on different hardware profiles (torch 2.13.0+cpu vs 2.99.0)" in capsys.readouterr().err
