@@ -162,7 +162,7 @@ def check_cell(
             problems.append(text + label)
         elif tv["regressed"] is None:
             notes.append(f"{text}: no time verdict, {tv['why']}{label}")
-        elif label:
+        else:
             notes.append(text + label)
     return problems, notes, tv
 
