@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: setup run test lint studies report clean
+.PHONY: setup run test lint studies report bench bench-compare clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -32,6 +32,16 @@ studies: setup
 
 report: setup
 	$(PY) -m membench.readme
+
+# pytest-benchmark suite (benchmarks/, ~2 min on 2 CPU cores): one training-step benchmark per technique family.
+# `make bench` saves a run under .benchmarks/; `make bench-compare` fails if a median step is BENCH_FAIL slower.
+BENCH := $(PY) -m pytest benchmarks -q -o addopts=-ra --benchmark-enable --benchmark-columns=median,iqr,min,rounds
+BENCH_FAIL ?= median:15%
+bench: setup
+	$(BENCH) --benchmark-autosave
+
+bench-compare: setup
+	$(BENCH) --benchmark-compare --benchmark-compare-fail=$(BENCH_FAIL)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -115,8 +115,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from membench.report import write_report
 
+    if not (Path(args.results_dir) / "runs").is_dir():
+        raise ConfigError(f"report: {args.results_dir!r} has no runs/ folder of records")
     text = write_report(args.results_dir, args.out, args.experiment)
     print(text)
+    if args.plot:
+        from membench.plots import write_plots
+
+        for path in write_plots(args.results_dir, args.experiment):
+            print(f"membench: wrote {path}")
     return 0
 
 
@@ -126,11 +133,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for d in (args.baseline, args.candidate):
         if not (Path(d) / "runs").is_dir():
             raise ConfigError(f"compare: {d!r} has no runs/ folder of records")
-    tol = Tolerances(args.mem_rtol, args.flops_rtol, args.quality_atol, args.time_rtol)
-    text, regressed = compare(args.baseline, args.candidate, tol, args.experiment)
+    tol = Tolerances(
+        peak_rtol=args.peak_rtol,
+        flops_rtol=args.flops_rtol,
+        quality_atol=args.quality_atol,
+        quality_atol_exact=args.quality_atol_exact,
+        time_alpha=args.time_alpha,
+        time_min_effect=args.time_min_effect,
+        any_hardware=args.any_hardware,
+    )
+    text, code = compare(args.baseline, args.candidate, tol, args.experiment, args.format)
     print(text)
-    print(f"membench: {regressed} cell(s) regressed")
-    return 1 if regressed else 0
+    return code
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from membench.history import write_history
+
+    if not (Path(args.results_dir) / "runs").is_dir():
+        raise ConfigError(f"history: {args.results_dir!r} has no runs/ folder of records")
+    text, png = write_history(args.results_dir, args.filter, args.out)
+    print(text)
+    if png:
+        print(f"membench: wrote {png}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,17 +169,31 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("results_dir", nargs="?", default="results")
     rp.add_argument("--experiment", default=None, help="only records of this experiment")
     rp.add_argument("--out", default=None, help="file to write (default: RESULTS_DIR/REPORT[-experiment].md)")
+    rp.add_argument("--plot", action="store_true", help="also draw each study's Pareto charts (PNG) into RESULTS_DIR")
     c = sub.add_parser("compare", help="flag regressions of a candidate record set against a baseline one")
     c.add_argument("baseline")
     c.add_argument("candidate")
     c.add_argument("--experiment", default=None)
-    c.add_argument("--mem-rtol", type=float, default=0.01, help="allowed relative growth of peak/state bytes")
+    c.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    c.add_argument("--peak-rtol", type=float, default=0.01, help="allowed relative growth of the peak")
     c.add_argument("--flops-rtol", type=float, default=0.01, help="allowed relative growth of counted FLOPs")
-    c.add_argument("--quality-atol", type=float, default=0.01, help="allowed absolute worsening of the metric")
-    c.add_argument("--time-rtol", type=float, default=0.5, help="allowed relative growth of step time (0: off)")
+    c.add_argument(
+        "--quality-atol", type=float, default=0.01, help="approximate techniques, one seed: allowed worsening"
+    )
+    c.add_argument(
+        "--quality-atol-exact", type=float, default=0.0, help="exact techniques: allowed change (0: identical)"
+    )
+    c.add_argument("--time-alpha", type=float, default=0.01, help="Mann-Whitney U significance level on step times")
+    c.add_argument("--time-min-effect", type=float, default=0.05, help="smallest relative slowdown flagged (0: off)")
+    c.add_argument("--any-hardware", action="store_true", help="compare across hardware profiles (times labelled)")
+    h = sub.add_parser("history", help="trend of peak, step time and quality over commits (table + PNG)")
+    h.add_argument("results_dir")
+    h.add_argument("filter", nargs="?", default=None, help="substring of 'workload techniques', e.g. gpt_tiny")
+    h.add_argument("--out", default=None, help="PNG to write (default: RESULTS_DIR/history.png)")
     args = p.parse_args(argv)
     try:
-        return {"run": cmd_run, "report": cmd_report, "compare": cmd_compare}[args.cmd](args)
+        commands = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "history": cmd_history}
+        return commands[args.cmd](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)
         return 2

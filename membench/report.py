@@ -55,48 +55,105 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
-def table(records: list[dict]) -> str:
-    base = {_key(r): r for r in records if r["status"] == "ok" and not r.get("techniques")}
-    head = (
-        "| workload | techniques | status | peak MiB | params | grads | optim | act@peak | other | act held MiB "
-        "| act pred MiB (err) | act ratio | peak ratio | median step ms | step ratio | FLOPs/step G | FLOPs ratio "
-        "| quality |\n|" + "---|" * 18
+def seed_group(r: dict) -> str:
+    """The cell without its seed: records of one group differ only by run.seed."""
+    import json
+
+    from membench.records import config_hash
+
+    cfg = json.loads(json.dumps(r["config"]))
+    cfg.get("run", {}).pop("seed", None)
+    return config_hash(cfg)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student-t interval (None for a single value)."""
+    import statistics
+
+    if len(values) < 2:
+        return values[0], None
+    from scipy.stats import t
+
+    return statistics.mean(values), t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def _num(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    m, half = mean_ci([v / scale for v in values])
+    return format(m, fmt) + (f" ± {format(half, fmt)}" if half is not None else "")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# One column per entry: header and a function of (ok records of one seed group, their baseline group or []).
+# Numbers over several seeds print as "mean ± 95% half-width"; ratios divide the means.
+def _cat(k: str):
+    return lambda rs, b: _num([r["memory"]["by_category"][k] for r in rs], ".1f", MiB)
+
+
+def _act_held(r: dict) -> float:
+    return r["memory"]["held_after_forward"]["activations"]
+
+
+def _pred(rs: list[dict], b: list[dict]) -> str:
+    m = rs[0]["memory"]
+    err = (
+        _mean([r["memory"]["relative_error"]["activations"] for r in rs])
+        if m["relative_error"]["activations"] is not None
+        else None
     )
-    rows = [head]
-    for r in sorted(records, key=lambda r: (_key(r), len(r.get("techniques") or []), _label(r))):
+    return f"{m['predicted_by_category']['activations'] / MiB:.1f} ({err:+.0%})" if err is not None else "-"
+
+
+def _ratio_of(get):
+    return lambda rs, b: _ratio(_mean([get(r) for r in rs]), b and _mean([get(r) for r in b]))
+
+
+def _quality(rs: list[dict], b: list[dict]) -> str:
+    return f"{rs[0]['quality']['metric']}={_num([r['quality']['value'] for r in rs], '.4f')}"
+
+
+COLUMNS = [
+    ("peak MiB", lambda rs, b: _num([r["memory"]["peak_bytes"] for r in rs], ".1f", MiB)),
+    ("params", _cat("params")),
+    ("grads", _cat("grads")),
+    ("optim", _cat("optimizer")),
+    ("act@peak", _cat("activations")),
+    ("other", _cat("other")),
+    ("act held MiB", lambda rs, b: _num([_act_held(r) for r in rs], ".1f", MiB)),
+    ("act pred MiB (err)", _pred),
+    ("act ratio", _ratio_of(_act_held)),
+    ("peak ratio", _ratio_of(lambda r: r["memory"]["peak_bytes"])),
+    ("median step ms", lambda rs, b: _num([r["timing"]["median_step_s"] for r in rs], ".1f", 1e-3)),
+    ("step ratio", _ratio_of(lambda r: r["timing"]["median_step_s"])),
+    ("FLOPs/step G", lambda rs, b: _num([r["flops"]["counted_per_step"] for r in rs], ".2f", 1e9)),
+    ("FLOPs ratio", _ratio_of(lambda r: r["flops"]["counted_per_step"])),
+    ("quality", _quality),
+]
+
+
+def table(records: list[dict]) -> str:
+    """One row per cell; cells that differ only by run.seed share a row (mean ± 95% interval, n seeds)."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r["status"] == "ok":
+            groups.setdefault(seed_group(r), []).append(r)
+    base = {_key(rs[0])[:2]: rs for rs in groups.values() if not rs[0].get("techniques")}
+    head = "| workload | techniques | status | " + " | ".join(h for h, _ in COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    entries = [[r] for r in records if r["status"] != "ok"] + list(groups.values())
+    for rs in sorted(entries, key=lambda rs: (_key(rs[0]), len(rs[0].get("techniques") or []), _label(rs[0]))):
+        r = rs[0]
         wl = f"{r['config']['workload'].get('preset')} b={r['config']['run']['batch_size']}"
+        if len(rs) > 1:
+            wl += f" ({len(rs)} seeds)"
         if r["status"] != "ok":
-            rows.append(f"| {wl} | {_label(r)} | {r['status']} | " + "- | " * 14 + f"{(r.get('error') or '')[:60]} |")
+            filler = "- | " * (len(COLUMNS) - 1)
+            rows.append(f"| {wl} | {_label(r)} | {r['status']} | {filler}{(r.get('error') or '')[:60]} |")
             continue
-        m, t, f, q = r["memory"], r["timing"], r["flops"], r["quality"]
-        b = base.get(_key(r))
-        cat = m["by_category"]
-        held = m["held_after_forward"]["activations"]
-        pred = m["predicted_by_category"]["activations"]
-        err = m["relative_error"]["activations"]
-        bm = b and b["memory"]
-        rows.append(
-            "| "
-            + " | ".join(
-                [
-                    wl,
-                    _label(r),
-                    "ok",
-                    f"{m['peak_bytes'] / MiB:.1f}",
-                    *(f"{cat[k] / MiB:.1f}" for k in ("params", "grads", "optimizer", "activations", "other")),
-                    f"{held / MiB:.1f}",
-                    f"{pred / MiB:.1f} ({err:+.0%})" if err is not None else "-",
-                    _ratio(held, bm and bm["held_after_forward"]["activations"]),
-                    _ratio(m["peak_bytes"], bm and bm["peak_bytes"]),
-                    f"{t['median_step_s'] * 1e3:.1f}",
-                    _ratio(t["median_step_s"], b and b["timing"]["median_step_s"]),
-                    f"{f['counted_per_step'] / 1e9:.2f}",
-                    _ratio(f["counted_per_step"], b and b["flops"]["counted_per_step"]),
-                    f"{q['metric']}={q['value']:.4f}",
-                ]
-            )
-            + " |"
-        )
+        b = base.get(_key(r)[:2]) or []
+        rows.append("| " + " | ".join([wl, _label(r), "ok", *(fn(rs, b) for _, fn in COLUMNS)]) + " |")
     return "\n".join(rows)
 
 
