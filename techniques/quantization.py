@@ -38,10 +38,51 @@ def linear_targets(model: nn.Module, blocks: nn.ModuleList, outside_blocks: bool
     return [(p, n) for p in scopes for n, c in p.named_children() if type(c) is nn.Linear]
 
 
+def _linear_flops(a_shape, n: int, k: int) -> int:
+    """2*M*N*K for y[..., N] = x[..., K] @ W[N, K]^T: the same count torch's mm/addmm formulas give a dense
+    linear (bias adds are not counted there either)."""
+    return 2 * math.prod(a_shape[:-1]) * n * k
+
+
+def register_bnb_flop_formulas() -> list[str]:
+    """FlopCounterMode counts what it sees at the dispatcher; bitsandbytes' matmuls are custom ops
+    (torch.ops.bitsandbytes.*) whose kernels run below it, so a 4-bit forward (gemm_4bit, also on CPU) and the
+    int8 CUDA matmuls (int8_scaled_mm, int8_mixed_scaled_mm, int8_linear_matmul) count 0 FLOPs. Register their
+    formulas from the shapes (the packed weight's logical [N, K] is the op's shapeB argument). Backward's input
+    gradient already runs as aten.mm on the dequantized weight and is counted. Returns the ops that carry our
+    formula (for the record); idempotent."""
+    import bitsandbytes  # noqa: F401  (defines torch.ops.bitsandbytes)
+    from torch.utils import flop_counter
+
+    ops = torch.ops.bitsandbytes
+
+    def four_bit(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+        return _linear_flops(a_shape, shape_b[0], shape_b[1])
+
+    def int8(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:  # A [..., K] int8, B [N, K] int8
+        return _linear_flops(a_shape, b_shape[0], b_shape[1])
+
+    def int8_mixed(a_shape, ca_shape, cb_shape, *args, out_shape=None, **kwargs) -> int:
+        return _linear_flops(ca_shape, cb_shape[0], cb_shape[1])
+
+    table = {
+        ops.gemm_4bit: four_bit,
+        ops.gemv_4bit: four_bit,
+        ops.int8_scaled_mm: int8,
+        ops.int8_linear_matmul: int8,
+        ops.int8_mixed_scaled_mm: int8_mixed,
+    }
+    for op, formula in table.items():
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+    return [f"bitsandbytes::{op._qualified_op_name.split('::')[-1]}" for op in table]
+
+
 def to_bnb(lin: nn.Linear, fmt: str, blocksize: int, double_quant: bool, compute_dtype: torch.dtype, device):
     """A frozen bitsandbytes copy of `lin` (Linear8bitLt or Linear4bit); quantization happens on .to(device)."""
     import bitsandbytes as bnb
 
+    register_bnb_flop_formulas()
     bias = lin.bias is not None
     if fmt == "int8":
         q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)

@@ -194,6 +194,9 @@ def _ds_config(z: Zero, ctx: Context, opt_cls: type, opt_kw: dict, dtype: torch.
     return {
         "train_micro_batch_size_per_gpu": ctx.run.batch_size,
         "gradient_accumulation_steps": 1,
+        # DeepSpeed clips at 1.0 when the key is absent; the workloads have no clipping knob and the torch backend
+        # does not clip, so state "off" (0.0) to train the same model as torch DDP/FSDP.
+        "gradient_clipping": 0.0,
         "optimizer": {"type": opt_cls.__name__, "params": dict(params, torch_adam=z.torch_adam)},
         "zero_optimization": zo,
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -228,6 +231,7 @@ def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
     z._ds_dtype = dtype
     cls, kw = _optimizer_spec(ctx, list(model.parameters()))
     config = _ds_config(z, ctx, cls, kw, dtype)
+    _forget_destroyed_groups()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     info = {"deepspeed_config": config, **_ds_estimate(z)}
 
@@ -245,6 +249,24 @@ def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
         extra_state=lambda: _ds_state(engine, z.stage),
         info=info,
     )
+
+
+def _forget_destroyed_groups() -> None:
+    """DeepSpeed caches a clone of the world group (deepspeed.utils.groups._WORLD_GROUP) on its first engine and
+    drops it only through deepspeed.comm.destroy_process_group. When the harness tears torch's group down with
+    torch.distributed.destroy_process_group and starts a new one in the same process (two runs in one pytest
+    process), the cached clone belongs to the destroyed group and the next engine fails in _broadcast_model with
+    "Group ... is not registered". Release DeepSpeed's references when its cached group is no longer registered."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    cached = groups._WORLD_GROUP
+    if cached is None:
+        return
+    try:
+        dist.get_global_rank(cached, 0)
+    except ValueError:  # "Group ... is not registered": its process group was destroyed
+        groups._release_process_group_references(group=None)
 
 
 def _autocast_dtype(kinds: set[str]) -> torch.dtype:
