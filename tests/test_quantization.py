@@ -308,3 +308,18 @@ def _fit_one_batch(wl, opt, device, steps: int) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_bnb_matmul_flops_on_cuda_equal_the_frozen_dense_step(quant_type, monkeypatch):
+    """On CUDA the 4-bit forward (gemm_4bit) and int8 matmuls (int8_scaled_mm / int8_mixed_scaled_mm) are custom
+    kernels FlopCounterMode cannot see: with the registered formulas the step counts what a frozen dense base does."""
+    from tests.helpers import run_inprocess
+
+    cell = ("workload=gpt_tiny", "technique=[quantized_base]", f"technique.quantized_base.quant_type={quant_type}",
+            "run.device=cuda", "run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4")  # fmt: skip
+    rec = run_inprocess(*cell)
+    monkeypatch.setattr(q, "to_bnb", lambda lin, *a, **k: lin.requires_grad_(False))
+    dense = run_inprocess(*cell)
+    assert rec["flops"]["counted_per_step"] == dense["flops"]["counted_per_step"]
