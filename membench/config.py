@@ -35,6 +35,8 @@ class RunConfig:
     memory_budget_mib: float | None = None  # a run whose peak exceeds it ends as `oom` (CPU and CUDA)
     world_size: int = 1  # ranks launched for one run (needs technique zero; batch_size is per rank)
     force: bool = False  # re-run cells that already have an ok record
+    cuda_memory_history: bool = False  # CUDA: record the allocator's history in the memory step; the record lists
+    # what was live at its peak, by allocation site (slows that one step)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "measure_steps", "train_steps", "timeout_s"):

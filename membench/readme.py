@@ -22,6 +22,7 @@ RENDERERS = {
     "zero": "membench.distributed:zero_table",
     "quantization": "membench.studies:quantization_table",
     "pruning": "membench.studies:pruning_table",
+    "device": "membench.device_table:table",
 }
 
 
