@@ -102,7 +102,7 @@ def test_4bit_forward_flops_are_counted_like_the_same_dense_matmuls(monkeypatch)
 
 
 def test_quantized_base_prediction_equals_measured_state_bytes():
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
 
     wl = _gpt()
     t = QuantizedBase(quant_type="nf4", double_quant=True)
@@ -113,7 +113,7 @@ def test_quantized_base_prediction_equals_measured_state_bytes():
     opt = wl.make_optimizer([p for p in wl.model.parameters() if p.requires_grad])
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     opt.step()
-    states = _state_bytes(wl.model, opt, extra)
+    states = state_bytes(wl.model, opt, extra)["cpu"]
     assert states == {"params": pred.params_total, "grads": pred.grads_total, "optimizer": pred.optimizer_total}
 
 
@@ -151,7 +151,7 @@ def _bnb_state_formula(params: list[torch.Tensor], min_size: int = 4096) -> int:
 def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
     import bitsandbytes as bnb
 
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 16))
@@ -161,15 +161,15 @@ def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
         model(torch.randn(4, 512)).sum().backward()
         opt.step()
         opt.zero_grad()
-    b32 = _state_bytes(model, opt32, {})["optimizer"] - 4 * len(params)  # minus torch's fp32 step scalars
-    b8 = _state_bytes(model, opt8, {})["optimizer"]
+    b32 = state_bytes(model, opt32, {})["cpu"]["optimizer"] - 4 * len(params)  # minus torch's fp32 step scalars
+    b8 = state_bytes(model, opt8, {})["cpu"]["optimizer"]
     assert b32 == 8 * sum(p.numel() for p in params)
     assert b8 == _bnb_state_formula(params)
     assert 0.25 < b8 / b32 < 0.26  # 1 byte per state instead of 4, plus one fp32 scale per 256 values
 
 
 def test_optimizer_8bit_prediction_matches_measured():
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
     from techniques.base import Prediction
 
     wl = _gpt()
@@ -179,11 +179,11 @@ def test_optimizer_8bit_prediction_matches_measured():
     opt.step()
     pred = Prediction(4, 4, 8)
     t.predict(pred, _ctx(wl))
-    assert _state_bytes(wl.model, opt, {})["optimizer"] == pred.optimizer_total
+    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == pred.optimizer_total
 
 
 def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
     from techniques.base import Prediction
 
     wl = _gpt()
@@ -194,7 +194,7 @@ def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
         opt.step()
     pred = Prediction(4, 4, 8)
     t.predict(pred, _ctx(wl))
-    assert _state_bytes(wl.model, opt, {})["optimizer"] == pred.optimizer_total
+    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == pred.optimizer_total
 
 
 def test_weight_quant_reports_before_and_after_and_torchao_int4_is_eight_bits():
