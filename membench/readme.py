@@ -20,8 +20,8 @@ BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+)(?::(?P<kind>\w+))? -->\n)(?P<b
 RENDERERS = {
     "main": "membench.report:table",
     "zero": "membench.distributed:zero_table",
-    "quantization": "techniques.quantization:study_table",
-    "pruning": "techniques.pruning:study_table",
+    "quantization": "membench.studies:quantization_table",
+    "pruning": "membench.studies:pruning_table",
     "device": "membench.device_table:table",
 }
 

@@ -5,12 +5,17 @@ coupled layers (residual adds, BatchNorm, q/k/v/proj of one head) shrink togethe
 optimizer and measures parameters, gradients, optimizer state, activations, FLOPs and step time of the pruned
 model. Embeddings and the layer producing the model's output keep their width (GPT: residual width stays,
 heads and MLP neurons go). Heads: attention modules in the blocks that declare `n_head` and separate q/k/v
-nn.Linear children (workloads/gpt.py) are pruned by whole heads and their n_head updated. Limits: the
-workloads' analytic activation models use config dims, so the activation prediction over-estimates.
+nn.Linear children (workloads/gpt.py) are pruned by whole heads and their n_head updated.
+Amounts: `amount_of=params` (the literature's "30% structured") makes `ratio` the fraction of the model's
+parameters to remove: a bisection over the channel ratio, each trial pruning a deep copy and counting its
+parameters (torch-pruning has no parameter-target mode), then the real model at the ratio found; the record
+keeps the asked, achieved and channel ratios. `amount_of=channels`: `ratio` is the channel fraction per layer.
+Limits: the workloads' analytic activation models use config dims, so the activation prediction over-estimates.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,13 +30,20 @@ from techniques.pruning import check_fraction, check_not_negative, param_bytes, 
 
 KEY = "technique.prune_structured"
 PRUNABLE = (nn.Linear, nn.Conv2d)
+AMOUNT_OF = ("params", "channels")
+SEARCH_TOL = 0.01  # stop the bisection once the achieved parameter fraction is within 1 point of the asked one
+# Bisection steps over the channel ratio: 0.99 / 2^8 ~ 0.004, under one channel in layers up to ~250 wide. Per-layer
+# pruning rounds each layer's channel count, so on narrow models (digits_cnn_tiny: 8-16 channels) the reachable
+# fractions are coarse and the achieved one can miss the asked one by more; global_pruning=true is finer.
+SEARCH_STEPS = 8
 
 
 @dataclass
 class PruneStructured(Technique):
     kind: ClassVar[str] = "prune_structured"
     loss_rtol: ClassVar[float] = 0.1
-    ratio: float = 0.3  # fraction of channels (CNN) / MLP neurons (GPT) removed in each layer
+    ratio: float = 0.3  # fraction removed, of what `amount_of` says
+    amount_of: str = "params"  # params: of the model's parameters | channels: of channels/MLP neurons per layer
     head_ratio: float = 0.3  # fraction of attention heads removed in each attention layer (rounded down)
     global_pruning: bool = False  # rank channels across layers (uneven widths) instead of per layer
     pretrain_steps: int = 0  # dense training before pruning (0: prune the initial weights)
@@ -39,6 +51,8 @@ class PruneStructured(Technique):
 
     def __post_init__(self) -> None:
         check_fraction(f"{KEY}.ratio", self.ratio)
+        if self.amount_of not in AMOUNT_OF:
+            raise ConfigError(f"{KEY}.amount_of={self.amount_of!r}: allowed {', '.join(AMOUNT_OF)}")
         if not 0.0 <= self.head_ratio < 1.0:
             raise ConfigError(f"{KEY}.head_ratio={self.head_ratio}: must be in [0, 1) (0 keeps every head)")
         check_not_negative(f"{KEY}.pretrain_steps", self.pretrain_steps)
@@ -51,34 +65,61 @@ class PruneStructured(Technique):
         info["quality_dense"] = quality(model, ctx)
         before = {"params": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes(model)}
         widths_before = widths(ctx.workload.blocks())
-        heads = attention_heads(ctx.workload.blocks())
         batch = ctx.workload.batch(0, 2, ctx.device)
-        forward = functools.partial(_forward, ctx.workload)
+        if self.amount_of == "params":
+            channel_ratio, trials = self._search(model, ctx, batch, before["params"])
+            info["search_trials"] = trials
+        else:
+            channel_ratio = self.ratio
+        heads = self._prune(model, ctx.workload.blocks(), ctx, batch, channel_ratio)
+        after = {"params": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes(model)}
+        info.update(before=before, after=after, params_removed_fraction=1 - after["params"] / before["params"])
+        info.update(amount_of=self.amount_of, ratio_asked=self.ratio, channel_ratio=channel_ratio)
+        info["widths"] = {"before": widths_before, "after": widths(ctx.workload.blocks())}
+        info["heads_per_layer"] = [attn.n_head for attn in heads]
+        info["quality_pruned"] = quality(model, ctx)
+        return Patch(info=info)
+
+    def _prune(self, model: nn.Module, blocks: nn.Module, ctx: Context, batch, channel_ratio: float) -> list:
+        """Prune `model` in place (channels/neurons at channel_ratio, heads at head_ratio); its attention modules."""
+        heads = attention_heads(blocks)
         was_training = model.training
         model.eval()  # the tracing forward must not update BatchNorm running statistics
         pruner = tp.pruner.MetaPruner(
             model,
             batch,
             importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=self.ratio,
+            pruning_ratio=channel_ratio,
             global_pruning=self.global_pruning,
             ignored_layers=ignored_layers(model, ctx.workload, batch),
             num_heads={lin: attn.n_head for attn in heads for lin in (attn.q, attn.k, attn.v)},
             prune_num_heads=bool(heads) and self.head_ratio > 0,
             prune_head_dims=False,
             head_pruning_ratio=self.head_ratio,
-            forward_fn=forward,
+            forward_fn=functools.partial(_forward, ctx.workload),
         )
         pruner.step()
         for attn in heads:  # the forward reshapes by n_head: keep it equal to the heads left
             attn.n_head = pruner.num_heads[attn.q]
         model.train(was_training)
-        after = {"params": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes(model)}
-        info.update(before=before, after=after, params_removed_fraction=1 - after["params"] / before["params"])
-        info["widths"] = {"before": widths_before, "after": widths(ctx.workload.blocks())}
-        info["heads_per_layer"] = [attn.n_head for attn in heads]
-        info["quality_pruned"] = quality(model, ctx)
-        return Patch(info=info)
+        return heads
+
+    def _search(self, model: nn.Module, ctx: Context, batch, n_before: int) -> tuple[float, list[dict]]:
+        """The channel ratio whose pruning removes the fraction `ratio` of the parameters (closest found)."""
+        lo, hi, best, trials = 0.0, 0.99, None, []
+        for _ in range(SEARCH_STEPS):
+            mid = (lo + hi) / 2
+            memo: dict = {}
+            clone = copy.deepcopy(model, memo)  # memo maps the workload's blocks onto the clone's
+            self._prune(clone, memo[id(ctx.workload.blocks())], ctx, batch, mid)
+            removed = 1 - sum(p.numel() for p in clone.parameters()) / n_before
+            trials.append({"channel_ratio": mid, "params_removed_fraction": removed})
+            if best is None or abs(removed - self.ratio) < abs(best[1] - self.ratio):
+                best = (mid, removed)
+            if abs(removed - self.ratio) <= SEARCH_TOL:
+                break
+            lo, hi = (mid, hi) if removed < self.ratio else (lo, mid)
+        return best[0], trials
 
 
 def _forward(workload, model: nn.Module, batch) -> torch.Tensor:

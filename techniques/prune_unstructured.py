@@ -3,8 +3,9 @@
 Uses torch.nn.utils.prune (L1Unstructured masks, global or per layer; custom_from_mask) on the nn.Linear and
 nn.Conv2d weights inside the workload's blocks: each becomes `weight_orig` (parameter) x `weight_mask` (buffer,
 same dtype), the product recomputed every forward, so dense+mask costs more than dense (measured). What pruning
-can save is storage for evaluation/inference: `info.final` holds CSR bytes of the final weights with int64 and
-int32 indices next to their dense bytes and, with pattern=2:4 (CUDA only), torch's semi-structured format bytes.
+can save is storage for evaluation/inference: `info.final` holds the bytes torch allocates for CSR copies of the
+final weights (storage bytes: to_sparse_csr's int64 col_indices sit on twice their logical size) with int64 and
+int32 indices, their logical sizes, next to the dense bytes and, with pattern=2:4 (CUDA only), torch's semi-structured format bytes.
 Modes: one-shot (prune in apply(); the run's steps fine-tune) or gradual (cubic schedule, masks updated after
 optimizer steps). The 2:4 mask is computed here: torch ships the 2:4 format but no mask helper for it.
 """
@@ -140,14 +141,24 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def csr_nbytes(w: torch.Tensor, index_dtype: torch.dtype) -> int:
-    """Bytes of a real torch CSR tensor of `w` (conv weights as out x in*kh*kw) with the given index dtype."""
+def to_csr(w: torch.Tensor, index_dtype: torch.dtype) -> torch.Tensor:
+    """A real torch CSR tensor of `w` (conv weights as out x in*kh*kw) with the given index dtype: torch's own
+    to_sparse_csr (int64 indices), its indices cast to int32 when asked."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         csr = w.detach().reshape(w.shape[0], -1).to_sparse_csr()
-        crow, col = csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype)
-        t = torch.sparse_csr_tensor(crow, col, csr.values(), size=csr.shape, check_invariants=True)
-    return nbytes(t.values(), t.crow_indices(), t.col_indices())
+        crow, col = csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype)  # no copy for int64
+        return torch.sparse_csr_tensor(crow, col, csr.values(), size=csr.shape, check_invariants=True)
+
+
+def csr_nbytes(w: torch.Tensor, index_dtype: torch.dtype, logical: bool = False) -> int:
+    """Bytes torch allocates for the CSR copy of `w`: the storages behind values, crow_indices and col_indices
+    (to_sparse_csr over-allocates col_indices); logical=True gives numel x element size instead."""
+    t = to_csr(w, index_dtype)
+    parts = (t.values(), t.crow_indices(), t.col_indices())
+    if logical:
+        return nbytes(*parts)
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in parts}.values())
 
 
 def semi_structured_nbytes(w: torch.Tensor) -> int:
@@ -170,6 +181,8 @@ def storage(mods: list[nn.Module], semi_structured: bool) -> dict:
         "dense_bytes": nbytes(*ws),
         "csr_int64_bytes": sum(csr_nbytes(w, torch.int64) for w in ws),
         "csr_int32_bytes": sum(csr_nbytes(w, torch.int32) for w in ws),
+        "csr_int64_logical_bytes": sum(csr_nbytes(w, torch.int64, logical=True) for w in ws),
+        "csr_int32_logical_bytes": sum(csr_nbytes(w, torch.int32, logical=True) for w in ws),
         "value_dtype": str(ws[0].dtype),
     }
     if semi_structured:

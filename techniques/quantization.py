@@ -6,13 +6,12 @@ and code tables that bitsandbytes keeps as attributes (quant_state, SCB), and th
 tensor subclasses. Next to them, the literature's bits per parameter: NF4/FP4 4 + 32/blocksize, with double
 quantization 4 + 8/blocksize + 32/(256 blocksize); LLM.int8 rows 8 + 32/in_features. Per-tensor code tables
 (64 B, and 1 KiB with double quantization) are in the measured and layout bytes, not in those formulas.
-`python -m techniques.quantization RESULTS_DIR` prints the study table of docs/quantization.md.
+The study table of docs/quantization.md is rendered by membench.studies.quantization_table.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -38,10 +37,51 @@ def linear_targets(model: nn.Module, blocks: nn.ModuleList, outside_blocks: bool
     return [(p, n) for p in scopes for n, c in p.named_children() if type(c) is nn.Linear]
 
 
+def _linear_flops(a_shape, n: int, k: int) -> int:
+    """2*M*N*K for y[..., N] = x[..., K] @ W[N, K]^T: the same count torch's mm/addmm formulas give a dense
+    linear (bias adds are not counted there either)."""
+    return 2 * math.prod(a_shape[:-1]) * n * k
+
+
+def register_bnb_flop_formulas() -> list[str]:
+    """FlopCounterMode counts what it sees at the dispatcher; bitsandbytes' matmuls are custom ops
+    (torch.ops.bitsandbytes.*) whose kernels run below it, so a 4-bit forward (gemm_4bit, also on CPU) and the
+    int8 CUDA matmuls (int8_scaled_mm, int8_mixed_scaled_mm, int8_linear_matmul) count 0 FLOPs. Register their
+    formulas from the shapes (the packed weight's logical [N, K] is the op's shapeB argument). Backward's input
+    gradient already runs as aten.mm on the dequantized weight and is counted. Returns the ops that carry our
+    formula (for the record); idempotent."""
+    import bitsandbytes  # noqa: F401  (defines torch.ops.bitsandbytes)
+    from torch.utils import flop_counter
+
+    ops = torch.ops.bitsandbytes
+
+    def four_bit(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+        return _linear_flops(a_shape, shape_b[0], shape_b[1])
+
+    def int8(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:  # A [..., K] int8, B [N, K] int8
+        return _linear_flops(a_shape, b_shape[0], b_shape[1])
+
+    def int8_mixed(a_shape, ca_shape, cb_shape, *args, out_shape=None, **kwargs) -> int:
+        return _linear_flops(ca_shape, cb_shape[0], cb_shape[1])
+
+    table = {
+        ops.gemm_4bit: four_bit,
+        ops.gemv_4bit: four_bit,
+        ops.int8_scaled_mm: int8,
+        ops.int8_linear_matmul: int8,
+        ops.int8_mixed_scaled_mm: int8_mixed,
+    }
+    for op, formula in table.items():
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+    return [f"bitsandbytes::{op._qualified_op_name.split('::')[-1]}" for op in table]
+
+
 def to_bnb(lin: nn.Linear, fmt: str, blocksize: int, double_quant: bool, compute_dtype: torch.dtype, device):
     """A frozen bitsandbytes copy of `lin` (Linear8bitLt or Linear4bit); quantization happens on .to(device)."""
     import bitsandbytes as bnb
 
+    register_bnb_flop_formulas()
     bias = lin.bias is not None
     if fmt == "int8":
         q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
@@ -132,51 +172,3 @@ def layout_bytes(out_f: int, in_f: int, fmt: str, blocksize: int, double_quant: 
     blocks = math.ceil(n / blocksize)
     scales = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4 if double_quant else 4 * blocks
     return math.ceil(n / 2) + scales + 4 * 16  # 2 codes/byte, scales, 16-entry fp32 code table
-
-
-def study_table(records: list[dict]) -> str:
-    """Markdown table of quantization records: bytes/param, model states, peak, step-time and quality deltas."""
-    from membench.report import _key, _label
-
-    ok = [r for r in records if r["status"] == "ok"]
-    base = {_key(r): r for r in ok if not r.get("techniques")}
-    head = (
-        "| workload | techniques | weight bits/param meas. (formula) | params MiB | optim MiB | optim B/trainable "
-        "| trainable params | peak MiB | peak ratio | step ratio | quality | delta vs baseline | before PTQ |\n"
-        + "|---" * 13
-        + "|"
-    )
-    rows = [head]
-    for r in sorted(ok, key=lambda r: (_key(r), _label(r))):
-        b, info, m, q = base.get(_key(r)), r.get("technique_info") or {}, r["memory"], r["quality"]
-        bits = next((v for k, v in info.items() if k.endswith("bits_per_param_measured")), None)
-        formula = next((v for k, v in info.items() if k.endswith("bits_per_param_formula")), None)
-        # weight_quant freezes its int layers after training: its info keeps the count trained
-        ntrain = next((v for k, v in info.items() if k.endswith("trainable_params")), None)
-        ntrain = ntrain or r["workload"]["num_trainable_params"]
-        st = m["model_states"]
-        before = info.get("weight_quant.quality_before")
-        cells = [
-            f"{r['workload']['preset']} b={r['config']['run']['batch_size']}",
-            _label(r),
-            f"{bits:.3f} ({formula:.3f})" if bits is not None else "32 (fp32)",
-            f"{st['params'] / 2**20:.2f}",
-            f"{st['optimizer'] / 2**20:.2f}",
-            f"{st['optimizer'] / ntrain:.2f}",
-            f"{ntrain:,}",
-            f"{m['peak_bytes'] / 2**20:.1f}",
-            f"{m['peak_bytes'] / b['memory']['peak_bytes']:.2f}" if b else "-",
-            f"{r['timing']['median_step_s'] / b['timing']['median_step_s']:.2f}" if b else "-",
-            f"{q['metric']}={q['value']:.4f}",
-            f"{q['value'] - b['quality']['value']:+.4f}" if b else "-",
-            f"{before:.4f}" if before is not None else "-",
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    from membench.records import latest_by_cell, load_records
-
-    recs = [r for r in latest_by_cell(load_records(sys.argv[1])).values() if r.get("experiment") == "quantization"]
-    print(study_table(recs))

@@ -116,6 +116,8 @@ class QuantizedBase(Technique):
             / n_q,  # fmt: skip
             "adapter_params": sum(p.numel() for p in adapters),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            # bitsandbytes ops whose FLOPs FlopCounterMode cannot see and that are counted from their shapes
+            "flop_formulas_added": q.register_bnb_flop_formulas(),
         }
 
     def predict(self, pred: Prediction, ctx: Context) -> None:

@@ -24,6 +24,7 @@ from techniques.base import Context, Patch, Prediction, Technique
 
 BACKENDS = ("deepspeed", "torch")
 OFFLOAD = ("none", "cpu")
+STAGE3_KNOBS = ("paper", "deepspeed")
 # Techniques whose parameters or optimizer these wrappers cannot shard or rebuild.
 _CANNOT = {
     "optimizer_8bit": "zero builds its own (sharded) optimizer from the workload's AdamW",
@@ -57,6 +58,9 @@ class Zero(Technique):
     reduce_bucket_size: int = 5_000_000
     allgather_bucket_size: int = 5_000_000
     torch_adam: bool = True  # deepspeed: torch's AdamW instead of DeepSpeed's compiled Fused/CPU Adam
+    stage3_knobs: str = (
+        "paper"  # deepspeed stage 3: paper (shard and release every parameter) | deepspeed (its defaults)
+    )
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -70,6 +74,8 @@ class Zero(Technique):
             raise ConfigError(f"technique.zero.offload_params={self.offload_params}: needs stage=3")
         if self.offload_optimizer != "none" and self.stage == 0:
             raise ConfigError("technique.zero.offload_optimizer=cpu: needs stage >= 1")
+        if self.stage3_knobs not in STAGE3_KNOBS:
+            raise ConfigError(f"technique.zero.stage3_knobs={self.stage3_knobs!r}: allowed {', '.join(STAGE3_KNOBS)}")
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"technique.zero.{key}={getattr(self, key)}: must be > 0")
@@ -180,11 +186,9 @@ def _ds_config(z: Zero, ctx: Context, opt_cls: type, opt_kw: dict, dtype: torch.
         "stage": z.stage,
         "reduce_bucket_size": z.reduce_bucket_size,
         "allgather_bucket_size": z.allgather_bucket_size,
-        "stage3_prefetch_bucket_size": z.allgather_bucket_size,
-        # as the paper's stage 3: shard every parameter, release each after use (re-gather in backward)
-        "stage3_param_persistence_threshold": 0,
-        "stage3_max_reuse_distance": 0,
-        "stage3_max_live_parameters": z.allgather_bucket_size,
+        # DeepSpeed's own default, stated: overlap reduction with backward at stage 3 only (two reduce buffers)
+        "overlap_comm": z.stage == 3,
+        **_stage3_knobs(z),
     }
     if z.offload_optimizer == "cpu":
         zo["offload_optimizer"] = {"device": "cpu"}
@@ -194,6 +198,9 @@ def _ds_config(z: Zero, ctx: Context, opt_cls: type, opt_kw: dict, dtype: torch.
     return {
         "train_micro_batch_size_per_gpu": ctx.run.batch_size,
         "gradient_accumulation_steps": 1,
+        # DeepSpeed clips at 1.0 when the key is absent; the workloads have no clipping knob and the torch backend
+        # does not clip, so state "off" (0.0) to train the same model as torch DDP/FSDP.
+        "gradient_clipping": 0.0,
         "optimizer": {"type": opt_cls.__name__, "params": dict(params, torch_adam=z.torch_adam)},
         "zero_optimization": zo,
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -201,6 +208,28 @@ def _ds_config(z: Zero, ctx: Context, opt_cls: type, opt_kw: dict, dtype: torch.
         "zero_force_ds_cpu_optimizer": False,  # allow torch's AdamW with offload
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+    }
+
+
+def _stage3_knobs(z: Zero) -> dict:
+    """Stage 3's cost lives in these knobs (docs/zero.md, "Stage 3 step time"). `paper`: every parameter sharded
+    (persistence threshold 0) and released right after its module runs (reuse distance 0, at most one bucket of
+    gathered parameters live), so per-rank bytes match the paper's Psi*(2+2+12)/N and backward re-gathers every
+    parameter: one fetch/release hook pair per submodule per pass, even at N=1. `deepspeed`: DeepSpeed 0.19's
+    defaults (parameters under 1e5 elements stay whole on every rank, gathered ones are kept for reuse, 5e7-element
+    prefetch), fewer gathers and hooks for more resident bytes."""
+    if z.stage3_knobs == "deepspeed":
+        return {
+            "stage3_prefetch_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": 100_000,
+            "stage3_max_reuse_distance": 1_000_000_000,
+            "stage3_max_live_parameters": 1_000_000_000,
+        }
+    return {
+        "stage3_prefetch_bucket_size": z.allgather_bucket_size,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_max_reuse_distance": 0,
+        "stage3_max_live_parameters": z.allgather_bucket_size,
     }
 
 
@@ -228,6 +257,7 @@ def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
     z._ds_dtype = dtype
     cls, kw = _optimizer_spec(ctx, list(model.parameters()))
     config = _ds_config(z, ctx, cls, kw, dtype)
+    _forget_destroyed_groups()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     info = {"deepspeed_config": config, **_ds_estimate(z)}
 
@@ -245,6 +275,24 @@ def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
         extra_state=lambda: _ds_state(engine, z.stage),
         info=info,
     )
+
+
+def _forget_destroyed_groups() -> None:
+    """DeepSpeed caches a clone of the world group (deepspeed.utils.groups._WORLD_GROUP) on its first engine and
+    drops it only through deepspeed.comm.destroy_process_group. When the harness tears torch's group down with
+    torch.distributed.destroy_process_group and starts a new one in the same process (two runs in one pytest
+    process), the cached clone belongs to the destroyed group and the next engine fails in _broadcast_model with
+    "Group ... is not registered". Release DeepSpeed's references when its cached group is no longer registered."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    cached = groups._WORLD_GROUP
+    if cached is None:
+        return
+    try:
+        dist.get_global_rank(cached, 0)
+    except ValueError:  # "Group ... is not registered": its process group was destroyed
+        groups._release_process_group_references(group=None)
 
 
 def _autocast_dtype(kinds: set[str]) -> torch.dtype:

@@ -51,28 +51,58 @@ def test_swaps_exactly_the_block_linears(quant_type):
     assert _linears_in_blocks(wl) == 2 * n_block_linears  # the only plain linears left: adapters A and B
 
 
+# Bytes of one 512x256 weight (n = 131072) as bitsandbytes lays it out, worked by hand:
+#   int8: n int8 codes + 512 fp32 row scales                                  = 131072 + 2048          = 133120
+#   nf4/fp4, blocks of 64: n/2 packed codes + 2048 fp32 absmax + 16-entry fp32 code table
+#                                                                              = 65536 + 8192 + 64      = 73792
+#   nf4 double quant: codes + 2048 uint8 absmax + 8 fp32 nested absmax (blocks of 256) + 256-entry fp32 nested
+#                     code table + fp32 offset + 16-entry code table          = 65536+2048+32+1024+4+64 = 68708
+#   nf4, blocks of 128: codes + 1024 fp32 absmax + code table                  = 65536 + 4096 + 64      = 69696
+# Bits per weight from the papers (no code tables): LLM.int8 8 + 32/256 = 8.125; NF4 4 + 32/64 = 4.5;
+# double quantization 4 + 8/64 + 32/(64*256) = 4.127; blocks of 128: 4 + 32/128 = 4.25.
 @pytest.mark.parametrize(
-    ("quant_type", "double_quant", "blocksize"),
-    [("int8", False, 64), ("nf4", False, 64), ("fp4", False, 64), ("nf4", True, 64), ("nf4", False, 128)],
+    ("quant_type", "double_quant", "blocksize", "stored_bytes", "paper_bits"),
+    [
+        ("int8", False, 64, 133120, 8.125),
+        ("nf4", False, 64, 73792, 4.5),
+        ("fp4", False, 64, 73792, 4.5),
+        ("nf4", True, 64, 68708, 4 + 8 / 64 + 32 / (64 * 256)),
+        ("nf4", False, 128, 69696, 4.25),
+    ],
 )
-def test_stored_bytes_match_the_layout_and_bits_the_formula(quant_type, double_quant, blocksize):
+def test_stored_bytes_match_the_hand_worked_layout_and_the_paper_bits(
+    quant_type, double_quant, blocksize, stored_bytes, paper_bits
+):
     torch.manual_seed(0)
-    lin = nn.Linear(256, 512)
-    layer = q.to_bnb(lin, quant_type, blocksize, double_quant, torch.float32, CPU)
-    stored = q.storage_bytes([layer.weight, *q.side_tensors(layer)])
-    assert stored == q.layout_bytes(512, 256, quant_type, blocksize, double_quant)
-    tables = {"int8": 0, False: 16 * 4, True: 16 * 4 + 256 * 4 + 4}[
-        quant_type if quant_type == "int8" else double_quant
-    ]
-    n = 512 * 256
-    # measured bits = the literature's formula + code tables (+ rounding of the nested scale blocks)
-    extra = 8 * (tables + (4 * math.ceil(n / blocksize / 256) - 4 * n / blocksize / 256 if double_quant else 0)) / n
-    assert 8 * stored / n == pytest.approx(q.formula_bits(quant_type, blocksize, double_quant, 256) + extra)
-    assert q.formula_bits("nf4", 64, False, 256) == 4.5 and round(q.formula_bits("nf4", 64, True, 256), 3) == 4.127
+    layer = q.to_bnb(nn.Linear(256, 512), quant_type, blocksize, double_quant, torch.float32, CPU)
+    assert q.storage_bytes([layer.weight, *q.side_tensors(layer)]) == stored_bytes
+    assert q.layout_bytes(512, 256, quant_type, blocksize, double_quant) == stored_bytes
+    assert q.formula_bits(quant_type, blocksize, double_quant, 256) == pytest.approx(paper_bits, abs=1e-12)
+
+
+def test_4bit_forward_flops_are_counted_like_the_same_dense_matmuls(monkeypatch):
+    """FlopCounterMode cannot see bitsandbytes' gemm_4bit; the registered formula must make a QLoRA step count
+    exactly what the same step counts with a frozen fp32 nn.Linear in place of each 4-bit base (an independent
+    count: torch's own mm/addmm formulas on the dense ops)."""
+    from tests.helpers import run_inprocess
+
+    cell = ("workload=gpt_tiny", "technique=[quantized_base]", "run.warmup_steps=1", "run.measure_steps=1",
+            "run.train_steps=4")  # fmt: skip
+    rec = run_inprocess(*cell)
+    assert rec["technique_info"]["quantized_base.flop_formulas_added"][0] == "bitsandbytes::gemm_4bit"
+    assert rec["flops"]["counted_by_op"]["bitsandbytes.gemm_4bit"] > 0
+
+    def frozen_dense(lin, *args, **kwargs):
+        return lin.requires_grad_(False)
+
+    monkeypatch.setattr(q, "to_bnb", frozen_dense)
+    dense = run_inprocess(*cell)
+    assert "bitsandbytes.gemm_4bit" not in dense["flops"]["counted_by_op"]
+    assert rec["flops"]["counted_per_step"] == dense["flops"]["counted_per_step"]
 
 
 def test_quantized_base_prediction_equals_measured_state_bytes():
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
 
     wl = _gpt()
     t = QuantizedBase(quant_type="nf4", double_quant=True)
@@ -83,7 +113,7 @@ def test_quantized_base_prediction_equals_measured_state_bytes():
     opt = wl.make_optimizer([p for p in wl.model.parameters() if p.requires_grad])
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     opt.step()
-    states = _state_bytes(wl.model, opt, extra)
+    states = state_bytes(wl.model, opt, extra)["cpu"]
     assert states == {"params": pred.params_total, "grads": pred.grads_total, "optimizer": pred.optimizer_total}
 
 
@@ -121,7 +151,7 @@ def _bnb_state_formula(params: list[torch.Tensor], min_size: int = 4096) -> int:
 def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
     import bitsandbytes as bnb
 
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 16))
@@ -131,15 +161,15 @@ def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
         model(torch.randn(4, 512)).sum().backward()
         opt.step()
         opt.zero_grad()
-    b32 = _state_bytes(model, opt32, {})["optimizer"] - 4 * len(params)  # minus torch's fp32 step scalars
-    b8 = _state_bytes(model, opt8, {})["optimizer"]
+    b32 = state_bytes(model, opt32, {})["cpu"]["optimizer"] - 4 * len(params)  # minus torch's fp32 step scalars
+    b8 = state_bytes(model, opt8, {})["cpu"]["optimizer"]
     assert b32 == 8 * sum(p.numel() for p in params)
     assert b8 == _bnb_state_formula(params)
     assert 0.25 < b8 / b32 < 0.26  # 1 byte per state instead of 4, plus one fp32 scale per 256 values
 
 
 def test_optimizer_8bit_prediction_matches_measured():
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
     from techniques.base import Prediction
 
     wl = _gpt()
@@ -149,11 +179,11 @@ def test_optimizer_8bit_prediction_matches_measured():
     opt.step()
     pred = Prediction(4, 4, 8)
     t.predict(pred, _ctx(wl))
-    assert _state_bytes(wl.model, opt, {})["optimizer"] == pred.optimizer_total
+    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == pred.optimizer_total
 
 
 def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
-    from membench.execute import _state_bytes
+    from membench.execute import state_bytes
     from techniques.base import Prediction
 
     wl = _gpt()
@@ -164,7 +194,7 @@ def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
         opt.step()
     pred = Prediction(4, 4, 8)
     t.predict(pred, _ctx(wl))
-    assert _state_bytes(wl.model, opt, {})["optimizer"] == pred.optimizer_total
+    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == pred.optimizer_total
 
 
 def test_weight_quant_reports_before_and_after_and_torchao_int4_is_eight_bits():
@@ -176,9 +206,11 @@ def test_weight_quant_reports_before_and_after_and_torchao_int4_is_eight_bits():
     for backend, bits, (lo, hi) in cases:
         wl = _gpt()
         hook = WeightQuant(backend=backend, bits=bits).apply(wl.model, _ctx(wl)).before_eval[0]
+        before = wl.evaluate(wl.model, CPU).value  # an evaluation of our own, before and after the hook
         info = hook(wl.model)
         assert info["quantized_layers"] == 12
-        assert info["quality_delta"] == info["quality_after"] - info["quality_before"]
+        assert info["quality_before"] == before
+        assert info["quality_after"] == wl.evaluate(wl.model, CPU).value != before
         if backend == "bitsandbytes":  # + one 64-byte code table per layer
             assert info["weight_bytes_stored"] == sum(q.layout_bytes(o, i, "nf4", 64, False) for o, i in _shapes())
         else:
@@ -276,3 +308,18 @@ def _fit_one_batch(wl, opt, device, steps: int) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_bnb_matmul_flops_on_cuda_equal_the_frozen_dense_step(quant_type, monkeypatch):
+    """On CUDA the 4-bit forward (gemm_4bit) and int8 matmuls (int8_scaled_mm / int8_mixed_scaled_mm) are custom
+    kernels FlopCounterMode cannot see: with the registered formulas the step counts what a frozen dense base does."""
+    from tests.helpers import run_inprocess
+
+    cell = ("workload=gpt_tiny", "technique=[quantized_base]", f"technique.quantized_base.quant_type={quant_type}",
+            "run.device=cuda", "run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4")  # fmt: skip
+    rec = run_inprocess(*cell)
+    monkeypatch.setattr(q, "to_bnb", lambda lin, *a, **k: lin.requires_grad_(False))
+    dense = run_inprocess(*cell)
+    assert rec["flops"]["counted_per_step"] == dense["flops"]["counted_per_step"]

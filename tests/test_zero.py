@@ -22,11 +22,13 @@ from tests.helpers import compose, run_inprocess
 
 TINY = ("workload=gpt_tiny", "run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=5", "run.num_threads=1")
 CELLS = [("torch", s) for s in range(4)] + [("deepspeed", s) for s in range(4)]
+LONG_STEPS = 24  # DeepSpeed's default clipping at 1.0 changes the trajectory from step 2; 5 steps hid it
+LONG = [("torch", 0), ("deepspeed", 0)]
 
 
-def _overrides(backend: str, stage: int, n: int = 2) -> list[str]:
+def _overrides(backend: str, stage: int, n: int = 2, *extra: str) -> list[str]:
     zero = ["technique=[zero]", f"technique.zero.backend={backend}", f"technique.zero.stage={stage}"]
-    return [*TINY, *zero, f"run.world_size={n}"]
+    return [*TINY, *zero, f"run.world_size={n}", *extra]
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
@@ -42,6 +44,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         out = execute(compose(*_overrides(backend, stage)))
         if rank == 0:
             Path(out_dir, f"{backend}{stage}.json").write_text(json.dumps(out, default=str))
+    for backend, stage in LONG:
+        out = execute(compose(*_overrides(backend, stage, 2, f"run.train_steps={LONG_STEPS}")))
+        if rank == 0:
+            Path(out_dir, f"{backend}{stage}-long.json").write_text(json.dumps(out, default=str))
     dist.destroy_process_group()
 
 
@@ -51,7 +57,9 @@ def two_ranks(tmp_path_factory) -> dict[tuple[str, int], dict]:
 
     out = tmp_path_factory.mktemp("zero2")
     torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
-    return {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
+    runs = {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
+    runs.update({(b, s, "long"): json.loads((out / f"{b}{s}-long.json").read_text()) for b, s in LONG})
+    return runs
 
 
 def _psi(rec: dict) -> int:
@@ -116,6 +124,31 @@ def test_deepspeed_stage_runs_shards_and_tracks_stage0(two_ranks, stage):
         assert st["params"] == 4 * psi // n
     base = two_ranks[("torch", 0)]["quality"]["loss_curve"]
     assert rec["quality"]["loss_curve"] == pytest.approx(base, rel=1e-3)
+
+
+def test_deepspeed_stage0_trains_like_ddp_over_24_steps(two_ranks):
+    """Same model, same data, same AdamW: DeepSpeed's plain data parallelism must follow DDP step for step.
+    Tolerance: with N=2 the gradient all-reduce adds two addends (commutative, so order-free) and halves the sum
+    (exact in binary), so only kernel-level differences (flattened buffers, optimizer loop) could remain; 1e-5
+    relative is ~100x float32's epsilon (measured on CPU/gloo: the curves are identical). Without the explicit
+    gradient_clipping=0.0, DeepSpeed's default 1.0 makes them part from step 4 and differ by up to 50% by step 24."""
+    ddp = two_ranks[("torch", 0, "long")]
+    ds = two_ranks[("deepspeed", 0, "long")]
+    assert ds["technique_info"]["zero.deepspeed_config"]["gradient_clipping"] == 0.0
+    assert len(ddp["quality"]["loss_curve"]) == LONG_STEPS
+    assert ds["quality"]["loss_curve"] == pytest.approx(ddp["quality"]["loss_curve"], rel=1e-5, abs=0)
+
+
+def test_two_deepspeed_engines_one_after_the_other_in_one_process():
+    """Each in-process run starts and destroys its own world-of-one process group; DeepSpeed's cached clone of the
+    first world group must not reach the second engine (it failed with "Group ... is not registered" on GPU)."""
+    curves = []
+    for stage in (0, 1):
+        out = run_inprocess(
+            *TINY, "technique=[zero]", "technique.zero.backend=deepspeed", f"technique.zero.stage={stage}"
+        )
+        curves.append(out["quality"]["loss_curve"])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
 def test_zero_composes_with_checkpointing_and_bf16_in_one_run():

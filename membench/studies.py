@@ -1,0 +1,97 @@
+"""Study tables: markdown rendered from records for the studies' docs (docs/quantization.md, docs/pruning.md).
+
+They read records only (technique_info fields written by techniques/), so the harness never imports techniques.
+`python -m membench.studies {quantization,pruning} RESULTS_DIR` prints one; membench.readme fills the docs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from membench.report import _key, _label
+
+
+def quantization_table(records: list[dict]) -> str:
+    """Markdown table of quantization records: bytes/param, model states, peak, step-time and quality deltas."""
+    ok = [r for r in records if r["status"] == "ok"]
+    base = {_key(r): r for r in ok if not r.get("techniques")}
+    head = (
+        "| workload | techniques | weight bits/param meas. (formula) | params MiB | optim MiB | optim B/trainable "
+        "| trainable params | peak MiB | peak ratio | step ratio | quality | delta vs baseline | before PTQ |\n"
+        + "|---" * 13
+        + "|"
+    )
+    rows = [head]
+    for r in sorted(ok, key=lambda r: (_key(r), _label(r))):
+        b, info, m, q = base.get(_key(r)), r.get("technique_info") or {}, r["memory"], r["quality"]
+        bits = next((v for k, v in info.items() if k.endswith("bits_per_param_measured")), None)
+        formula = next((v for k, v in info.items() if k.endswith("bits_per_param_formula")), None)
+        # weight_quant freezes its int layers after training: its info keeps the count trained
+        ntrain = next((v for k, v in info.items() if k.endswith("trainable_params")), None)
+        ntrain = ntrain or r["workload"]["num_trainable_params"]
+        st = m["model_states"]
+        before = info.get("weight_quant.quality_before")
+        cells = [
+            f"{r['workload']['preset']} b={r['config']['run']['batch_size']}",
+            _label(r),
+            f"{bits:.3f} ({formula:.3f})" if bits is not None else "32 (fp32)",
+            f"{st['params'] / 2**20:.2f}",
+            f"{st['optimizer'] / 2**20:.2f}",
+            f"{st['optimizer'] / ntrain:.2f}",
+            f"{ntrain:,}",
+            f"{m['peak_bytes'] / 2**20:.1f}",
+            f"{m['peak_bytes'] / b['memory']['peak_bytes']:.2f}" if b else "-",
+            f"{r['timing']['median_step_s'] / b['timing']['median_step_s']:.2f}" if b else "-",
+            f"{q['metric']}={q['value']:.4f}",
+            f"{q['value'] - b['quality']['value']:+.4f}" if b else "-",
+            f"{before:.4f}" if before is not None else "-",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def pruning_table(records: list[dict]) -> str:
+    """Quality before/right after/after fine-tune and storage per pruned cell, from the records (derived)."""
+    rs = [r for r in records if r["status"] == "ok"]
+    rs = [r for r in rs if set(r["techniques"]) & {"prune_structured", "prune_unstructured"} or not r["techniques"]]
+    key = lambda r: (r["config"]["workload"]["preset"], r["config"]["run"]["seed"])  # noqa: E731
+    base = {key(r): r for r in rs if not r["techniques"]}
+    rows = [
+        "| workload | seed | cell | realised | before pruning | right after | after fine-tune | dense baseline "
+        "| pruned weights dense / CSR-int64 / CSR-int32 KiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rs, key=lambda r: (*key(r), r["run_id"])):
+        if r["techniques"]:
+            rows.append(_pruning_row(r, base.get(key(r))))
+    return "\n".join(rows)
+
+
+def _pruning_row(r: dict, base: dict | None) -> str:
+    kind = next(k for k in r["techniques"] if k.startswith("prune_"))
+    node, info = r["config"]["technique"][kind], r["technique_info"]
+    g = lambda key: info.get(f"{kind}.{key}")  # noqa: E731
+    if kind == "prune_unstructured":
+        cell, f = f"unstructured {node['sparsity']:.0%} {node['schedule']}", g("final")
+        real = f"{f['sparsity']:.1%} zero ({f['value_dtype'].removeprefix('torch.')})"
+        store = " / ".join(f"{f[x] / 1024:.0f}" for x in ("dense_bytes", "csr_int64_bytes", "csr_int32_bytes"))
+    else:
+        # records before amount_of existed stated ratio in channels
+        cell = f"structured {node['ratio']:.0%} of {node.get('amount_of', 'channels')}"
+        store, heads = "-", g("heads_per_layer")
+        real = f"-{g('params_removed_fraction'):.1%} params" + (f", {heads[0]} heads/layer" if heads else "")
+    cell += "".join(f" + {k}" for k in r["techniques"] if k != kind)
+    after = f"{g('quality_pruned')['value']:.4f}" if g("quality_pruned") else "-"
+    dense = f"{base['quality']['value']:.4f}" if base else "-"
+    return (
+        f"| {r['config']['workload']['preset']} | {r['config']['run']['seed']} | {cell} | {real} | {g('quality_dense')['value']:.4f} | {after} "
+        f"| {r['quality']['value']:.4f} ({r['config']['run']['train_steps']} steps) | {dense} | {store} |"
+    )
+
+
+if __name__ == "__main__":
+    from membench.records import latest_by_cell, load_records
+
+    study, results = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else f"results/{sys.argv[1]}"
+    recs = [r for r in latest_by_cell(load_records(results)).values() if r.get("experiment") == study]
+    print({"quantization": quantization_table, "pruning": pruning_table}[study](recs))
