@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from membench.errors import ConfigError
 from membench.records import latest_by_cell, load_records
-from membench.report import _label, seed_group
+from membench.report import label, seed_group
 
 MiB = 2**20
 
@@ -208,7 +208,7 @@ def compare_dirs(baseline_dir: str, candidate_dir: str, tol: Tolerances, experim
     for h in base.keys() | cand.keys():
         r = base.get(h) or cand[h]
         wl = f"{r['config']['workload'].get('preset')} b={r['config']['run']['batch_size']}"
-        row = Row(wl, _label(r), r["config"]["run"].get("seed"), "ok")
+        row = Row(wl, label(r), r["config"]["run"].get("seed"), "ok")
         if h not in cand:
             row.verdict = "missing"
             row.problems = ["only in baseline"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from membench.records import latest_by_cell, load_records
-from membench.report import _label
+from membench.report import label
 
 MiB = 2**20
 PHASES = ("warmup", "memory_step", "flop_step", "timed", "rest", "eval")
@@ -33,12 +33,10 @@ def table(records: list[dict]) -> str:
         * 12
     )
     rows = [head]
-    for r in sorted(records, key=lambda r: (r["config"]["workload"].get("preset"), _label(r))):
+    for r in sorted(records, key=lambda r: (r["config"]["workload"].get("preset"), label(r))):
         wl = f"{r['config']['workload'].get('preset')} b={r['config']['run']['batch_size']}"
         if r["status"] != "ok":
-            rows.append(
-                f"| {wl} | {_label(r)} | - | {r['status']} |" + " - |" * 8 + f" {(r.get('error') or '')[:60]} |"
-            )
+            rows.append(f"| {wl} | {label(r)} | - | {r['status']} |" + " - |" * 8 + f" {(r.get('error') or '')[:60]} |")
             continue
         m = r["memory"]
         dev = m["device_name"]
@@ -52,7 +50,7 @@ def table(records: list[dict]) -> str:
             + " | ".join(
                 [
                     wl,
-                    _label(r),
+                    label(r),
                     dev,
                     _mib(m["peak_bytes"]),
                     _mib(step_dev),

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from membench.compare import hardware_profile
 from membench.records import load_records
-from membench.report import MiB, _label
+from membench.report import MiB, label
 
 
 def cell_name(r: dict) -> str:
     run = r["config"]["run"]
-    return f"{r['config']['workload'].get('preset')} b={run['batch_size']} seed={run.get('seed')} {_label(r)}"
+    return f"{r['config']['workload'].get('preset')} b={run['batch_size']} seed={run.get('seed')} {label(r)}"
 
 
 def _hw(r: dict) -> str:

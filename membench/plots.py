@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from membench.records import latest_by_cell, load_records
-from membench.report import MiB, _label, mean_ci, seed_group
+from membench.report import MiB, label, mean_ci, seed_group
 
 # (x label, value of a record, lower x is better?) per panel; None means "ask the record" (quality direction).
 PANELS = (
@@ -27,7 +27,7 @@ def _points(records: list[dict]) -> list[dict]:
             groups.setdefault(seed_group(r), []).append(r)
     out = []
     for rs in groups.values():
-        pt = {"label": _label(rs[0]), "baseline": not rs[0].get("techniques"), "record": rs[0]}
+        pt = {"label": label(rs[0]), "baseline": not rs[0].get("techniques"), "record": rs[0]}
         pt["peak"] = mean_ci([r["memory"]["peak_bytes"] / MiB for r in rs])
         pt["x"] = [mean_ci([get(r) for r in rs]) for _, get, _ in PANELS]
         out.append(pt)

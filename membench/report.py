@@ -25,7 +25,7 @@ def _defaults(target: str) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-def _label(r: dict) -> str:
+def label(r: dict) -> str:
     """Technique names with the knobs that differ from their dataclass defaults, e.g. `zero(stage=3)`."""
     parts = []
     for t in r.get("techniques") or []:
@@ -47,7 +47,7 @@ def summary_line(r: dict) -> str:
     )
 
 
-def _key(r: dict) -> tuple:
+def cell_key(r: dict) -> tuple:
     return (r["config"]["workload"].get("preset"), r["config"]["run"]["batch_size"], r["config"]["run"]["seed"])
 
 
@@ -139,21 +139,21 @@ def table(records: list[dict]) -> str:
     for r in records:
         if r["status"] == "ok":
             groups.setdefault(seed_group(r), []).append(r)
-    base = {_key(rs[0])[:2]: rs for rs in groups.values() if not rs[0].get("techniques")}
+    base = {cell_key(rs[0])[:2]: rs for rs in groups.values() if not rs[0].get("techniques")}
     head = "| workload | techniques | status | " + " | ".join(h for h, _ in COLUMNS) + " |"
     rows = [head, "|" + "---|" * (3 + len(COLUMNS))]
     entries = [[r] for r in records if r["status"] != "ok"] + list(groups.values())
-    for rs in sorted(entries, key=lambda rs: (_key(rs[0]), len(rs[0].get("techniques") or []), _label(rs[0]))):
+    for rs in sorted(entries, key=lambda rs: (cell_key(rs[0]), len(rs[0].get("techniques") or []), label(rs[0]))):
         r = rs[0]
         wl = f"{r['config']['workload'].get('preset')} b={r['config']['run']['batch_size']}"
         if len(rs) > 1:
             wl += f" ({len(rs)} seeds)"
         if r["status"] != "ok":
             filler = "- | " * (len(COLUMNS) - 1)
-            rows.append(f"| {wl} | {_label(r)} | {r['status']} | {filler}{(r.get('error') or '')[:60]} |")
+            rows.append(f"| {wl} | {label(r)} | {r['status']} | {filler}{(r.get('error') or '')[:60]} |")
             continue
-        b = base.get(_key(r)[:2]) or []
-        rows.append("| " + " | ".join([wl, _label(r), "ok", *(fn(rs, b) for _, fn in COLUMNS)]) + " |")
+        b = base.get(cell_key(r)[:2]) or []
+        rows.append("| " + " | ".join([wl, label(r), "ok", *(fn(rs, b) for _, fn in COLUMNS)]) + " |")
     return "\n".join(rows)
 
 

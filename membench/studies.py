@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from membench.report import _key, _label
+from membench.report import cell_key, label
 
 
 def quantization_table(records: list[dict]) -> str:
     """Markdown table of quantization records: bytes/param, model states, peak, step-time and quality deltas."""
     ok = [r for r in records if r["status"] == "ok"]
-    base = {_key(r): r for r in ok if not r.get("techniques")}
+    base = {cell_key(r): r for r in ok if not r.get("techniques")}
     head = (
         "| workload | techniques | weight bits/param meas. (formula) | params MiB | optim MiB | optim B/trainable "
         "| trainable params | peak MiB | peak ratio | step ratio | quality | delta vs baseline | before PTQ |\n"
@@ -22,8 +22,8 @@ def quantization_table(records: list[dict]) -> str:
         + "|"
     )
     rows = [head]
-    for r in sorted(ok, key=lambda r: (_key(r), _label(r))):
-        b, info, m, q = base.get(_key(r)), r.get("technique_info") or {}, r["memory"], r["quality"]
+    for r in sorted(ok, key=lambda r: (cell_key(r), label(r))):
+        b, info, m, q = base.get(cell_key(r)), r.get("technique_info") or {}, r["memory"], r["quality"]
         bits = next((v for k, v in info.items() if k.endswith("bits_per_param_measured")), None)
         formula = next((v for k, v in info.items() if k.endswith("bits_per_param_formula")), None)
         # weight_quant freezes its int layers after training: its info keeps the count trained
@@ -33,7 +33,7 @@ def quantization_table(records: list[dict]) -> str:
         before = info.get("weight_quant.quality_before")
         cells = [
             f"{r['workload']['preset']} b={r['config']['run']['batch_size']}",
-            _label(r),
+            label(r),
             f"{bits:.3f} ({formula:.3f})" if bits is not None else "32 (fp32)",
             f"{st['params'] / 2**20:.2f}",
             f"{st['optimizer'] / 2**20:.2f}",

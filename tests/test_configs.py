@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from membench.cli import CONF_DIR, main, plan
 from membench.errors import ConfigError
@@ -68,8 +69,16 @@ def test_the_rejection_table_names_real_techniques():
     assert set(REJECTED_PAIRS) <= set(PAIRS)
 
 
+def _needs_cuda(experiment: str) -> bool:
+    return "requires_cuda: true" in (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
+    if _needs_cuda(experiment) and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="run.device=cuda: no CUDA device is visible"):
+            plan([f"+experiment={experiment}"], multirun=False)
+        return
     cells = plan([f"+experiment={experiment}"], multirun=False)
     assert cells and all(c["experiment"]["name"] == experiment for c in cells)
     assert all(c["run"]["results_dir"] for c in cells)
