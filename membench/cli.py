@@ -133,6 +133,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if regressed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from membench.export import export
+
+    df = export(args.results_dir, args.out)
+    if args.out:
+        print(f"membench: {len(df)} record(s), {len(df.columns)} columns -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -151,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--flops-rtol", type=float, default=0.01, help="allowed relative growth of counted FLOPs")
     c.add_argument("--quality-atol", type=float, default=0.01, help="allowed absolute worsening of the metric")
     c.add_argument("--time-rtol", type=float, default=0.5, help="allowed relative growth of step time (0: off)")
+    e = sub.add_parser("export", help="every record as one row of a flat table (CSV or Parquet, via pandas)")
+    e.add_argument("results_dir")
+    e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
     args = p.parse_args(argv)
     try:
-        return {"run": cmd_run, "report": cmd_report, "compare": cmd_compare}[args.cmd](args)
+        return {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "export": cmd_export}[args.cmd](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)
         return 2
