@@ -44,6 +44,11 @@ def _summarise(d: dict) -> dict:
     return out
 
 
+def flat(d: dict) -> dict:
+    """One record (or any nested dict) as {dotted.key: value}, lists summarised as in the table."""
+    return pd.json_normalize(_summarise(d), sep=".").to_dict("records")[0] if d else {}
+
+
 def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Parquet needs one type per column: a column holding several (a knob that is a number in one record and
     a string in another) is written as text."""

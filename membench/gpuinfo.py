@@ -31,19 +31,19 @@ def _nvml():
     return _state["nvml"]
 
 
-def _visible(index: int) -> str | None:
+def _visible(index: int, env: str | None) -> str | None:
     """The CUDA_VISIBLE_DEVICES entry behind CUDA ordinal `index` (None: the variable is unset)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is None:
         return None
     entries = [e.strip() for e in env.split(",") if e.strip()]
     return entries[index] if index < len(entries) else ""
 
 
-def handle(device) -> Any | None:
+def handle(device, visible: str | None = None) -> Any | None:
     """NVML handle of a torch device ("cuda", "cuda:1", torch.device or a CUDA ordinal), None without one.
     In a process where CUDA is initialised the device's UUID is used (exact whatever CUDA_DEVICE_ORDER says);
-    otherwise the ordinal is mapped through CUDA_VISIBLE_DEVICES (indices or UUIDs) to NVML's numbering."""
+    otherwise the ordinal is mapped through CUDA_VISIBLE_DEVICES (indices or UUIDs; `visible` stands in for
+    this process's variable, e.g. the value a scheduler gives a cell's child) to NVML's numbering."""
     nv = _nvml()
     if nv is None or device is None:
         return None
@@ -61,7 +61,7 @@ def handle(device) -> Any | None:
             return nv.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
     except Exception:  # noqa: BLE001 - torch without CUDA, a MIG slice (no GPU- UUID): fall back to the ordinal
         pass
-    entry = _visible(index)
+    entry = _visible(index, os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible)
     try:
         if entry is None or entry.isdigit():
             return nv.nvmlDeviceGetHandleByIndex(index if entry is None else int(entry))
@@ -148,26 +148,31 @@ def provenance(h) -> dict | None:
     }
 
 
-def cell_devices(run: dict) -> list[int]:
+def cell_devices(run: dict, visible: str | None = None) -> list[int]:
     """CUDA ordinals (as the cell's child will number them) a cell will use: one per rank; [] for a CPU cell.
     device=auto counts as CUDA when NVML sees a device, which is what the child's torch will pick."""
     if run.get("device", "auto") == "cpu" or run.get("gpu_busy", "fail") == "ignore":
         return []
-    if run.get("device", "auto") == "auto" and handle(0) is None:
+    if run.get("device", "auto") == "auto" and handle(0, visible) is None:
         return []
     return list(range(int(run.get("world_size", 1))))
 
 
 def wait_until_free(
-    run: dict, poll_s: float = 5.0, log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic
+    run: dict,
+    visible: str | None = None,
+    poll_s: float = 5.0,
+    log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
 ) -> str | None:
     """The device-busy guard before a CUDA cell: None when the cell's devices hold no other process (or
     run.gpu_busy=ignore, or no NVML), else the reason not to start. gpu_busy=fail answers at once;
-    gpu_busy=wait polls every poll_s seconds for at most run.timeout_s."""
-    devices = cell_devices(run)
+    gpu_busy=wait polls every poll_s seconds for at most run.timeout_s. `visible`: the CUDA_VISIBLE_DEVICES the
+    cell's child will get, when it is not this process's."""
+    devices = cell_devices(run, visible)
     deadline, said = clock() + float(run.get("timeout_s", 0)), False
     while True:
-        busy = {i: busy_processes(handle(i)) or [] for i in devices}
+        busy = {i: busy_processes(handle(i, visible)) or [] for i in devices}
         busy = {i: ps for i, ps in busy.items() if ps}
         if not busy:
             return None
