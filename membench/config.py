@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from membench import mlflow_log
 from membench.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,6 +49,7 @@ class RunConfig:
             raise ConfigError(f"run.device={self.device!r}: allowed values are {', '.join(DEVICES)}")
         if self.gpu_busy not in ("wait", "fail", "ignore"):
             raise ConfigError(f"run.gpu_busy={self.gpu_busy!r}: allowed values are wait, fail, ignore")
+        mlflow_log.check_uri(self.mlflow_uri)
         if self.memory_budget_mib is not None and self.memory_budget_mib <= 0:
             raise ConfigError(f"run.memory_budget_mib={self.memory_budget_mib}: must be > 0 or null")
         if self.world_size < 1:
