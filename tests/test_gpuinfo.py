@@ -3,6 +3,7 @@ against this machine's real absence of NVML: exact bookkeeping, device mapping, 
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -187,3 +188,21 @@ def test_real_machine_without_a_gpu_reads_none(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert gpuinfo.handle("cuda:0") is None and gpuinfo.provenance(None) is None
+
+
+def test_runner_records_a_busy_device_and_starts_no_child(nvml, tmp_path, monkeypatch):
+    from membench import runner
+
+    config = {"workload": {"preset": "gpt_tiny"}, "run": {"device": "cuda", "gpu_busy": "fail", "world_size": 1}}
+    nvml[0].compute = [_proc(31337, 2**20)]
+    real = runner.subprocess.Popen
+
+    def popen(argv, *a, **k):  # git for the record's provenance may run; the cell's child must not
+        assert "membench.child" not in argv, "a child was started on a busy device"
+        return real(argv, *a, **k)
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    rec = runner.run_cell(config, str(tmp_path), 60.0)
+    assert rec["status"] == "error" and rec["error"].startswith("device busy: cuda:0 held by pid 31337")
+    (path,) = (tmp_path / "runs").glob("*.json")
+    assert json.loads(path.read_text())["error"] == rec["error"]

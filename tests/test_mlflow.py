@@ -73,3 +73,15 @@ def test_bad_uri_is_a_config_error(uri):
         pytest.skip("full mlflow installed: sqlite works")
     with pytest.raises(ConfigError, match=f"run.mlflow_uri={uri}: "):
         check_uri(uri)
+
+
+def test_runner_logs_the_record_it_returns(tmp_path, monkeypatch):
+    from membench import runner
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    rec = _two_rank_record(uri)
+    monkeypatch.setattr(runner, "_run_cell", lambda config, results_dir, timeout_s: rec)  # the child's record
+    assert runner.run_cell(rec["config"], str(tmp_path), 60.0) is rec
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("zero_stages").experiment_id])
+    assert run.data.tags["membench.run_id"] == rec["run_id"]
