@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from membench import gpuinfo
 from membench.errors import ConfigError
 
 # How each collective's "full" tensor counts in the ZeRO paper's volume (sec. 7): an all-reduce is a
@@ -217,6 +218,7 @@ def merge_ranks(out: dict) -> dict:
         "rank": rank(),
         "host": socket.gethostname(),
         "torch_device": out["timing"]["device"],
+        "gpu_nvml": gpuinfo.provenance(gpuinfo.handle(out["timing"]["device"])),
         "peak_bytes": out["memory"]["peak_bytes"],
         "by_category": out["memory"]["by_category"],
         "held_after_forward": out["memory"]["held_after_forward"],

@@ -206,3 +206,10 @@ def test_runner_records_a_busy_device_and_starts_no_child(nvml, tmp_path, monkey
     assert rec["status"] == "error" and rec["error"].startswith("device busy: cuda:0 held by pid 31337")
     (path,) = (tmp_path / "runs").glob("*.json")
     assert json.loads(path.read_text())["error"] == rec["error"]
+
+
+def test_record_env_carries_the_devices_nvml_provenance(nvml):
+    from membench.records import environment
+
+    assert environment("cuda:1")["gpu_nvml"]["uuid"] == "GPU-bbbb"
+    assert "gpu_nvml" not in environment("cpu")
