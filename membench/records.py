@@ -151,6 +151,10 @@ def environment(device: str | None = None) -> dict[str, Any]:
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
             env["cuda"] = torch.version.cuda
+        if device and device.startswith("cuda"):  # driver, clocks, power limit, ECC, UUID (None without NVML)
+            from membench import gpuinfo
+
+            env["gpu_nvml"] = gpuinfo.provenance(gpuinfo.handle(device))
     except ImportError:
         pass
     return env
