@@ -172,7 +172,8 @@ def wait_until_free(
     devices = cell_devices(run, visible)
     deadline, said = clock() + float(run.get("timeout_s", 0)), False
     while True:
-        busy = {i: busy_processes(handle(i, visible)) or [] for i in devices}
+        # compute processes only: a display server's graphics context neither times nor fills the GPU much
+        busy = {i: [p for p in busy_processes(handle(i, visible)) or [] if p["kind"] == "compute"] for i in devices}
         busy = {i: ps for i, ps in busy.items() if ps}
         if not busy:
             return None

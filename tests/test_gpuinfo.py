@@ -154,6 +154,8 @@ def test_fail_policy_names_the_busy_device_and_pid(nvml):
     # a scheduler that gives the cell physical GPU 1 as its cuda:0 (the child's env, not ours)
     assert "cuda:0 held by pid 31337" in gpuinfo.wait_until_free({**RUN, "world_size": 1, "gpu_busy": "fail"}, "1")
     assert gpuinfo.wait_until_free({**RUN, "gpu_busy": "ignore"}) is None
+    nvml[1].compute, nvml[1].graphics = [], [_proc(555, 2**20)]  # a display server only: not busy
+    assert gpuinfo.wait_until_free({**RUN, "gpu_busy": "fail"}) is None
     assert gpuinfo.wait_until_free({**RUN, "device": "cpu", "gpu_busy": "fail"}) is None
 
 
