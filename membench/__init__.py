@@ -1,3 +1,3 @@
 """membench: measured memory/time/quality trade-offs of memory-saving training techniques."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: memory by device and by phase; peak_bytes is the device peak of plain steps (CUDA)

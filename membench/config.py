@@ -38,6 +38,8 @@ class RunConfig:
     force: bool = False  # re-run cells that already have an ok record
     gpu_busy: str = "fail"  # another process on a cell's GPU: fail | wait (up to timeout_s) | ignore
     mlflow_uri: str | None = None  # also log each record to MLflow (e.g. file:./mlruns or sqlite:///mlflow.db)
+    cuda_memory_history: bool = False  # CUDA: record the allocator's history in the memory step; the record lists
+    # what was live at its peak, by allocation site (slows that one step)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "measure_steps", "train_steps", "timeout_s"):

@@ -18,7 +18,6 @@ import datetime
 import os
 import socket
 import sys
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -184,58 +183,32 @@ def gather(obj) -> list:
     return out
 
 
-def measure_with(tracker_factory: Callable, category_map: dict[str, str]) -> Callable:
-    """A drop-in for membench.measure.measure_memory whose tracker knows a wrapper's own categories
-    (FSDPMemTracker's sharded/unsharded params, all-gather buffers...). category_map: tracker ref name -> ours."""
-    from membench.measure import CATEGORIES, MemoryMeasurement
-
-    def categorise(snapshot: dict) -> dict[str, int]:
-        out = dict.fromkeys(CATEGORIES, 0)
-        for dev_stats in snapshot.values():
-            for ref, nbytes in dev_stats.items():
-                name = getattr(ref, "name", str(ref))
-                if name != "Total":
-                    cat = category_map.get(name, "other")
-                    out[cat] = out.get(cat, 0) + int(nbytes)
-        return out
-
-    def measure_memory(step, model, optimizer):
-        mt = tracker_factory(model, optimizer)
-        held: dict[str, int] = {}
-        with mt:
-            result = step(lambda: held.update(categorise(mt.get_tracker_snapshot("current"))))
-        peak = categorise(mt.get_tracker_snapshot("peak"))
-        return MemoryMeasurement(peak_bytes=sum(peak.values()), by_category=peak, after_forward=held), result
-
-    return measure_memory
-
-
 def merge_ranks(out: dict) -> dict:
     """Gather each rank's measured sections; rank 0's record keeps them under memory.per_rank and shows the max
-    over ranks as the headline (peak, model states by category) and the mean loss over ranks' shards."""
+    over ranks as the headline (each rank's own device peak; the split and by-device figures of the rank with the
+    highest peak; model states by category) and the mean loss over ranks' shards. Ranks are separate processes
+    with separate devices: their peaks are never added."""
     n = world_size()
+    m = out["memory"]
     mine = {
         "rank": rank(),
         "host": socket.gethostname(),
         "torch_device": out["timing"]["device"],
         "gpu_nvml": gpuinfo.provenance(gpuinfo.handle(out["timing"]["device"])),
-        "peak_bytes": out["memory"]["peak_bytes"],
-        "by_category": out["memory"]["by_category"],
-        "held_after_forward": out["memory"]["held_after_forward"],
-        "model_states": out["memory"]["model_states"],
-        "device": out["memory"]["device"],
+        **{k: m[k] for k in ("peak_bytes", "by_category", "by_device", "held_after_forward", "model_states")},
+        "model_states_by_device": m["model_states_by_device"],
+        "device": m["device"],
         "communication": out["distributed"]["communication"],
         "median_step_s": out["timing"]["median_step_s"],
         "loss_curve": out["quality"]["loss_curve"],
     }
     ranks = gather(mine)
-    mem = out["memory"]
     top = max(ranks, key=lambda r: r["peak_bytes"])
-    mem["peak_bytes"], mem["by_category"] = top["peak_bytes"], top["by_category"]
-    mem["held_after_forward"] = top["held_after_forward"]
-    mem["model_states"] = {k: max(r["model_states"].get(k, 0) for r in ranks) for k in mem["model_states"]}
-    mem["headline"] = f"max over {n} rank(s): peak and its split from the rank with the highest peak"
-    mem["per_rank"] = ranks
+    for k in ("peak_bytes", "by_category", "by_device", "held_after_forward", "model_states_by_device"):
+        m[k] = top[k]
+    m["model_states"] = {k: max(r["model_states"].get(k, 0) for r in ranks) for k in m["model_states"]}
+    m["headline"] = f"max over {n} rank(s): peak and its split from the rank with the highest peak"
+    m["per_rank"] = ranks
     out["quality"]["loss_curve"] = [sum(c) / n for c in zip(*(r["loss_curve"] for r in ranks), strict=True)]
     out["quality"]["loss_curve_note"] = "mean over ranks of each rank's loss on its own data shard"
     out["distributed"]["communication"] = max(ranks, key=lambda r: r["communication"]["bytes"])["communication"]

@@ -1,22 +1,26 @@
-"""The child side of one run: build workload and techniques, train, measure, evaluate, return a record.
+"""The child side of one run: build workload and techniques, run the step schedule, return the measured sections.
 
-Step schedule (indices into the training run, all real optimizer steps, so quality is comparable):
-warm-up steps -> 1 memory step (MemTracker) -> 1 FLOP step (FlopCounterMode) -> timed steps -> the rest.
+The schedule, in phases (all real optimizer steps, so quality is comparable), each metered by the device's own
+counters (membench/measure.py::PhaseMeter):
+  setup -> warmup (>= 1 step: optimizer state exists before memory is measured)
+        -> memory_step (MemTracker: the split by category)  -> flop_step (FlopCounterMode)
+        -> timed (plain steps: step times, and on CUDA the headline peak) -> rest (plain) -> eval (no_grad).
+The record is assembled in membench/assemble.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import resource
 import time
+from dataclasses import dataclass
 
 import torch
 
-from membench import distributed, measure
+from membench import assemble, distributed, gpuinfo, measure
 from membench.config import build, build_run
 from membench.errors import ConfigError, MemoryBudgetExceeded
-from membench.predict import predict, relative_error
+from membench.predict import predict
 from techniques import compose
 from techniques.base import Context
 
@@ -41,15 +45,122 @@ def build_all(config: dict):
     return run, wcfg, techs, device
 
 
-def _precision_note(device: torch.device, techs) -> str | None:
-    """16-bit speed on a CPU depends on its bf16 instructions; say which case this run measured."""
-    if device.type != "cpu" or not any(t.kind in ("bf16", "fp16", "bf16_pure") for t in techs):
-        return None
-    from membench.records import cpu_flags
+@dataclass(frozen=True)
+class Schedule:
+    """Step indices of each phase; every index is one real training step."""
 
-    if "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags():
-        return "CPU has bf16 instructions (avx512_bf16/amx): 16-bit step times are native, not emulated"
-    return "CPU lacks bf16 instructions: 16-bit autocast is emulated (20-40x slower); memory figures hold, times do not"
+    warmup: range
+    memory: int
+    flop: int
+    timed: range
+    rest: range
+
+    @classmethod
+    def of(cls, run) -> Schedule:
+        w, m = run.warmup_steps, run.measure_steps
+        return cls(range(w), w, w + 1, range(w + 2, w + 2 + m), range(w + 2 + m, run.train_steps))
+
+
+class Trainer:
+    """The model with its techniques applied, its optimizer, and one training step."""
+
+    def __init__(self, run, wcfg, techs, device: torch.device):
+        torch.manual_seed(run.seed)
+        self.run, self.device = run, device
+        self.wl = wcfg.build(run.seed)
+        ctx = Context(workload=self.wl, device=device, run=run)
+        self.techs = compose.ordered(techs)
+        self.model, self.patch = compose.apply_all(self.techs, self.wl.model.to(device), ctx)
+        self.wl.model = self.model
+        make = self.patch.optimizer_factory or (
+            lambda m: self.wl.make_optimizer([p for p in m.parameters() if p.requires_grad])
+        )
+        self.optimizer = make(self.model)
+        self.predicted = predict(self.wl, self.techs, self.model, ctx, run.batch_size)
+        self.model.train()
+        self.losses: list[float] = []
+        # data parallelism: each rank reads its own shard of the batch stream (run.batch_size is per rank)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+
+    def step(self, i: int, after_forward=None, after_backward=None, before_zero=None) -> float:
+        """One real training step; the hooks let instrumented steps look between its phases."""
+        p, opt, scaler = self.patch, self.optimizer, self.patch.grad_scaler
+        batch = self.wl.batch(i * self.world + self.rank, self.run.batch_size, self.device)
+        for g in opt.param_groups:  # the workload's LR warm-up, as a factor on each group's own LR
+            g["lr"] = g.setdefault("membench_base_lr", g["lr"]) * self.wl.lr_scale(i)
+        with p.step_context():
+            loss = self.wl.loss(self.model, batch)
+        if after_forward:
+            after_forward()
+        if p.backward is not None:  # an engine that owns backward and step (DeepSpeed)
+            p.backward(loss)
+        elif scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if after_backward:
+            after_backward()
+        if p.optimizer_step is not None:
+            p.optimizer_step()
+        elif scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if before_zero:
+            before_zero()
+        opt.zero_grad(set_to_none=True)
+        for hook in p.after_step:
+            hook()
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def state_bytes(self) -> dict[str, dict[str, int]]:
+        return state_bytes(self.model, self.optimizer, self.patch.extra_state())
+
+    def memory_step(self, i: int) -> tuple[measure.TrackerSplit, dict[str, dict[str, int]]]:
+        """One step under MemTracker; exact model-state bytes per device, grads read right after backward
+        (engines such as DeepSpeed free theirs in step()), the rest right before zero_grad."""
+        grads: dict[str, dict[str, int]] = {}
+        states: dict[str, dict[str, int]] = {}
+
+        def after_backward():
+            for dev, cats in self.state_bytes().items():
+                grads[dev] = {"grads": cats.get("grads", 0)}
+
+        def before_zero():
+            for dev, cats in self.state_bytes().items():
+                states[dev] = {**cats, **grads.get(dev, {})}
+            for dev in grads.keys() - states.keys():
+                states[dev] = grads[dev]
+
+        run_step = functools.partial(self.step, i, after_backward=after_backward, before_zero=before_zero)
+        measure_fn = self.patch.measure_memory or measure.measure_memory
+        split, _ = measure_fn(
+            lambda after_forward: run_step(after_forward=after_forward),
+            self.model,
+            self.optimizer,
+            extra=self.patch.extra_state(),
+        )
+        return split, states
+
+    def flop_step(self, i: int) -> dict:
+        with distributed.CommCounter() if torch.distributed.is_initialized() else contextlib.nullcontext() as comm:
+            counted, by_op, _ = measure.count_flops(functools.partial(self.step, i))
+        return {"counted_per_step": counted, "counted_by_op": by_op, "comm": comm}
+
+    def timed_step(self, i: int) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.step(i)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def evaluate(self):
+        for hook in self.patch.before_eval:  # e.g. post-training quantization; its facts join technique_info
+            self.patch.info.update(hook(self.model))
+        with torch.no_grad():  # evaluation holds no graph: its memory is the forward's transient, not training's
+            return self.wl.evaluate(self.model, self.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -67,27 +178,39 @@ def _leaves(ts):
             yield t
 
 
-def _state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[str, int]:
-    """Exact bytes of model states from the tensors themselves (unique storages), plus technique extras."""
-    seen: set[int] = set()
+def state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[str, dict[str, int]]:
+    """Exact bytes of model states per device, from the tensors themselves: each storage counted once, in the
+    first category that names it (params, grads, optimizer, then a technique's named extras)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, dict[str, int]] = {}
 
-    def nbytes(ts) -> int:
-        total = 0
+    def add(cat: str, ts) -> None:
         for t in _leaves(ts):
-            key = t.untyped_storage().data_ptr()
-            if key in seen and key != 0:
+            key = measure.storage_key(t)
+            if key in seen and key[1] != 0:
                 continue
             seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return total
+            dev = out.setdefault(key[0], {})
+            dev[cat] = dev.get(cat, 0) + t.untyped_storage().nbytes()
 
-    return {
-        "params": nbytes(list(model.parameters()) + list(model.buffers()) + extra.get("params", [])),
-        "grads": nbytes([p.grad for p in model.parameters() if p.grad is not None] + extra.get("grads", [])),
-        "optimizer": nbytes([v for s in optimizer.state.values() for v in s.values()] + extra.get("optimizer", [])),
-        # named extra copies a technique holds (DeepSpeed's fp32 master partition)
-        **{k: nbytes(ts) for k, ts in extra.items() if k not in ("params", "grads", "optimizer")},
-    }
+    add("params", list(model.parameters()) + list(model.buffers()) + extra.get("params", []))
+    add("grads", [p.grad for p in model.parameters() if p.grad is not None] + extra.get("grads", []))
+    add("optimizer", [v for s in optimizer.state.values() for v in s.values()] + extra.get("optimizer", []))
+    for cat, ts in extra.items():  # named extra copies a technique holds (DeepSpeed's fp32 master partition)
+        if cat not in ("params", "grads", "optimizer"):
+            add(cat, ts)
+    return out
+
+
+def _set_cuda_budget(device: torch.device, budget_mib: float) -> None:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mib * 2**20 / total), index)
+
+
+def _check_budget(peak_bytes: int, budget_mib: float | None, what: str) -> None:
+    if budget_mib and peak_bytes > budget_mib * 2**20:
+        raise MemoryBudgetExceeded(f"{what} {peak_bytes / 2**20:.1f} MiB > run.memory_budget_mib={budget_mib}")
 
 
 def execute(config: dict) -> dict:
@@ -99,175 +222,42 @@ def execute(config: dict) -> dict:
 
 
 def _execute(run, wcfg, techs, device: torch.device) -> dict:
-    torch.manual_seed(run.seed)
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
     if device.type == "cuda" and run.memory_budget_mib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, run.memory_budget_mib * 2**20 / total), device)
-
-    wl = wcfg.build(run.seed)
-    model = wl.model.to(device)
-    ctx = Context(workload=wl, device=device, run=run)
-    techs = compose.ordered(techs)
-    model, patch = compose.apply_all(techs, model, ctx)
-    wl.model = model
-    optimizer = (
-        patch.optimizer_factory or (lambda m: wl.make_optimizer([p for p in m.parameters() if p.requires_grad]))
-    )(model)
-    predicted = predict(wl, techs, model, ctx, run.batch_size)
-    model.train()
-    scaler = patch.grad_scaler
-    losses: list[float] = []
-    states: dict[str, int] = {}
-    grads_after_backward: dict[str, int] = {}
-    multi = torch.distributed.is_initialized()
-    # data parallelism: each rank reads its own shard of the batch stream (run.batch_size is per rank)
-    world, rank = distributed.world_size(), distributed.rank()
-
-    def step(i: int, after_forward=None, before_zero=None, after_backward=None) -> float:
-        """One real training step; the hooks let instrumented steps look between its phases."""
-        batch = wl.batch(i * world + rank, run.batch_size, device)
-        for g in optimizer.param_groups:  # the workload's LR warm-up, as a factor on each group's own LR
-            g["lr"] = g.setdefault("membench_base_lr", g["lr"]) * wl.lr_scale(i)
-        with patch.step_context():
-            loss = wl.loss(model, batch)
-        if after_forward:
-            after_forward()
-        if patch.backward is not None:  # an engine that owns backward and step (DeepSpeed)
-            patch.backward(loss)
-        elif scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if after_backward:
-            after_backward()
-        if patch.optimizer_step is not None:
-            patch.optimizer_step()
-        elif scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if before_zero:
-            before_zero()
-        optimizer.zero_grad(set_to_none=True)
-        for hook in patch.after_step:
-            hook()
-        return loss.item()
-
-    mem_i, flop_i = run.warmup_steps, run.warmup_steps + 1
-    timed = range(flop_i + 1, flop_i + 1 + run.measure_steps)
-    step_times: list[float] = []
-    mem = None
-    flops_counted, flops_by_op = 0, {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(run.train_steps):
-        if i == mem_i:
-
-            def snapshot_grads():  # right after backward: engines (DeepSpeed) free their grads in step()
-                grads_after_backward["grads"] = _state_bytes(model, optimizer, patch.extra_state())["grads"]
-
-            def snapshot_states():
-                states.update(_state_bytes(model, optimizer, patch.extra_state()), **grads_after_backward)
-
-            mem, loss = (patch.measure_memory or measure.measure_memory)(
-                functools.partial(step, i, before_zero=snapshot_states, after_backward=snapshot_grads), model, optimizer
+        _set_cuda_budget(device, run.memory_budget_mib)
+    meter = measure.PhaseMeter(device, gpuinfo.handle(device))
+    sched = Schedule.of(run)
+    with meter.phase("setup"):
+        tr = Trainer(run, wcfg, techs, device)
+    with meter.phase("warmup"):
+        for i in sched.warmup:
+            tr.step(i)
+    history = run.cuda_memory_history and device.type == "cuda"
+    with meter.phase("memory_step") as ph:
+        if history:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        split, states = tr.memory_step(sched.memory)
+        if history:
+            ph["cuda_history_at_peak"] = measure.cuda_history_at_peak(
+                torch.cuda.memory._snapshot(), ph["cuda_allocated_start_bytes"]
             )
-            losses.append(loss)
-            for cat, ts in patch.extra_state().items():  # state MemTracker was not told about
-                added = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
-                mem.by_category[cat] = mem.by_category.get(cat, 0) + added
-                mem.after_forward[cat] = mem.after_forward.get(cat, 0) + added
-                mem.peak_bytes += added
-            if run.memory_budget_mib and mem.peak_bytes > run.memory_budget_mib * 2**20:
-                raise MemoryBudgetExceeded(
-                    f"peak {mem.peak_bytes / 2**20:.1f} MiB > run.memory_budget_mib={run.memory_budget_mib}"
-                )
-        elif i == flop_i:
-            with distributed.CommCounter() if multi else contextlib.nullcontext() as comm:
-                flops_counted, flops_by_op, loss = measure.count_flops(functools.partial(step, i))
-            losses.append(loss)
-        elif i in timed:
-            _sync(device)
-            t0 = time.perf_counter()
-            losses.append(step(i))
-            _sync(device)
-            step_times.append(time.perf_counter() - t0)
-        else:
-            losses.append(step(i))
-
-    for hook in patch.before_eval:  # e.g. post-training quantization; its facts join technique_info
-        patch.info.update(hook(model))
-    quality = wl.evaluate(model, device)
-    device_stats = {"process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            torch.cuda.memory._record_memory_history(enabled=None)
+    if device.type != "cuda":  # no allocator counter here: the tracker's peak of the device is the figure
+        _check_budget(split.total(str(device)), run.memory_budget_mib, f"tracker peak on {device}")
+    with meter.phase("flop_step"):
+        flops = tr.flop_step(sched.flop)
+    with meter.phase("timed"):
+        step_times = []
+        for i in sched.timed:
+            step_times.append(tr.timed_step(i))
+            meter.sample()
+    with meter.phase("rest"):
+        for i in sched.rest:
+            tr.step(i)
     if device.type == "cuda":
-        device_stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        device_stats["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-    measured_for_pred = dict(states, activations=mem.after_forward.get("activations", 0))
-    model_flops = wl.model_flops(run.batch_size)
-    return {
-        "workload": {
-            "name": wl.name,
-            "preset": wl.preset,
-            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
-            "num_trainable_params": sum(
-                getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
-            ),
-            "tokens_per_sample": wl.tokens_per_sample,
-            **wl.info(),
-        },
-        "techniques_applied": [t.kind for t in techs],
-        "technique_info": patch.info,
-        "exactness": {t.kind: {"exact": t.exact, "loss_rtol": t.loss_rtol} for t in techs},
-        "memory": {
-            "peak_bytes": mem.peak_bytes,
-            "by_category": mem.by_category,
-            "held_after_forward": mem.after_forward,
-            "model_states": states,
-            "predicted_by_category": predicted["by_category"],
-            "predicted_detail": {k: v for k, v in predicted.items() if k != "by_category"},
-            "relative_error": relative_error(measured_for_pred, predicted["by_category"]),
-            "relative_error_basis": "params/grads/optimizer: exact tensor bytes before zero_grad; "
-            "activations: MemTracker ACT bytes held right after forward",
-            "device": device_stats,
-            "budget_mib": run.memory_budget_mib,
-        },
-        "timing": {
-            **measure.timing_stats(step_times, run.batch_size, wl.tokens_per_sample),
-            "warmup_steps": run.warmup_steps,
-            "device": str(device),
-            "note": _precision_note(device, techs),
-        },
-        "flops": {
-            "counted_per_step": flops_counted,
-            "counted_by_op": flops_by_op,
-            "model_per_step": model_flops,
-            "cpu_attention_formula_added": measure.CPU_ATTENTION_FORMULA_ADDED,
-            "achieved_flops_per_s": flops_counted / (sum(step_times) / len(step_times)),
-        },
-        "quality": {
-            "metric": quality.metric,
-            "value": quality.value,
-            "higher_is_better": quality.higher_is_better,
-            "extra": quality.extra,
-            "loss_curve": losses,
-            "train_steps": run.train_steps,
-        },
-        **(_distributed_section(comm, techs, run) if multi else {}),
-    }
-
-
-def _distributed_section(comm, techs, run) -> dict:
-    """This rank's communication in the FLOP step, next to the ZeRO paper's volume for the technique."""
-    expected = next((t.expected_comm() for t in techs if hasattr(t, "expected_comm")), None)
-    return {
-        "distributed": {
-            "world_size": distributed.world_size(),
-            "rank": distributed.rank(),
-            "backend": torch.distributed.get_backend(),
-            "communication": dict(comm.summary(), expected=expected),
-            "batch_note": f"run.batch_size={run.batch_size} is per rank; each rank reads its own data shard",
-        }
-    }
+        plain = max(meter.phases[p]["cuda_max_allocated_bytes"] for p in ("timed", "rest"))
+        _check_budget(plain, run.memory_budget_mib, f"allocator peak on {device}")
+    with meter.phase("eval"):
+        quality = tr.evaluate()
+    return assemble.ok_sections(tr, device, split, states, meter.phases, flops, step_times, quality)

@@ -53,14 +53,16 @@ def handle(device, visible: str | None = None) -> Any | None:
         kind, _, idx = str(device).partition(":")
         if kind != "cuda":
             return None
-        index = int(idx or 0)
+        index = int(idx) if idx else None
     try:
         import torch
 
-        if torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # a bare "cuda" is the current device (a rank's own, after set_device)
+            index = torch.cuda.current_device() if index is None else index
             return nv.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
     except Exception:  # noqa: BLE001 - torch without CUDA, a MIG slice (no GPU- UUID): fall back to the ordinal
         pass
+    index = 0 if index is None else index
     entry = _visible(index, os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible)
     try:
         if entry is None or entry.isdigit():

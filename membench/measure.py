@@ -1,13 +1,24 @@
-"""Measurement: memory by category (torch's MemTracker), FLOPs (FlopCounterMode), step-time statistics.
+"""Measurement: memory per phase and per device, the tracker's split by category, FLOPs, step-time statistics.
 
-Memory and FLOPs are measured in their own instrumented steps; timed steps run with no instrumentation.
-FlopCounterMode has no formula for the CPU flash-attention kernel in torch 2.x, so we register torch's own
-SDPA formulas for it (forward 4bhs_qs_kd, backward 2x that); the record says when this was done.
+Two independent sources of memory figures, never mixed:
+- the device's own counters, per phase of the step schedule (PhaseMeter): on CUDA the caching allocator's peak
+  (allocated and reserved, reset at every phase boundary) and NVML's device-wide used memory (what nvidia-smi
+  shows: CUDA context, NCCL and kernel workspaces outside torch's allocator); on every device the process RSS
+  high-water (Linux's VmHWM, reset per phase through /proc/self/clear_refs);
+- torch's MemTracker over one instrumented step, which attributes every storage it sees to a category, per device,
+  at that device's own peak moment. On CUDA the allocator's peak of the same step minus the tracker's total is
+  reported as `untracked` (kernel workspaces, allocations the dispatcher never sees), so the split adds up.
+Host (cpu) and device figures are kept apart: an offloaded optimizer state is a host byte, never a device byte.
+FlopCounterMode has no formula for the CPU flash-attention kernel in torch 2.x, so we register torch's own SDPA
+formulas for it (forward 4bhs_qs_kd, backward 2x that); the record says when this was done.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -18,9 +29,19 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 T = TypeVar("T")
-CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+# The tracker's split. optimizer = the optimizer's persistent state; optimizer_temp = what the optimizer step
+# allocates and frees (foreach temporaries, DeepSpeed's flattened buffers); temporaries = backward's own
+# (activation gradients); untracked (CUDA only) = the allocator's peak of the same step minus the tracker's total.
+CATEGORIES = ("params", "grads", "optimizer", "optimizer_temp", "activations", "temporaries", "other")
 # MemTracker reference types -> record categories. Buffers (BN running stats) count as parameters' kin.
-_MT_MAP = {"PARAM": "params", "BUFFER": "params", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations"}
+_MT_MAP = {
+    "PARAM": "params",
+    "BUFFER": "params",
+    "GRAD": "grads",
+    "OPT": "optimizer",
+    "ACT": "activations",
+    "TEMP": "temporaries",
+}
 
 _aten = torch.ops.aten
 _CPU_FLASH = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -47,23 +68,114 @@ def _register_cpu_attention_formula() -> None:
 _register_cpu_attention_formula()
 
 
-def _categorise(snapshot: dict) -> dict[str, int]:
-    out = dict.fromkeys(CATEGORIES, 0)
-    for dev_stats in snapshot.values():
-        for ref, nbytes in dev_stats.items():
-            name = getattr(ref, "name", str(ref))
-            if name == "Total":
-                continue
-            out[_MT_MAP.get(name, "other")] += int(nbytes)
-    return out
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """One storage, wherever its views are: (device, data pointer)."""
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device counters per phase
+
+
+def _vm_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field_name}:\s+(\d+)", f.read()).group(1))
+
+
+def _reset_rss_peak() -> bool:
+    """Linux resets VmHWM to the current RSS when "5" is written to clear_refs (since 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Per-phase device counters: `with meter.phase("timed"): ...`; results in `meter.phases[name]`.
+
+    CUDA: allocator peak allocated/reserved (reset at the phase's start) and the allocation at its end; NVML's
+    device-wide used bytes (max of the samples taken with `sample()` and at the phase's end) and the energy
+    counter's difference over the phase. Every device: wall seconds and the process RSS high-water."""
+
+    def __init__(self, device: torch.device, nvml_handle=None):
+        self.device = device
+        self.nvml = nvml_handle
+        self.phases: dict[str, dict] = {}
+        self._current: dict | None = None
+
+    def sample(self) -> None:
+        """Read NVML's used bytes now (call between steps: the allocator's peak needs no sampling)."""
+        if self._current is not None and self.nvml is not None:
+            from membench import gpuinfo
+
+            used = gpuinfo.used_bytes(self.nvml)
+            if used is not None:
+                self._current["nvml_used_max_bytes"] = max(self._current.get("nvml_used_max_bytes") or 0, used)
+
+    def phase(self, name: str):
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, meter: PhaseMeter, name: str):
+        self.meter, self.name = meter, name
+
+    def __enter__(self) -> dict:
+        m, dev = self.meter, self.meter.device
+        rec: dict = {}
+        m._current = rec
+        rss_reset = _reset_rss_peak()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            rec["cuda_allocated_start_bytes"] = torch.cuda.memory_allocated(dev)
+        if m.nvml is not None:
+            from membench import gpuinfo
+
+            self._energy0 = gpuinfo.energy_mj(m.nvml)
+        self._rss_reset = rss_reset
+        self._t0 = time.perf_counter()
+        return rec
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        m, dev, rec = self.meter, self.meter.device, self.meter._current
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        rec["wall_s"] = time.perf_counter() - self._t0
+        rec["rss_peak_bytes"] = _vm_kib("VmHWM") * 1024 if self._rss_reset else None
+        rec["rss_end_bytes"] = _vm_kib("VmRSS") * 1024
+        if dev.type == "cuda":
+            rec["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+            rec["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
+            rec["cuda_allocated_end_bytes"] = torch.cuda.memory_allocated(dev)
+        if m.nvml is not None:
+            from membench import gpuinfo
+
+            m.sample()
+            e1 = gpuinfo.energy_mj(m.nvml)
+            rec["energy_j"] = (e1 - self._energy0) / 1e3 if e1 is not None and self._energy0 is not None else None
+        m.phases[self.name] = rec
+        m._current = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tracker's split
 
 
 @dataclass
-class MemoryMeasurement:
-    peak_bytes: int
-    by_category: dict[str, int]  # split at the peak
-    after_forward: dict[str, int]  # split right after the loss is computed: what is held for backward
-    device: dict[str, int] = field(default_factory=dict)
+class TrackerSplit:
+    """MemTracker over one step, per device (str): categories at that device's peak moment, and right after the
+    loss is computed (what is held for backward). `extra` = bytes re-attributed to technique categories."""
+
+    peak: dict[str, dict[str, int]]
+    after_forward: dict[str, dict[str, int]]
+    extra: dict[str, dict[str, int]] = field(default_factory=dict)
+    category_map: dict[str, str] = field(default_factory=lambda: dict(_MT_MAP))
+
+    def total(self, dev: str) -> int:
+        return sum(self.peak.get(dev, {}).values())
 
 
 class _NoHook:
@@ -72,25 +184,99 @@ class _NoHook:
         pass
 
 
-def measure_memory(step: Callable[[Callable[[], None]], T], model, optimizer) -> tuple[MemoryMeasurement, T]:
-    """Run one training step under MemTracker. `step(after_forward)` must call after_forward() between
-    computing the loss and calling backward. Returns the measurement and the step's own result."""
-    mt = MemTracker()
+def _by_name(snapshot: dict) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for dev, stats in snapshot.items():
+        d = out.setdefault(str(dev), {})
+        for ref, nbytes in stats.items():
+            name = getattr(ref, "name", str(ref))
+            if name != "Total":
+                d[name] = d.get(name, 0) + int(nbytes)
+    return out
+
+
+def measure_memory(
+    step: Callable[[Callable[[], None]], T],
+    model,
+    optimizer,
+    extra: dict[str, list[torch.Tensor]] | None = None,
+    tracker_factory: Callable | None = None,
+    category_map: dict[str, str] | None = None,
+) -> tuple[TrackerSplit, T]:
+    """Run one training step under MemTracker. `step(after_forward)` must call after_forward() between computing
+    the loss and calling backward. `extra`: tensors a technique holds as model state that are neither parameters,
+    buffers, grads nor optimizer.state entries (by category): tracked from the start, each storage once, and
+    reported under its category instead of the one the tracker gave it (DDP's gradient buckets, which the tracker
+    otherwise sees as activations when backward writes them). `tracker_factory(model, optimizer)` and
+    `category_map` (its reference names -> ours) replace MemTracker for wrappers whose tracker knows more
+    (FSDPMemTracker's unsharded parameters and all-gather buffers; DeepSpeed's inner optimizer)."""
+    if tracker_factory is not None:
+        mt = tracker_factory(model, optimizer)
+    else:
+        mt = MemTracker()
+        mt.track_external(model, optimizer)
     # MemTracker installs a grad hook on every parameter and raises on frozen ones (quantized or LoRA-frozen
     # bases); a no-op handle marks them hooked, so they are still tracked as PARAM, just without a grad hook.
     for p in model.parameters():
         if not p.requires_grad:
-            mt._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
-    mt.track_external(model, optimizer)
-    held: dict[str, int] = {}
+            mt._param_to_grad_hook_handles.setdefault(p, (_NoHook, _NoHook))
+    # Extra storages not already known as params/optimizer state: registered now (MemTracker's "other"), so they
+    # count from the first op of the step; their final reference type says where the tracker put their bytes.
+    owned: dict[tuple[str, int], tuple[str, torch.UntypedStorage]] = {}
+    for cat, ts in (extra or {}).items():
+        for t in ts:
+            st = t.untyped_storage()
+            if st.nbytes() == 0 or storage_key(t) in owned:
+                continue
+            owned[storage_key(t)] = (cat, st)
+            if st not in mt._WINFO:
+                mt.track_external(t)
+    held: dict = {}
 
     def after_forward():
-        held.update(_categorise(mt.get_tracker_snapshot("current")))
+        held.update(mt.get_tracker_snapshot("current"))
 
     with mt:
         result = step(after_forward)
-    peak = _categorise(mt.get_tracker_snapshot("peak"))
-    return MemoryMeasurement(peak_bytes=sum(peak.values()), by_category=peak, after_forward=held), result
+    peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
+    moved: dict[str, dict[str, int]] = {}
+    for (dev, _), (cat, st) in owned.items():
+        winfo = mt._WINFO.get(st, (None, None))[0]
+        if winfo is None:
+            continue
+        ref, n = winfo.reftype.name, winfo.mem_consumed
+        for snap in (peak, after):
+            d = snap.get(dev)
+            if d is not None and d.get(ref, 0) >= n:
+                d[ref] -= n
+                d[cat] = d.get(cat, 0) + n
+        moved.setdefault(dev, {})
+        moved[dev][cat] = moved[dev].get(cat, 0) + n
+    cmap = {**_MT_MAP, **(category_map or {})}
+    return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result
+
+
+def with_tracker(tracker_factory: Callable, category_map: dict[str, str]) -> Callable:
+    """measure_memory with a wrapper's own tracker, for Patch.measure_memory."""
+    return functools.partial(measure_memory, tracker_factory=tracker_factory, category_map=category_map)
+
+
+def categorise(by_ref: dict[str, int], optimizer_state_bytes: int, category_map: dict[str, str] = _MT_MAP) -> dict[str, int]:
+    """Reference-type bytes of one device -> record categories. Names that are not MemTracker's are a technique's
+    own categories (re-attributed extra state, e.g. fp32_master) and pass through. The tracker calls everything
+    allocated inside optimizer.step() optimizer memory; the part beyond the exact persistent state on this device
+    is the step's temporaries."""
+    out = dict.fromkeys(CATEGORIES, 0)
+    for ref, n in by_ref.items():
+        cat = category_map.get(ref) or ("other" if ref == "OTH" else ref)
+        out[cat] = out.get(cat, 0) + n
+    out["optimizer_temp"] = max(0, out["optimizer"] - optimizer_state_bytes)
+    out["optimizer"] -= out["optimizer_temp"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs and time
 
 
 def count_flops(step: Callable[[], T]) -> tuple[int, dict[str, int], T]:
@@ -112,4 +298,48 @@ def timing_stats(step_times_s: list[float], samples_per_step: int, tokens_per_sa
         "total_measured_s": total,
         "samples_per_s": samples / total,
         "tokens_per_s": samples * tokens_per_sample / total,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the allocator's peak lives (CUDA, opt-in: run.cuda_memory_history=true)
+
+_OWN_CODE = ("/membench/", "/workloads/", "/techniques/", "/deepspeed/", "/bitsandbytes/", "/torchao/")
+
+
+def _site(frames: list[dict]) -> str:
+    """An allocation's site: the innermost frame in this project or a technique library, and the innermost frame."""
+    own = next((f for f in frames if any(s in f["filename"] for s in _OWN_CODE)), None)
+    inner = frames[0] if frames else None
+    name = lambda f: f"{f['filename'].rsplit('/', 2)[-2:][-1]}:{f['line']} {f['name']}"  # noqa: E731
+    if own is None:
+        return name(inner) if inner else "(no python frame)"
+    return name(own) + ("" if own is inner else f" <- {inner['name']}")
+
+
+def cuda_history_at_peak(snapshot: dict, allocated_at_start: int, top: int = 12) -> dict:
+    """From torch.cuda.memory._snapshot() taken after recording one step: the moment allocated bytes peaked and
+    the live blocks at that moment allocated during the step, grouped by allocation site (largest first).
+    Blocks allocated before recording began are one line, "before the step"."""
+    live: dict[int, tuple[int, str]] = {}
+    cur = peak = allocated_at_start
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot.get("device_traces", []):
+        for ev in trace:
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = (ev["size"], _site(ev.get("frames", [])))
+                cur += ev["size"]
+                if cur > peak:
+                    peak, at_peak = cur, dict(live)
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                cur -= live.pop(ev["addr"])[0]
+    sites: dict[str, int] = {}
+    for size, site in at_peak.values():
+        sites[site] = sites.get(site, 0) + size
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])
+    return {
+        "peak_allocated_bytes": peak,
+        "before_the_step_bytes": allocated_at_start,
+        "live_at_peak_by_site": [{"site": s, "bytes": n} for s, n in ranked[:top]],
+        "other_sites_bytes": sum(n for _, n in ranked[top:]),
     }

@@ -22,6 +22,7 @@ RENDERERS = {
     "zero": "membench.distributed:zero_table",
     "quantization": "techniques.quantization:study_table",
     "pruning": "techniques.pruning:study_table",
+    "device": "membench.device_table:table",
 }
 
 

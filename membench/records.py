@@ -181,16 +181,31 @@ def skeleton(run_id: str, chash: str, config: dict, status: str) -> dict[str, An
     }
 
 
-# Schema v1: the keys every ok record carries (tests and `membench report` rely on them).
+# Schema v2: the keys every ok record carries (tests and `membench report` rely on them).
 REQUIRED_OK = {
-    "memory": ("peak_bytes", "by_category", "predicted_by_category", "held_after_forward", "model_states", "device"),
-    "timing": ("step_times_s", "median_step_s", "iqr_step_s", "samples_per_s", "tokens_per_s"),
+    "memory": (
+        "peak_bytes",
+        "peak_source",
+        "device_name",
+        "by_category",
+        "by_device",
+        "predicted_by_category",
+        "held_after_forward",
+        "model_states",
+        "model_states_by_device",
+        "phases",
+        "device",
+    ),
+    "timing": ("step_times_s", "median_step_s", "iqr_step_s", "samples_per_s", "tokens_per_s", "wall_by_phase_s"),
     "flops": ("counted_per_step", "model_per_step"),
     "quality": ("metric", "value", "loss_curve"),
     "workload": ("name", "preset", "num_params"),
     "env": ("git", "python", "versions", "device", "cpu"),
 }
-CATEGORY_KEYS = ("params", "grads", "optimizer", "activations", "other")
+# The tracker's split (membench/measure.py::CATEGORIES) and the predicted categories.
+CATEGORY_KEYS = ("params", "grads", "optimizer", "optimizer_temp", "activations", "temporaries", "other")
+PREDICTED_KEYS = ("params", "grads", "optimizer", "activations")
+PHASES = ("setup", "warmup", "memory_step", "flop_step", "timed", "rest", "eval")
 
 
 def validate_record(r: dict) -> None:
@@ -210,6 +225,15 @@ def validate_record(r: dict) -> None:
         for k in keys:
             if k not in (r.get(section) or {}):
                 raise ValueError(f"record: missing {section}.{k}")
+    m = r["memory"]
     for k in CATEGORY_KEYS:
-        if k not in r["memory"]["by_category"] or k not in r["memory"]["predicted_by_category"]:
+        if k not in m["by_category"]:
             raise ValueError(f"record: memory category {k} missing")
+    for k in PREDICTED_KEYS:
+        if k not in m["predicted_by_category"]:
+            raise ValueError(f"record: predicted memory category {k} missing")
+    for p in PHASES:
+        if p not in m["phases"]:
+            raise ValueError(f"record: memory phase {p} missing")
+    if m["device_name"] not in m["by_device"]:
+        raise ValueError(f"record: memory.by_device has no entry for the run device {m['device_name']}")

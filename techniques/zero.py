@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from membench import distributed
+from membench import distributed, measure
 from membench.errors import ConfigError
 from techniques.base import Context, Patch, Prediction, Technique
 
@@ -144,7 +144,7 @@ def _apply_torch(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
         fully_shard(model, reshard_after_forward=reshard, offload_policy=offload)
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-        return Patch(model=model, measure_memory=distributed.measure_with(FSDPMemTracker, FSDP_CATEGORIES))
+        return Patch(model=model, measure_memory=measure.with_tracker(FSDPMemTracker, FSDP_CATEGORIES))
     # gradient_as_bucket_view: grads live in DDP's buckets instead of a second full-size copy
     ddp = DDP(model, gradient_as_bucket_view=True)
     holder: dict = {}
@@ -238,7 +238,7 @@ def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
 
     return Patch(
         model=engine,
-        measure_memory=distributed.measure_with(tracker, MT_CATEGORIES),
+        measure_memory=measure.with_tracker(tracker, MT_CATEGORIES),
         optimizer_factory=lambda m: engine.optimizer,
         backward=engine.backward,
         optimizer_step=engine.step,

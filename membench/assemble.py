@@ -1,0 +1,157 @@
+"""The measured sections of an ok record, assembled from what membench/execute.py's phases measured.
+
+Memory, by source (membench/measure.py):
+- `peak_bytes`: the run device's peak over plain training steps. On CUDA the caching allocator's
+  max_memory_allocated over the timed and remaining steps (no instrumentation active); on a CPU, which has no
+  allocator counter, the tracker's peak of the device in the memory step (`peak_source` says which).
+- `by_device[dev].by_category`: the tracker's split of that device at its own peak moment; on CUDA with
+  `untracked` = the allocator's peak of the same instrumented step minus the tracker's total, so it adds up to a
+  device figure. Host bytes (offloaded optimizer state, CPU batches) are in by_device["cpu"] only.
+- `phases`: per-phase device counters (allocator, NVML, RSS high-water, wall seconds, energy).
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from membench import distributed, measure
+from membench.predict import relative_error
+
+
+def device_name(device: torch.device) -> str:
+    """The name the tracker uses for this device's tensors ("cuda:0", "cpu")."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def memory_section(tr, device, split: measure.TrackerSplit, states: dict, phases: dict) -> dict:
+    dev = device_name(device)
+    by_device = {}
+    for d, refs in split.peak.items():
+        cats = measure.categorise(refs, states.get(d, {}).get("optimizer", 0), split.category_map)
+        by_device[d] = {"tracker_peak_bytes": sum(cats.values()), "by_category": cats}
+    by_device.setdefault(dev, {"tracker_peak_bytes": 0, "by_category": dict.fromkeys(measure.CATEGORIES, 0)})
+    held = {
+        d: measure.categorise(refs, states.get(d, {}).get("optimizer", 0), split.category_map)
+        for d, refs in split.after_forward.items()
+    }
+    mine = by_device[dev]
+    if device.type == "cuda":
+        step_peak = phases["memory_step"]["cuda_max_allocated_bytes"]
+        mine["allocator_peak_bytes"] = step_peak
+        mine["by_category"]["untracked"] = step_peak - mine["tracker_peak_bytes"]
+        peak = max(phases[p]["cuda_max_allocated_bytes"] for p in ("timed", "rest"))
+        source = "cuda allocator max_memory_allocated over the plain (timed + remaining) steps"
+    else:
+        peak, source = mine["tracker_peak_bytes"], f"MemTracker peak of {dev} in the memory step (no allocator counter)"
+    totals: dict[str, int] = {}
+    for cats in states.values():
+        for k, n in cats.items():
+            totals[k] = totals.get(k, 0) + n
+    act_held = held.get(dev, {}).get("activations", 0)
+    whole = {"process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        whole["cuda_max_allocated_bytes"] = max(p["cuda_max_allocated_bytes"] for p in phases.values())
+        whole["cuda_max_reserved_bytes"] = max(p["cuda_max_reserved_bytes"] for p in phases.values())
+    pred = tr.predicted
+    return {
+        "peak_bytes": peak,
+        "peak_source": source,
+        "device_name": dev,
+        "by_category": mine["by_category"],
+        "by_device": by_device,
+        "held_after_forward": held.get(dev, dict.fromkeys(measure.CATEGORIES, 0)),
+        "held_after_forward_by_device": held,
+        "model_states": totals,
+        "model_states_by_device": states,
+        "extra_state_reattributed": split.extra,
+        "predicted_by_category": pred["by_category"],
+        "predicted_detail": {k: v for k, v in pred.items() if k != "by_category"},
+        "relative_error": relative_error(dict(totals, activations=act_held), pred["by_category"]),
+        "relative_error_basis": "params/grads/optimizer: exact tensor bytes (all devices) before zero_grad; "
+        "activations: MemTracker ACT bytes on the run device held right after forward",
+        "phases": phases,
+        "device": whole,  # whole-process high-water marks, for reference only (they span every phase)
+        "budget_mib": tr.run.memory_budget_mib,
+    }
+
+
+def _precision_note(device: torch.device, techs) -> str | None:
+    """16-bit speed on a CPU depends on its bf16 instructions; say which case this run measured."""
+    if device.type != "cpu" or not any(t.kind in ("bf16", "fp16", "bf16_pure") for t in techs):
+        return None
+    from membench.records import cpu_flags
+
+    if "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags():
+        return "CPU has bf16 instructions (avx512_bf16/amx): 16-bit step times are native, not emulated"
+    return "CPU lacks bf16 instructions: 16-bit autocast is emulated (20-40x slower); memory figures hold, times do not"
+
+
+def timing_section(tr, device, phases: dict, step_times: list[float]) -> dict:
+    run, wl = tr.run, tr.wl
+    out = {
+        **measure.timing_stats(step_times, run.batch_size, wl.tokens_per_sample),
+        "warmup_steps": run.warmup_steps,
+        "device": str(device),
+        "note": _precision_note(device, tr.techs),
+        "wall_by_phase_s": {name: p["wall_s"] for name, p in phases.items()},
+    }
+    energy = phases["timed"].get("energy_j")
+    if energy is not None:
+        out["energy_j_per_step"] = energy / len(step_times)
+        out["energy_j_per_sample"] = energy / (len(step_times) * run.batch_size)
+    return out
+
+
+def ok_sections(tr, device, split, states, phases, flops, step_times, quality) -> dict:
+    wl, model = tr.wl, tr.model
+    comm = flops.pop("comm")
+    return {
+        "workload": {
+            "name": wl.name,
+            "preset": wl.preset,
+            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "num_trainable_params": sum(
+                getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
+            ),
+            "tokens_per_sample": wl.tokens_per_sample,
+            **wl.info(),
+        },
+        "techniques_applied": [t.kind for t in tr.techs],
+        "technique_info": tr.patch.info,
+        "exactness": {t.kind: {"exact": t.exact, "loss_rtol": t.loss_rtol} for t in tr.techs},
+        "memory": memory_section(tr, device, split, states, phases),
+        "timing": timing_section(tr, device, phases, step_times),
+        "flops": {
+            **flops,
+            "model_per_step": wl.model_flops(tr.run.batch_size),
+            "cpu_attention_formula_added": measure.CPU_ATTENTION_FORMULA_ADDED,
+            "achieved_flops_per_s": flops["counted_per_step"] / (sum(step_times) / len(step_times)),
+        },
+        "quality": {
+            "metric": quality.metric,
+            "value": quality.value,
+            "higher_is_better": quality.higher_is_better,
+            "extra": quality.extra,
+            "loss_curve": tr.losses,
+            "train_steps": tr.run.train_steps,
+        },
+        **(_distributed_section(comm, tr.techs, tr.run) if comm is not None else {}),
+    }
+
+
+def _distributed_section(comm, techs, run) -> dict:
+    """This rank's communication in the FLOP step, next to the ZeRO paper's volume for the technique."""
+    expected = next((t.expected_comm() for t in techs if hasattr(t, "expected_comm")), None)
+    return {
+        "distributed": {
+            "world_size": distributed.world_size(),
+            "rank": distributed.rank(),
+            "backend": torch.distributed.get_backend(),
+            "communication": dict(comm.summary(), expected=expected),
+            "batch_note": f"run.batch_size={run.batch_size} is per rank; each rank reads its own data shard",
+        }
+    }
