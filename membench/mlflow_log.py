@@ -46,7 +46,7 @@ def check_uri(uri: str | None) -> None:
 
 
 def _metrics(record: dict, flat: dict) -> dict[str, float]:
-    keys = [*_HEADLINE, *(k for k in flat if k.startswith("energy."))]
+    keys = [*_HEADLINE, *(k for k in flat if "energy" in k)]  # timing.energy_j_per_step, ..._per_sample
     out = {}
     for k in keys:
         v = flat.get(k)

@@ -26,6 +26,7 @@ def _two_rank_record(uri: str) -> dict:
 def test_record_logged_with_params_metrics_histories_and_artifact(tmp_path):
     uri = f"file:{tmp_path / 'mlruns'}"
     rec = _two_rank_record(uri)
+    rec["timing"].update(energy_j_per_step=12.5, energy_j_per_sample=1.5625)  # as a CUDA record (schema v2) has
     rid = log_if_configured(rec)
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     run = client.get_run(rid)
@@ -37,6 +38,7 @@ def test_record_logged_with_params_metrics_histories_and_artifact(tmp_path):
     assert not [k for k in p if k.startswith("experiment")]  # the study's cell list is not a knob of this run
     assert m["memory.peak_bytes"] == rec["memory"]["peak_bytes"]
     assert m["timing.median_step_s"] == pytest.approx(rec["timing"]["median_step_s"], rel=1e-12)
+    assert (m["timing.energy_j_per_step"], m["timing.energy_j_per_sample"]) == (12.5, 1.5625)
     assert m["quality.value"] == pytest.approx(rec["quality"]["value"], rel=1e-12)
     loss = client.get_metric_history(rid, "loss")
     assert [h.step for h in loss] == list(range(len(rec["quality"]["loss_curve"])))
