@@ -159,6 +159,15 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from membench.export import export
+
+    df = export(args.results_dir, args.out)
+    if args.out:
+        print(f"membench: {len(df)} record(s), {len(df.columns)} columns -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -190,9 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("results_dir")
     h.add_argument("filter", nargs="?", default=None, help="substring of 'workload techniques', e.g. gpt_tiny")
     h.add_argument("--out", default=None, help="PNG to write (default: RESULTS_DIR/history.png)")
+    e = sub.add_parser("export", help="every record as one row of a flat table (CSV or Parquet, via pandas)")
+    e.add_argument("results_dir")
+    e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
     args = p.parse_args(argv)
     try:
-        commands = {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "history": cmd_history}
+        commands = {
+            "run": cmd_run,
+            "report": cmd_report,
+            "compare": cmd_compare,
+            "history": cmd_history,
+            "export": cmd_export,
+        }
         return commands[args.cmd](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from membench import mlflow_log
 from membench.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,6 +36,8 @@ class RunConfig:
     memory_budget_mib: float | None = None  # a run whose peak exceeds it ends as `oom` (CPU and CUDA)
     world_size: int = 1  # ranks launched for one run (needs technique zero; batch_size is per rank)
     force: bool = False  # re-run cells that already have an ok record
+    gpu_busy: str = "fail"  # another process on a cell's GPU: fail | wait (up to timeout_s) | ignore
+    mlflow_uri: str | None = None  # also log each record to MLflow (e.g. file:./mlruns or sqlite:///mlflow.db)
     cuda_memory_history: bool = False  # CUDA: record the allocator's history in the memory step; the record lists
     # what was live at its peak, by allocation site (slows that one step)
 
@@ -46,6 +49,9 @@ class RunConfig:
             raise ConfigError(f"run.warmup_steps={self.warmup_steps}: must be >= 1 (memory is measured after warm-up)")
         if self.device not in DEVICES:
             raise ConfigError(f"run.device={self.device!r}: allowed values are {', '.join(DEVICES)}")
+        if self.gpu_busy not in ("wait", "fail", "ignore"):
+            raise ConfigError(f"run.gpu_busy={self.gpu_busy!r}: allowed values are wait, fail, ignore")
+        mlflow_log.check_uri(self.mlflow_uri)
         if self.memory_budget_mib is not None and self.memory_budget_mib <= 0:
             raise ConfigError(f"run.memory_budget_mib={self.memory_budget_mib}: must be > 0 or null")
         if self.world_size < 1:

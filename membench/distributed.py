@@ -1,12 +1,13 @@
-"""Multi-rank runs: launch N ranks as one process group, set up torch.distributed, count collective traffic,
-gather per-rank measurements onto rank 0.
+"""Multi-rank runs: launch N ranks through torchrun, set up torch.distributed (gloo on CPU, NCCL on CUDA with one GPU
+per rank: LOCAL_RANK -> cuda:LOCAL_RANK), count collective traffic, gather per-rank measurements onto rank 0.
 
-Launcher: our own small one rather than torchrun, because torchrun starts every worker in a session of its own,
-so the runner's killpg on timeout would not reach them. Here the ranks stay in the runner's new process group
-(a timeout kills them all) and the first rank to exit non-zero takes the others down (torchrun's
---max-restarts 0 semantics). The env contract is torchrun's (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so
-`torchrun --nproc_per_node N -m membench.child spec.json` runs the same code.
-Communication counting is ours too (torch has no per-byte counter): a TorchDispatchMode that sees every c10d op,
+Launcher: torch.distributed.run (torchrun's module, in this process, so this process is the elastic agent):
+`--standalone --nproc-per-node N --max-restarts 0`, the first failing rank stops the group. torchrun starts each
+worker in a session of its own, so the runner's killpg would miss them when the agent is SIGKILLed; each worker
+therefore first sets PR_SET_PDEATHSIG(SIGKILL) (a two-line `python -c` shim that then execs the rank's command):
+when the agent dies, however it dies, its ranks die with it. Multi-node: the same rank command under
+`srun ... python -m torch.distributed.run --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT` (docs/multigpu.md).
+Communication counting is ours (torch has no per-byte counter): a TorchDispatchMode that sees every c10d op,
 including DDP's C++ reducer, FSDP2 and DeepSpeed (deepspeed.comm calls torch.distributed).
 """
 
@@ -16,14 +17,15 @@ import contextlib
 import datetime
 import os
 import socket
-import subprocess
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from membench import gpuinfo
+from membench.errors import ConfigError
 
 # How each collective's "full" tensor counts in the ZeRO paper's volume (sec. 7): an all-reduce is a
 # reduce-scatter plus an all-gather (2x its size); the others move their full size once.
@@ -44,28 +46,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(n: int, argv: list[str]) -> int:
-    """Start n ranks of `argv` (children stay in our process group, so the runner's killpg on timeout reaches
-    them); return the first non-zero exit code, killing the other ranks at once (they would otherwise wait in a
-    collective until the gloo timeout), or 0 when all succeed."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(n))
-    procs = [
-        subprocess.Popen(argv, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n))) for r in range(n)
+# Run in each worker before the rank's own command: die with the agent (prctl option 1 = PR_SET_PDEATHSIG,
+# signal 9), and exit at once if the agent is already gone (the parent changed before prctl took effect).
+_RANK_SHIM = (
+    "import ctypes, os, sys; sys.platform != 'linux' or ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
+    "os.getppid() == {agent} or sys.exit(137); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def torchrun_args(n: int, argv: list[str], agent_pid: int | None = None) -> list[str]:
+    """torchrun's command line for n ranks of `argv` on this node (one rendezvous on a free localhost port)."""
+    shim = _RANK_SHIM.format(agent=agent_pid or os.getpid())
+    return [
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={n}",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+        "--no-python",
+        sys.executable,
+        "-c",
+        shim,
+        *argv,
     ]
+
+
+def run_ranks(n: int, argv: list[str]) -> int:
+    """Run n ranks of `argv` under torch.distributed.run with this process as the agent; return 0 when all
+    succeed, else the exit code of the first rank to fail (128 + signal for a killed rank); the agent stops the
+    other ranks at once (they would otherwise wait in a collective until the timeout)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            bad = [c for c in codes if c not in (None, 0)]
-            if bad:
-                return bad[0] if bad[0] > 0 else 128 - bad[0]
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        torchrun(parse_args(torchrun_args(n, argv)))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    return 0
+
+
+def launch_argv(n: int, argv: list[str]) -> list[str]:
+    """The command the runner starts for an n-rank cell whose one-rank command is `argv`."""
+    return [sys.executable, "-m", "membench.distributed", str(n), *argv]
 
 
 @contextlib.contextmanager
@@ -81,8 +105,17 @@ def process_group(device: torch.device, timeout_s: float, needed: bool):
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":  # one GPU per rank; binding it at init keeps every rank off cuda:0
+        local, world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if world > torch.cuda.device_count():
+            raise ConfigError(
+                f"run.world_size={world}: needs one CUDA device per rank, {torch.cuda.device_count()} visible"
+            )
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
     try:
         yield
     finally:
@@ -159,6 +192,9 @@ def merge_ranks(out: dict) -> dict:
     m = out["memory"]
     mine = {
         "rank": rank(),
+        "host": socket.gethostname(),
+        "torch_device": out["timing"]["device"],
+        "gpu_nvml": gpuinfo.provenance(gpuinfo.handle(out["timing"]["device"])),
         **{k: m[k] for k in ("peak_bytes", "by_category", "by_device", "held_after_forward", "model_states")},
         "model_states_by_device": m["model_states_by_device"],
         "device": m["device"],
@@ -232,12 +268,45 @@ def zero_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    # python -m membench.distributed N python -m membench.child SPEC.json   (the launcher)
-    # python -m membench.distributed report RESULTS_DIR                      (the ZeRO table)
-    if sys.argv[1] == "report":
+def write_spec(path: str, overrides: list[str]) -> dict:
+    """Compose one cell and write the spec `membench.child` runs (the runner's format): for a multi-node cell
+    started by srun + torchrun, where no membench runner is in the loop (docs/multigpu.md)."""
+    import json
+
+    from membench.cli import plan
+    from membench.records import config_hash, new_run_id
+
+    (config,) = plan(overrides, multirun=False)
+    chash = config_hash(config)
+    spec = {
+        "config": config,
+        "run_id": new_run_id(chash),
+        "config_hash": chash,
+        "results_dir": config["run"]["results_dir"],
+    }
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return spec
+
+
+def main(argv: list[str]) -> int:
+    """python -m membench.distributed N python -m membench.child SPEC.json   (the launcher: N ranks, this node)
+    python -m membench.distributed spec SPEC.json OVERRIDES...             (a cell's spec, for srun + torchrun)
+    python -m membench.distributed report RESULTS_DIR                      (the ZeRO table)"""
+    if argv[0] == "report":
         from membench.records import latest_by_cell, load_records
 
-        print(zero_table(list(latest_by_cell(load_records(sys.argv[2])).values())))
-        sys.exit(0)
-    sys.exit(run_ranks(int(sys.argv[1]), sys.argv[2:]))
+        print(zero_table(list(latest_by_cell(load_records(argv[1])).values())))
+        return 0
+    if argv[0] == "spec":
+        try:
+            write_spec(argv[1], argv[2:])
+        except ConfigError as e:
+            print(f"membench: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    return run_ranks(int(argv[0]), argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -21,7 +21,7 @@ from membench import SCHEMA_VERSION
 
 STATUSES = ("ok", "oom", "error", "timeout")
 # Keys that do not change what a run measures, left out of the cell identity.
-_NOT_IDENTITY = ("results_dir", "force", "timeout_s")
+_NOT_IDENTITY = ("results_dir", "force", "timeout_s", "gpu_busy", "mlflow_uri")
 _LIBS = (
     "torch",
     "hydra-core",
@@ -58,6 +58,7 @@ def write_record(results_dir: str | Path, record: dict) -> Path:
     final = d / f"{record['run_id']}.json"
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o644)  # readable by the group (mkstemp creates 0600); written by the owner only
         json.dump(record, f, indent=1, sort_keys=False, default=str)
         f.flush()
         os.fsync(f.fileno())
@@ -150,6 +151,10 @@ def environment(device: str | None = None) -> dict[str, Any]:
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name(0)
             env["cuda"] = torch.version.cuda
+        if device and device.startswith("cuda"):  # driver, clocks, power limit, ECC, UUID (None without NVML)
+            from membench import gpuinfo
+
+            env["gpu_nvml"] = gpuinfo.provenance(gpuinfo.handle(device))
     except ImportError:
         pass
     return env

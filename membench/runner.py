@@ -14,12 +14,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from membench import gpuinfo, mlflow_log
 from membench.records import config_hash, environment, new_run_id, runs_dir, skeleton, write_record
 
 
 def run_cell(config: dict, results_dir: str, timeout_s: float) -> dict:
+    record = _run_cell(config, results_dir, timeout_s)
+    mlflow_log.log_if_configured(record)  # after the record is on disk (run.mlflow_uri)
+    return record
+
+
+def _run_cell(config: dict, results_dir: str, timeout_s: float) -> dict:
     chash = config_hash(config)
     run_id = new_run_id(chash)
+    busy = gpuinfo.wait_until_free(config["run"])  # another process on the cell's GPUs (run.gpu_busy)
+    if busy:
+        record = dict(skeleton(run_id, chash, config, "error"), error=busy, env=environment())
+        write_record(results_dir, record)
+        return record
     with tempfile.TemporaryDirectory(prefix="membench-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(
