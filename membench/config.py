@@ -73,12 +73,15 @@ def register_schema() -> None:
 
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
-    schemas = [("gpt", GPTConfig), ("digits", DigitsConfig), ("llama", LlamaConfig), ("hf", HFConfig)]
+    schemas = (("gpt", GPTConfig), ("digits", DigitsConfig), ("llama", LlamaConfig), ("hf", HFConfig))
     for name, cls in (*schemas, ("custom", CustomConfig)):
         node = OmegaConf.structured(cls)
         OmegaConf.set_struct(node, False)
         node._target_ = f"{cls.__module__}.{cls.__name__}"
         OmegaConf.set_struct(node, True)
+        for key in ("overrides", "options"):  # free-form dicts (hf config attributes, custom factory kwargs)
+            if key in node:
+                OmegaConf.set_struct(node._get_node(key), False)
         cs.store(group="schema/workload", name=name, node=node)
 
 

@@ -18,6 +18,7 @@ CASES = {
     "every_k": (CKPT, "technique.activation_checkpointing.mode=every_k"),
     "selective": (CKPT, "technique.activation_checkpointing.mode=selective"),
     "bf16": ("technique=[bf16]",),
+    "bf16_pure": ("technique=[bf16_pure]",),
 }
 # Published totals: the safetensors metadata of meta-llama/Llama-3.2-1B and Llama-3.1-8B (Hugging Face hub).
 PUBLISHED = {"llama_1b": 1_235_814_400, "llama_8b": 8_030_261_248}
@@ -46,7 +47,7 @@ def test_analytic_activation_model_matches_memtracker(runs):
 
 def test_checkpointing_is_exact_and_saves_activations(runs):
     base = runs["none"]["quality"]["loss_curve"]
-    for mode in ("full", "every_k", "selective"):
+    for mode in ("full", "every_k", "selective"):  # exact: bit-identical losses
         assert runs[mode]["quality"]["loss_curve"] == base, mode
     held = {k: r["memory"]["held_after_forward"]["activations"] for k, r in runs.items()}
     assert held["full"] < held["every_k"] < held["none"] and held["selective"] < held["none"]
@@ -74,3 +75,33 @@ def test_bad_geometry_is_one_line_naming_the_key():
 
     with pytest.raises(ConfigError, match="workload.n_kv_head=3: must divide n_head=4"):
         compose("workload=llama_tiny", "workload.n_kv_head=3")
+
+
+def test_forward_matches_transformers_llama_with_the_same_weights():
+    """An independent implementation: transformers' LlamaForCausalLM, given our weights, gives our logits."""
+    transformers = pytest.importorskip("transformers")
+    from workloads.llama import LlamaConfig
+
+    c = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_dim=176, seq_len=32, rope_theta=10_000.0)
+    torch.manual_seed(0)
+    ours = Llama(c)
+    cfg = transformers.AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=32, rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+    )  # fmt: skip
+    theirs = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    names = {"tok": "model.embed_tokens", "norm": "model.norm", "head": "lm_head"}
+    per_block = {
+        "norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "self_attn.q_proj",
+        "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    }  # fmt: skip
+    for i in range(c.n_layer):
+        names.update({f"blocks.{i}.{a}": f"model.layers.{i}.{b}" for a, b in per_block.items()})
+    state = {f"{names[k.rsplit('.', 1)[0]]}.weight": v for k, v in ours.state_dict().items()}
+    assert theirs.load_state_dict(state, strict=True)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())

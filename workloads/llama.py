@@ -235,8 +235,8 @@ class LlamaWorkload(TokenLMWorkload):
         GQA gives k and v n_kv_head heads; flash attention keeps q, k, v, its output and an fp32 logsumexp (no
         5as^2b softmax/dropout terms); RoPE multiplies by buffers and saves nothing of its own; SwiGLU keeps
         gate out, silu out, up out and their product (4f instead of the GELU MLP's 2f); no dropout. RMSNorm
-        keeps its input and, in torch's CPU composite, also the normalised x before the weight (CUDA's fused
-        kernel keeps only an fp32 rstd per token, which this also counts). Under autocast the residual stream
+        on CPU (torch's composite) keeps fp32 copies of its input and of the normalised x even for 16-bit inputs;
+        CUDA's fused kernel keeps only its input; both an fp32 rstd per token (CUDA term not yet measured). Under autocast the residual stream
         and norm outputs stay fp32, the matmuls each cast their input to 16 bits (q,k,v: 3 copies; gate, up:
         2) and 16-bit weight copies are held until backward. Widths are read from the modules (pruning).
         """
@@ -244,7 +244,9 @@ class LlamaWorkload(TokenLMWorkload):
         sb, e = s * b, elem_bytes
         r = 4 if autocast else e  # residual stream, RMSNorm in/out (fp32 under autocast)
         cuda = next(self.model.parameters()).device.type == "cuda"
-        norm = r * sb * h + sb * 4 + (0 if cuda else r * sb * h)  # input + rstd (+ normalised x on CPU)
+        # RMSNorm: CPU composite keeps fp32 ("opmath") copies of its input and of x * rstd, whatever the dtype;
+        # CUDA's fused kernel keeps its input as is. Both keep an fp32 rstd per token.
+        norm = (r * sb * h if cuda else 8 * sb * h) + 4 * sb
         copies = (3, 2) if autocast else (1, 1)  # the norm1 / norm2 output as each matmul saves it
         mode, k = checkpoint if checkpoint else ("none", 1)
         blocks = [m for m in self.model.modules() if isinstance(m, Block)]
