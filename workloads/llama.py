@@ -81,16 +81,18 @@ class LlamaConfig:
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin table: rotate_half(x) * sin == swap_halves(x) * [-sin, sin]."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
+    return torch.cat([ang, ang], dim=-1).cos().float(), torch.cat([-ang.sin(), ang.sin()], dim=-1).float()
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on (b, heads, t, head_dim); cos/sin are buffers, so nothing of x is saved here."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama/transformers convention) on (b, heads, t, head_dim). The halves are swapped
+    with flip rather than torch.cat, which torch-pruning's dependency graph cannot follow; cos/sin are buffers,
+    so nothing of x is saved here."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):
@@ -102,14 +104,21 @@ class Attention(nn.Module):
         self.k = nn.Linear(c.d_model, c.n_kv_head * hd, bias=False)
         self.v = nn.Linear(c.d_model, c.n_kv_head * hd, bias=False)
         self.o = nn.Linear(c.n_head * hd, c.d_model, bias=False)
+        self.gqa, self.widths = c.n_kv_head != c.n_head, (self.q.out_features, self.k.out_features)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.q.out_features // self.n_head  # from the weight, so structurally pruned heads are honoured
+        kv_heads = self.n_kv_head if self.gqa else self.n_head  # without GQA, pruning updates n_head only
+        if self.gqa and (self.q.out_features, self.k.out_features) != self.widths:
+            raise ConfigError(  # torch-pruning's head pruning knows no query groups: refuse to run a broken model
+                f"workload.n_kv_head={self.n_kv_head}: structured pruning changed the attention widths of grouped-"
+                f"query attention (n_head={self.n_head}); prune with workload.n_kv_head equal to n_head"
+            )
         q = rope(self.q(x).view(b, t, self.n_head, hd).transpose(1, 2), cos, sin)
-        k = rope(self.k(x).view(b, t, self.n_kv_head, hd).transpose(1, 2), cos, sin)
-        v = self.v(x).view(b, t, self.n_kv_head, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+        k = rope(self.k(x).view(b, t, kv_heads, hd).transpose(1, 2), cos, sin)
+        v = self.v(x).view(b, t, kv_heads, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         return self.o(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
 
 
