@@ -54,14 +54,16 @@ class CustomConfig:
         module, sep, name = self.factory.partition(":")
         bad = f"workload.factory={self.factory}"
         if not sep or not module or not name:
-            raise ConfigError(f"{bad}: expected package.module:function")
+            raise ConfigError(f"{bad}: expected package.module:function; allowed: e.g. examples.custom_model:build")
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
-            raise ConfigError(f"{bad}: cannot import {module} ({e})") from None
+            raise ConfigError(
+                f"{bad}: cannot import {module} ({e}); allowed: a module importable from the repo root"
+            ) from None
         fn = getattr(mod, name, None)
         if not callable(fn):
-            raise ConfigError(f"{bad}: {module} has no function {name}")
+            raise ConfigError(f"{bad}: {module} has no function {name}; allowed: a function returning CustomParts")
         return fn
 
     def build(self, seed: int) -> CustomWorkload:
@@ -97,7 +99,10 @@ class CustomWorkload(Workload):
             value = float(self.parts.evaluate(model, device))
         else:
             n = 4
-            value = sum(self.loss(model, self.batch(HELD_OUT_STEP + i, self.c.batch_size, device)).item() for i in range(n)) / n
+            value = (
+                sum(self.loss(model, self.batch(HELD_OUT_STEP + i, self.c.batch_size, device)).item() for i in range(n))
+                / n
+            )
         model.train(was_training)
         return Quality(self.parts.metric, value, self.parts.higher_is_better, {})
 

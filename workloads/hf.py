@@ -23,6 +23,11 @@ from membench.errors import ConfigError
 from workloads.llama import TokenLMWorkload
 
 
+def _some(names) -> str:
+    common = [n for n in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3", "opt", "gpt_neox") if n in names]
+    return f"{', '.join(common)}, ... ({len(names)} causal LM types)"
+
+
 def _transformers():
     try:
         import transformers
@@ -62,7 +67,9 @@ class HFConfig:
             path = Path(self.config_path).expanduser()
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
-                raise ConfigError(f"workload.config_path={self.config_path}: no such file (a local config.json)")
+                raise ConfigError(
+                    f"workload.config_path={self.config_path}: no such file; allowed: a local config.json or its folder"
+                )
             try:
                 body = json.loads(path.read_text())
             except json.JSONDecodeError as e:
@@ -73,12 +80,15 @@ class HFConfig:
             body, model_type, key, shown = {}, self.model_type, "workload.model_type", self.model_type
         causal = tf.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         if model_type not in causal:
-            raise ConfigError(f"{key}={shown}: not a transformers causal LM type; allowed e.g.: gpt2, llama, mistral, qwen2")
+            raise ConfigError(f"{key}={shown}: not a transformers causal LM type; allowed: {_some(causal)}")
         cfg = tf.AutoConfig.for_model(model_type, **body)
         known = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}))
         for name, value in self.overrides.items():
             if name not in known:
-                raise ConfigError(f"workload.overrides.{name}={value}: not an attribute of the {model_type} config")
+                raise ConfigError(
+                    f"workload.overrides.{name}={value}: not an attribute of the {model_type} config; allowed: "
+                    f"{', '.join(k for k in sorted(cfg.to_dict()) if not k.startswith('_'))}"
+                )
             setattr(cfg, name, value)
         limit = getattr(cfg, "max_position_embeddings", None)
         if limit is not None and self.seq_len > limit:
@@ -100,7 +110,9 @@ class HFWorkload(TokenLMWorkload):
         self.hf_cfg = cfg
         self._load(c, cfg.vocab_size, c.seq_len)
         torch.manual_seed(seed)
-        self.model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=c.attn_implementation)
+        self.model = tf.AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.float32, attn_implementation=c.attn_implementation
+        )
         self._blocks = find_blocks(self.model, set(self.model._no_split_modules or ()))
 
     def blocks(self) -> nn.Module:
