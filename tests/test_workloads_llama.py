@@ -10,7 +10,14 @@ from membench.config import build
 from tests.helpers import compose, run_inprocess
 from workloads.llama import Llama, tokens
 
-STEPS = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1", "run.batch_size=4")
+STEPS = (
+    "run.train_steps=4",
+    "run.warmup_steps=1",
+    "run.measure_steps=1",
+    "run.batch_size=4",
+    "workload.eval_batches=1",
+)
+SMALL = "workload.max_corpus_bytes=100000"
 CKPT = "technique=[activation_checkpointing]"
 CASES = {
     "none": (),
@@ -36,7 +43,9 @@ def test_gpu_geometries_match_the_published_parameter_counts(preset):
 
 @pytest.fixture(scope="module")
 def runs():
-    return {k: run_inprocess("workload=llama_tiny", "workload.n_layer=4", *STEPS, *ov) for k, ov in CASES.items()}
+    return {
+        k: run_inprocess("workload=llama_tiny", "workload.n_layer=4", SMALL, *STEPS, *ov) for k, ov in CASES.items()
+    }
 
 
 def test_analytic_activation_model_matches_memtracker(runs):
@@ -105,3 +114,12 @@ def test_forward_matches_transformers_llama_with_the_same_weights():
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(input_ids=x).logits, rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["none", "selective", "bf16"])
+def test_analytic_activation_model_on_cuda(case):
+    """CUDA's fused RMSNorm keeps its input and rstd only: the model's CUDA branch, checked on the device."""
+    r = run_inprocess("workload=llama_tiny", "run.device=cuda", SMALL, *STEPS, *CASES[case])
+    err = r["memory"]["relative_error"]["activations"]
+    assert abs(err) < 0.05, (case, err)
