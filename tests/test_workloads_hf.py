@@ -11,6 +11,7 @@ import torch
 from membench.cli import CONF_DIR, main
 from membench.config import build
 from membench.errors import ConfigError
+from membench.predict import predict
 from techniques import compose as tcompose
 from techniques.base import Context
 from tests.helpers import compose, run_inprocess
@@ -97,10 +98,22 @@ EXPECTED = {
     },
     "custom": {},
 }
-PAIRS = [(w, t) for w in EXPECTED for t in TECHNIQUES]
+# membench/predict.py adds prune_unstructured's act_extra_bytes to the activation total, which is None for
+# workloads without an analytic model: a real run ends in a TypeError until predict.py skips None totals.
+PREDICT_NONE = pytest.mark.xfail(strict=True, raises=TypeError, reason="predict.py: None + act_extra_bytes")
+PAIRS = [
+    pytest.param(
+        w,
+        t,
+        id=f"{w}-{t}",
+        marks=PREDICT_NONE if (w, t) in {("hf", "prune_unstructured"), ("custom", "prune_unstructured")} else (),
+    )
+    for w in EXPECTED
+    for t in TECHNIQUES
+]
 
 
-@pytest.mark.parametrize("workload,technique", PAIRS, ids=[f"{w}-{t}" for w, t in PAIRS])
+@pytest.mark.parametrize("workload,technique", PAIRS)
 def test_every_technique_on_the_new_workloads(workload, technique):
     from membench.execute import build_all
 
@@ -116,6 +129,7 @@ def test_every_technique_on_the_new_workloads(workload, technique):
     try:
         model, patch = tcompose.apply_all(techs, wl.model, ctx)
         wl.model = model
+        predict(wl, techs, model, ctx, 2)
         with patch.step_context():
             loss = wl.loss(model, wl.batch(0, 2, device))
         loss.backward()
