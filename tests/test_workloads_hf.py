@@ -36,6 +36,12 @@ def test_blocks_are_the_no_split_modules(preset, block, n):
     assert all(b in set(wl.model.modules()) for b in wl.blocks())  # the model's own modules, not copies
 
 
+def test_hf_llama_has_the_parameter_count_of_the_llama_workload_at_the_same_geometry():
+    hf, _ = _workload("workload=hf")  # hidden 64, ffn 176, 2 layers, 4 q / 2 kv heads, byte vocab, untied
+    ours, _ = _workload("workload=llama_tiny")
+    assert sum(p.numel() for p in hf.model.parameters()) == sum(p.numel() for p in ours.model.parameters()) == 125_248
+
+
 def test_checkpointing_on_an_hf_llama_is_exact_and_every_category_is_recorded():
     base = run_inprocess("workload=hf", *STEPS)
     ckpt = run_inprocess("workload=hf", *STEPS, "technique=[activation_checkpointing]")

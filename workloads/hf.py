@@ -89,7 +89,8 @@ class HFConfig:
                     f"workload.overrides.{name}={value}: not an attribute of the {model_type} config; allowed: "
                     f"{', '.join(k for k in sorted(cfg.to_dict()) if not k.startswith('_'))}"
                 )
-            setattr(cfg, name, value)
+        if self.overrides:  # rebuilt, not set afterwards: __init__ derives attributes (head_dim from hidden_size)
+            cfg = tf.AutoConfig.for_model(model_type, **{**body, **self.overrides})
         limit = getattr(cfg, "max_position_embeddings", None)
         if limit is not None and self.seq_len > limit:
             raise ConfigError(f"workload.seq_len={self.seq_len}: > the config's max_position_embeddings={limit}")
