@@ -73,16 +73,23 @@ def register_schema() -> None:
     """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
     wrong type fails at composition."""
+    from workloads.custom import CustomConfig
     from workloads.digits import DigitsConfig
     from workloads.gpt import GPTConfig
+    from workloads.hf import HFConfig
+    from workloads.llama import LlamaConfig
 
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
-    for name, cls in (("gpt", GPTConfig), ("digits", DigitsConfig)):
+    schemas = (("gpt", GPTConfig), ("digits", DigitsConfig), ("llama", LlamaConfig), ("hf", HFConfig))
+    for name, cls in (*schemas, ("custom", CustomConfig)):
         node = OmegaConf.structured(cls)
         OmegaConf.set_struct(node, False)
         node._target_ = f"{cls.__module__}.{cls.__name__}"
         OmegaConf.set_struct(node, True)
+        for key in ("overrides", "options"):  # free-form dicts (hf config attributes, custom factory kwargs)
+            if key in node:
+                OmegaConf.set_struct(node._get_node(key), False)
         cs.store(group="schema/workload", name=name, node=node)
 
 

@@ -1,0 +1,157 @@
+"""Any causal LM of Hugging Face `transformers`, built from a config with random weights (nothing downloaded).
+
+The config is a model type plus attribute overrides (`AutoConfig.for_model`) or a local config.json; the model
+is `AutoModelForCausalLM.from_config` in fp32. Its repeated blocks are the nn.ModuleList whose entries are the
+classes the model lists in `_no_split_modules` (the unit `accelerate` never splits: LlamaDecoderLayer,
+GPT2Block, ...). Data: the byte corpus mapped onto the config's vocab_size as workloads/llama.py does.
+Needs the optional extra `membench[hf]`. Limits: no analytic activation model (the record's activation
+prediction is empty); a model whose blocks use fused or Conv1D projections (GPT-2) gives bitsandbytes and
+torch-pruning no nn.Linear to work on inside its blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from membench.errors import ConfigError
+from workloads.llama import TokenLMWorkload
+
+
+def _some(names) -> str:
+    common = [n for n in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3", "opt", "gpt_neox") if n in names]
+    return f"{', '.join(common)}, ... ({len(names)} causal LM types)"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("workload=hf: needs transformers; allowed: pip install 'membench[hf]'") from None
+    return transformers
+
+
+@dataclass
+class HFConfig:
+    preset: str = "hf"
+    model_type: str = "llama"  # a transformers model type (CONFIG_MAPPING key), used when config_path is null
+    config_path: str | None = None  # a local config.json (or a folder holding one) instead of model_type
+    overrides: dict[str, Any] = field(default_factory=dict)  # config attributes, e.g. {num_hidden_layers: 2}
+    seq_len: int = 64  # activations scale with seq_len * batch_size
+    attn_implementation: str = "sdpa"  # sdpa | eager (eager saves the s^2 attention matrix)
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    lr_warmup_steps: int = 10
+    batch_size: int = 8
+    max_corpus_bytes: int = 1_000_000
+    eval_fraction: float = 0.1
+    eval_batches: int = 8
+    data_path: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size", "max_corpus_bytes", "eval_batches"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"workload.{key}={getattr(self, key)}: must be > 0")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"workload.attn_implementation={self.attn_implementation!r}: allowed sdpa, eager")
+        self.hf_config()  # fail at composition on a bad type, path or override
+
+    def hf_config(self):
+        tf = _transformers()
+        if self.config_path is not None:
+            path = Path(self.config_path).expanduser()
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise ConfigError(
+                    f"workload.config_path={self.config_path}: no such file; allowed: a local config.json or its folder"
+                )
+            try:
+                body = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"workload.config_path={self.config_path}: not JSON ({e.msg})") from None
+            model_type, key = body.pop("model_type", None), "workload.config_path"
+            shown = f"{self.config_path} (model_type={model_type})"
+        else:
+            body, model_type, key, shown = {}, self.model_type, "workload.model_type", self.model_type
+        causal = tf.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if model_type not in causal:
+            raise ConfigError(f"{key}={shown}: not a transformers causal LM type; allowed: {_some(causal)}")
+        cfg = tf.AutoConfig.for_model(model_type, **body)
+        known = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}))
+        for name, value in self.overrides.items():
+            if name not in known:
+                raise ConfigError(
+                    f"workload.overrides.{name}={value}: not an attribute of the {model_type} config; allowed: "
+                    f"{', '.join(k for k in sorted(cfg.to_dict()) if not k.startswith('_'))}"
+                )
+        if self.overrides:  # rebuilt, not set afterwards: __init__ derives attributes (head_dim from hidden_size)
+            cfg = tf.AutoConfig.for_model(model_type, **{**body, **self.overrides})
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if limit is not None and self.seq_len > limit:
+            raise ConfigError(f"workload.seq_len={self.seq_len}: > the config's max_position_embeddings={limit}")
+        return cfg
+
+    def build(self, seed: int) -> HFWorkload:
+        return HFWorkload(self, seed)
+
+
+class HFWorkload(TokenLMWorkload):
+    name = "hf"
+
+    def __init__(self, c: HFConfig, seed: int):
+        tf = _transformers()
+        self.c, self.seed = c, seed
+        cfg = c.hf_config()
+        self.preset = c.preset
+        self.hf_cfg = cfg
+        self._load(c, cfg.vocab_size, c.seq_len)
+        torch.manual_seed(seed)
+        self.model = tf.AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.float32, attn_implementation=c.attn_implementation
+        )
+        self._blocks = find_blocks(self.model, set(self.model._no_split_modules or ()))
+
+    def blocks(self) -> nn.Module:
+        return self._blocks
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=x, use_cache=False).logits
+
+    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
+        """No analytic model for arbitrary architectures: the prediction is left empty (None), not guessed."""
+        return {"total": None}
+
+    def model_flops(self, batch_size: int) -> float:
+        """6 N T over the non-embedding parameters and the output head, plus 12 L s^2 h per sequence."""
+        cfg, tokens_ = self.hf_cfg, batch_size * self.c.seq_len
+        n = self.model.num_parameters(exclude_embeddings=True) + cfg.hidden_size * cfg.vocab_size
+        return 6 * n * tokens_ + 12 * cfg.num_hidden_layers * self.c.seq_len * cfg.hidden_size * tokens_
+
+    def info(self):
+        return {
+            **super().info(),
+            "hf_model_type": self.hf_cfg.model_type,
+            "hf_model_class": type(self.model).__name__,
+            "block_class": type(self._blocks[0]).__name__,
+            "num_blocks": len(self._blocks),
+        }
+
+
+def find_blocks(model: nn.Module, class_names: set[str]) -> nn.Module:
+    """The nn.ModuleList (or nn.Sequential) whose children are all instances of the named block classes."""
+    best = None
+    for m in model.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0:
+            if all(type(child).__name__ in class_names for child in m):
+                if best is None or len(m) > len(best):
+                    best = m
+    if best is None:
+        raise ConfigError(
+            f"workload: {type(model).__name__} has no ModuleList of its _no_split_modules {sorted(class_names)}"
+        )
+    return best
