@@ -141,7 +141,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pc.verify = args.verify
     result = pl.plan(user, pc, progress=lambda m: print(m, file=sys.stderr, flush=True))
     if pc.verify:
-        result["verified"] = pl.verify(result, user, pc.verify, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        result["verified"] = pl.verify(
+            result, user, pc.verify, progress=lambda m: print(m, file=sys.stderr, flush=True)
+        )
     out = pc.out or str(Path(result["results_dir"]) / f"plan-{result['workload']}.json")
     print(pl.table(result, pc.top))
     if pc.verify:
@@ -157,13 +159,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = plan(user, False)[0]
     res = pl.fit(cfg, pc, progress=lambda m: print(m, file=sys.stderr, flush=True))
     mib = 2**20
-    print(f"fit: predicted batch {res['predicted_batch']} ({res['predictor']}, "
-          f"{res['predicted_bytes_per_sample'] / mib:.2f} MiB/sample)")
+    print(
+        f"fit: predicted batch {res['predicted_batch']} ({res['predictor']}, "
+        f"{res['predicted_bytes_per_sample'] / mib:.2f} MiB/sample)"
+    )
     for b, m in res["runs"].items():
         print(f"  batch {b}: {m['status']}" + (f", peak {m['peak_bytes'] / mib:.1f} MiB" if m["peak_bytes"] else ""))
     if res["boundary_confirmed"]:
-        print(f"fit: largest batch {res['batch']} under {res['budget_mib']:g} MiB: peak "
-              f"{(res['peak_bytes'] or 0) / mib:.1f} MiB, {res['samples_per_s'] or 0:.1f} samples/s (measured)")
+        print(
+            f"fit: largest batch {res['batch']} under {res['budget_mib']:g} MiB: peak "
+            f"{(res['peak_bytes'] or 0) / mib:.1f} MiB, {res['samples_per_s'] or 0:.1f} samples/s (measured)"
+        )
     else:
         print(f"fit: boundary not confirmed within plan.fit_max_runs={pc.fit_max_runs} runs")
     return 0
@@ -194,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("overrides", nargs="*", help="workload=W technique=[...] run.memory_budget_mib=B")
     args = p.parse_args(argv)
     try:
-        return {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "plan": cmd_plan, "fit": cmd_fit}[args.cmd](args)
+        return {"run": cmd_run, "report": cmd_report, "compare": cmd_compare, "plan": cmd_plan, "fit": cmd_fit}[
+            args.cmd
+        ](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)
         return 2

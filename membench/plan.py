@@ -239,7 +239,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
     family = base["workload"]["_target_"]
     gap = cal.allocator_gap() if dev == "cuda" else None
     rows, rejected = [], []
-    for ov, cell in zip(cands, cells):
+    for ov, cell in zip(cands, cells, strict=True):
         if isinstance(cell, ConfigError):
             rejected.append({"reason": str(cell)})
             continue
@@ -270,7 +270,15 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
 
     def finish(r: dict) -> None:
         p = r["predictions"]
-        best = "simulation" if "simulation" in p else "hybrid" if "hybrid" in p else "calibrated" if "calibrated" in p else "analytic"
+        best = (
+            "simulation"
+            if "simulation" in p
+            else "hybrid"
+            if "hybrid" in p
+            else "calibrated"
+            if "calibrated" in p
+            else "analytic"
+        )
         peak = p[best]["peak_bytes"] * (gap[0] if gap else 1.0)
         r["best_predictor"] = best
         r["peak_bytes"] = peak
@@ -408,8 +416,10 @@ def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
             "time_source": r["time_source"],
             "measured": m,
             "peak_error": (r["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None,
-            "peak_error_by": {n: (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None
-                              for n, p in r["predictions"].items()},  # fmt: skip
+            "peak_error_by": {
+                n: (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None
+                for n, p in r["predictions"].items()
+            },  # fmt: skip
             "step_error": (pred_step - m["median_step_s"]) / m["median_step_s"]
             if pred_step and m["median_step_s"]
             else None,
@@ -445,7 +455,9 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     a = analytic(wl, techs, b, run.world_size)
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None)
     kept, _ = sim.split(techs)
-    delta = sum(a["states"]["device"].values()) - sum(model_states(wl.model, wl.blocks(), kept, run.world_size)["device"].values())
+    delta = sum(a["states"]["device"].values()) - sum(
+        model_states(wl.model, wl.blocks(), kept, run.world_size)["device"].values()
+    )
     name = "hybrid" if s["left_out"] else "simulation"
     return {"peak_bytes": s["peak_bytes"] + delta, "predictor": name, "analytic_bytes": a["peak_bytes"],
             "act_per_sample": a["act_per_sample"], "method": s["method"]}  # fmt: skip
