@@ -28,6 +28,7 @@ from membench.calibrate import Calibration, key, label
 from membench.calibrate import load as load_records
 from membench.errors import ConfigError
 from membench.predict import model_states
+from techniques import quantization as quant
 
 FAMILIES = ("activation_checkpointing", "precision", "zero", "optimizer_8bit", "quantized_base")
 CHECKPOINTING = (None, "selective", "every_k", "full")
@@ -273,6 +274,11 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
             rejected.append({"techniques": key(cell.get("technique")), "reason": str(e)})
             continue
         kk = key(cell.get("technique"))
+        qb = next((t for t in techs if t.kind == "quantized_base"), None)
+        if qb is not None and not quant.linear_targets(wl.model, wl.blocks(), qb.quantize_outside_blocks):
+            # the same refusal QuantizedBase.apply() gives at run time, found here before any run
+            rejected.append({"techniques": kk, "reason": "technique.quantized_base: no nn.Linear in the blocks"})
+            continue
         a = analytic(wl, techs, run.batch_size, run.world_size)
         preds = {"analytic": a}
         pf = cal.peak_factor(kk, family)
