@@ -332,7 +332,9 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
             if len(simulated) >= pc.simulate:
                 continue
             progress(f"membench: simulating {r['label']} ...")
-            simulated[k] = sim.simulate(wcfg, r["_techs"], run.batch_size, run.seed, pc.max_layers or None)
+            simulated[k] = sim.simulate(
+                wcfg, r["_techs"], run.batch_size, run.seed, pc.max_layers or None, sim_device(dev)
+            )
         s = simulated[k]
         left = [t for t in r["_techs"] if t.kind in s["left_out"] or t.kind in sim.NOT_SIMULATED]
         if s["left_out"] or left:
@@ -343,7 +345,9 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
             r["predictions"]["hybrid"] = {"peak_bytes": s["peak_bytes"] + delta, "simulated_peak_bytes": s["peak_bytes"],
                                           "state_delta_bytes": delta, "method": s["method"], "left_out": s["left_out"]}  # fmt: skip
         else:
-            r["predictions"]["simulation"] = {k2: s[k2] for k2 in ("peak_bytes", "by_category", "method", "seconds")}
+            r["predictions"]["simulation"] = {
+                k2: s[k2] for k2 in ("peak_bytes", "by_category", "method", "seconds", "device")
+            }
         finish(r)
     rows.sort(key=rank_key)
     for r in rows:
@@ -366,6 +370,11 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         "seconds": time.perf_counter() - t0,
         "rows": rows,
     }
+
+
+def sim_device(device_type: str) -> str:
+    """Fake tensors on the planned device where it exists here; CPU kernels otherwise (labelled in the JSON)."""
+    return "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 def device_type_of_cfg(cfg: dict) -> str:
@@ -483,7 +492,7 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     b = batch_size or run.batch_size
     wl = fake_workload(wcfg, run.seed)
     a = analytic(wl, techs, b, run.world_size)
-    s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None)
+    s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
     kept, _ = sim.split(techs)
     delta = sum(a["states"]["device"].values()) - sum(
         model_states(wl.model, wl.blocks(), kept, run.world_size)["device"].values()

@@ -66,9 +66,10 @@ def _step(wl, model, optimizer, patch, batch, after_forward=None) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0) -> dict:
-    """One warm-up step (allocates optimizer state) then one MemTracker step, all on fake tensors (CPU)."""
-    device = torch.device("cpu")
+def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
+    """One warm-up step (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
+    fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels."""
+    device = torch.device(device)
     pure = any(t.kind == "bf16_pure" for t in techniques)
     techniques = [dataclasses.replace(t) for t in techniques if t.kind != "bf16_pure"]
     default_dtype = torch.get_default_dtype()
@@ -77,7 +78,8 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0) -> dict:
         # bf16_pure: Module.to() cannot swap fake parameters, so the model is built in bf16 instead (same bytes)
         torch.set_default_dtype(torch.bfloat16 if pure else default_dtype)
         try:
-            wl = wcfg.build(seed)
+            with device:  # Module.to() cannot swap fake parameters either: build on the device directly
+                wl = wcfg.build(seed)
         finally:
             torch.set_default_dtype(default_dtype)
         if pure:
@@ -92,7 +94,7 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0) -> dict:
     return {"peak_bytes": mem.peak_bytes, "by_category": mem.by_category, "after_forward": mem.after_forward}
 
 
-def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4) -> dict:
+def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:
     """Fake-tensor peak of the simulatable `techniques`; per-layer extrapolation above `max_layers` blocks.
     Returns peak_bytes, by_category, method, the kinds left out, and the seconds it took."""
     t0 = time.perf_counter()
@@ -100,16 +102,16 @@ def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int |
     key = layer_key(wcfg)
     n = getattr(wcfg, key) if key else None
     if key is None or max_layers is None or n <= max_layers:
-        out = simulate_once(wcfg, sim, batch_size, seed)
+        out = simulate_once(wcfg, sim, batch_size, seed, device)
         method = "fake-tensor step, full model"
     else:
         period = next((t.every_k for t in sim if t.kind == "activation_checkpointing" and t.mode == "every_k"), 1)
         lo, hi = period, 2 * period
-        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed)
-        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed)
+        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device)
+        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device)
         f = (n - lo) / (hi - lo)
         cats = {c: a["by_category"][c] + f * (b["by_category"][c] - a["by_category"][c]) for c in a["by_category"]}
         out = {"peak_bytes": a["peak_bytes"] + f * (b["peak_bytes"] - a["peak_bytes"]), "by_category": cats}
         method = f"fake-tensor steps at {key}={lo},{hi}, extrapolated per layer to {n}"
-    out.update(method=method, left_out=[t.kind for t in rest], seconds=time.perf_counter() - t0)
+    out.update(device=str(device), method=method, left_out=[t.kind for t in rest], seconds=time.perf_counter() - t0)
     return out
