@@ -464,16 +464,22 @@ def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
             else None,
             "over_budget": m["status"] == "oom",
         }
+        out.append((record, cfg, check))
+    # step time without a recorded baseline: ratios to the first verified plan, predicted vs measured
+    first = out[0][2] if out else None
+    for record, cfg, check in out:
+        m0, m = first["measured"]["median_step_s"], check["measured"]["median_step_s"]
+        if m0 and m:
+            check["step_vs_first"] = {"predicted": check["time_ratio"] / first["time_ratio"], "measured": m / m0}
         _attach(record, cfg["run"]["results_dir"], check)
-        out.append(check)
-    return out
+    return [c for _, _, c in out]
 
 
 def verify_table(checks: list[dict]) -> str:
     mib = 2**20
     lines = [
-        "| techniques | status | predicted MiB (by) | measured MiB | error | pred step s | meas step s | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| techniques | status | predicted MiB (by) | measured MiB | error | step vs #1 pred | step vs #1 meas |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         m = c["measured"]
@@ -481,7 +487,7 @@ def verify_table(checks: list[dict]) -> str:
         lines.append(
             f"| {c['label']} | {m['status']} | {c['predicted_peak_bytes'] / mib:.1f} ({c['predictor']}) | "
             f"{f(m['peak_bytes'] and m['peak_bytes'] / mib, '.1f')} | {f(c['peak_error'], '+.1%')} | "
-            f"{f(c['predicted_step_s'], '.4f')} | {f(m['median_step_s'], '.4f')} | {f(c['step_error'], '+.1%')} |"
+            f"{f(c.get('step_vs_first', {}).get('predicted'), '.2f')} | {f(c.get('step_vs_first', {}).get('measured'), '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -552,3 +558,25 @@ def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
         "runs": {str(k): v for k, v in sorted(tried.items())},
         "budget_mib": budget_mib,
     }
+
+
+def study_table(records: list[dict]) -> str:
+    """Predicted vs measured peak of every verified plan (records carrying `plan_check`), for docs/plan.md."""
+    mib = 2**20
+    lines = [
+        "| workload | batch | budget MiB | techniques | status | predictor | predicted MiB | measured MiB | error "
+        "| analytic error | fits (pred/meas) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in records if "plan_check" in r), key=lambda r: r["run_id"]):
+        c, m = r["plan_check"], r["plan_check"]["measured"]
+        ae = c["peak_error_by"].get("analytic")
+        meas = "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / mib:.2f}"
+        err = "n/a" if c["peak_error"] is None else f"{c['peak_error']:+.1%}"
+        lines.append(
+            f"| {r['config']['workload']['preset']} | {r['config']['run']['batch_size']} | {c['budget_mib']:g} | "
+            f"{c.get('label', c['techniques'])} | {m['status']} | {c['predictor']} | "
+            f"{c['predicted_peak_bytes'] / mib:.2f} | {meas} | {err} | {'n/a' if ae is None else f'{ae:+.1%}'} | "
+            f"{'yes' if c['predicted_fits'] else 'no'}/{'no' if c['over_budget'] else 'yes'} |"
+        )
+    return "\n".join(lines)

@@ -56,7 +56,8 @@ def layer_key(wcfg) -> str | None:
     return "n_layer" if hasattr(wcfg, "n_layer") else None
 
 
-def _step(wl, model, optimizer, patch, batch, after_forward=None) -> None:
+def _step(wl, model, optimizer, patch, batch_size, device, after_forward=None) -> None:
+    batch = wl.batch(0, batch_size, device)  # made inside the step, as in execute.py: the tracker counts it
     with patch.step_context():
         loss = wl.loss(model, batch)
     if after_forward:
@@ -88,9 +89,9 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
         model, patch = compose.apply_all(compose.ordered(techniques), wl.model, ctx)
         wl.model = model
         optimizer = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        batch = wl.batch(0, batch_size, device)
-        _step(wl, model, optimizer, patch, batch)
-        mem, _ = measure.measure_memory(functools.partial(_step, wl, model, optimizer, patch, batch), model, optimizer)
+        _step(wl, model, optimizer, patch, batch_size, device)
+        step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device)
+        mem, _ = measure.measure_memory(step, model, optimizer)
     return {"peak_bytes": mem.peak_bytes, "by_category": mem.by_category, "after_forward": mem.after_forward}
 
 
