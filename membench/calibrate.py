@@ -1,6 +1,6 @@
 """Predictor (c): calibration from records measured on the same hardware profile.
 
-From ok records whose hardware matches (CPU model for CPU runs; GPU name for CUDA runs, any GPU when planning
+From ok records whose hardware matches (CPU model and bf16 instructions for CPU runs; GPU name for CUDA runs, any GPU when planning
 for CUDA on a machine without one), it derives: step-time ratios of a technique set against the baseline of
 the same preset and batch; quality deltas against that baseline; the ratio of the measured MemTracker peak to
 the record's own analytic sum (params + grads + optimizer + activations); and on CUDA the allocator/tracker
@@ -22,17 +22,23 @@ def _profile(record: dict) -> tuple[str, str] | None:
     if dev.startswith("cuda"):
         return ("cuda", env.get("gpu") or "")
     if dev.startswith("cpu"):
-        return ("cpu", env.get("cpu") or "")
+        return ("cpu", _cpu_name(env.get("cpu") or "", env.get("cpu_flags") or []))
     return None
+
+
+def _cpu_name(model: str, flags: list[str]) -> str:
+    """CPU model plus whether it has bf16 instructions: one cloud model name covers hosts with and without
+    them, and 16-bit step times differ 20-40x between the two (membench.execute's precision note)."""
+    return model + (" +bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else " -bf16")
 
 
 def current_profile(device_type: str) -> tuple[str, str | None]:
     """Profile to match: this CPU's model, or this GPU's name (None: any GPU, when none is visible)."""
-    from membench.records import _cpu_model
+    from membench.records import _cpu_model, cpu_flags
 
     if device_type == "cuda":
         return ("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    return ("cpu", _cpu_model())
+    return ("cpu", _cpu_name(_cpu_model(), cpu_flags()))
 
 
 def load(roots: list[str], device_type: str) -> list[dict]:
