@@ -123,3 +123,37 @@ def test_fake_cuda_step_matches_real_tracker_on_gpu(tech):
     got = simulate(build(cfg["workload"], "workload"), techs, cfg["run"]["batch_size"], device="cuda")
     assert got["device"] == "cuda"
     assert abs(got["peak_bytes"] - mem["peak_bytes"]) / mem["peak_bytes"] < 0.02, (got["peak_bytes"], mem)
+
+
+def test_calibration_reads_only_the_same_hardware_profile(tmp_path):
+    import json
+
+    from membench.calibrate import Calibration, current_profile, load
+
+    cpu = current_profile("cpu")[1]
+    model, bf16 = cpu.rsplit(" ", 1)
+    flags = ["avx512_bf16"] if bf16 == "+bf16" else []
+
+    def rec(name, tech, step_s, quality, peak, cpu_model=model, cpu_flags=flags):
+        r = {
+            "status": "ok",
+            "run_id": name,
+            "config": {"workload": {"preset": "p", "_target_": "W"}, "run": {"batch_size": 4}, "technique": tech},
+            "env": {"cpu": cpu_model, "cpu_flags": cpu_flags},
+            "timing": {"device": "cpu", "median_step_s": step_s},
+            "quality": {"metric": "eval_loss", "value": quality},
+            "memory": {"peak_bytes": peak, "predicted_by_category": {"params": 100, "other": None}},
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+
+    ck = {"activation_checkpointing": {"_target_": "x", "mode": "full"}}
+    rec("a", {}, 1.0, 2.0, 120)
+    rec("b", ck, 1.5, 2.0, 90)
+    rec("c", ck, 9.0, 5.0, 900, cpu_model="another CPU")  # other hardware: ignored
+    rec("d", ck, 9.0, 5.0, 900, cpu_flags=["amx_bf16"] if not flags else [])  # same name, other bf16 support
+    cal = Calibration(load([str(tmp_path)], "cpu"))
+    assert len(cal.records) == 2
+    assert cal.time_ratio("activation_checkpointing(mode=full)") == (1.5, 1)
+    assert cal.peak_factor("activation_checkpointing(mode=full)") == (0.9, 1)
+    assert cal.quality_delta("activation_checkpointing(mode=full)") == (0.0, "eval_loss", 1)
+    assert cal.allocator_gap() is None
