@@ -318,7 +318,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         r["peak_bytes"] = peak
         r["allocator_gap"] = gap[0] if gap else None
         r["host_bytes"] = p["analytic"]["host_bytes"]
-        margin = max([HYBRID_MARGIN.get(k, 0.0) for k in r["kinds"]] if best == "hybrid" else [0.0])
+        margin = max([HYBRID_MARGIN.get(k, 0.0) for k in r["kinds"]] + [0.0]) if best == "hybrid" else 0.0
         r["fit_margin"] = margin
         r["fits"] = peak * (1 + margin) <= budget
         slope = p["analytic"]["act_per_sample"] or 1.0
@@ -342,14 +342,13 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
                 wcfg, r["_techs"], run.batch_size, run.seed, pc.max_layers or None, sim_device(dev)
             )
         s = simulated[k]
-        left = [t for t in r["_techs"] if t.kind in s["left_out"] or t.kind in sim.NOT_SIMULATED]
-        if s["left_out"] or left:
+        kept, left = sim.split(r["_techs"])  # per row: rows share a simulation but not what it left out
+        if left:
             full = r["predictions"]["analytic"]["states"]["device"]
-            kept, _ = sim.split(r["_techs"])
             part = model_states(wl.model, wl.blocks(), kept, run.world_size)["device"]
             delta = sum(full.values()) - sum(part.values())
             r["predictions"]["hybrid"] = {"peak_bytes": s["peak_bytes"] + delta, "simulated_peak_bytes": s["peak_bytes"],
-                                          "state_delta_bytes": delta, "method": s["method"], "left_out": s["left_out"]}  # fmt: skip
+                                          "state_delta_bytes": delta, "method": s["method"], "left_out": [t.kind for t in left]}  # fmt: skip
         else:
             r["predictions"]["simulation"] = {
                 k2: s[k2] for k2 in ("peak_bytes", "by_category", "method", "seconds", "device")
