@@ -168,6 +168,48 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from membench import plan as pl
+
+    pc, user = pl.split_overrides(args.overrides)
+    if args.verify is not None:
+        pc.verify = args.verify
+    result = pl.plan(user, pc, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if pc.verify:
+        result["verified"] = pl.verify(
+            result, user, pc.verify, progress=lambda m: print(m, file=sys.stderr, flush=True)
+        )
+    out = pc.out or str(Path(result["results_dir"]) / f"plan-{result['workload']}.json")
+    print(pl.table(result, pc.top))
+    if pc.verify:
+        print(pl.verify_table(result["verified"]))
+    print(f"membench: plan written to {pl.write_json(result, out)}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from membench import plan as pl
+
+    pc, user = pl.split_overrides(args.overrides)
+    cfg = plan(user, False)[0]
+    res = pl.fit(cfg, pc, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    mib = 2**20
+    print(
+        f"fit: predicted batch {res['predicted_batch']} ({res['predictor']}, "
+        f"{res['predicted_bytes_per_sample'] / mib:.2f} MiB/sample)"
+    )
+    for b, m in res["runs"].items():
+        print(f"  batch {b}: {m['status']}" + (f", peak {m['peak_bytes'] / mib:.1f} MiB" if m["peak_bytes"] else ""))
+    if res["boundary_confirmed"]:
+        print(
+            f"fit: largest batch {res['batch']} under {res['budget_mib']:g} MiB: peak "
+            f"{(res['peak_bytes'] or 0) / mib:.1f} MiB, {res['samples_per_s'] or 0:.1f} samples/s (measured)"
+        )
+    else:
+        print(f"fit: boundary not confirmed within plan.fit_max_runs={pc.fit_max_runs} runs")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,9 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="every record as one row of a flat table (CSV or Parquet, via pandas)")
     e.add_argument("results_dir")
     e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
+    pl = sub.add_parser("plan", help="rank technique combinations that fit run.memory_budget_mib (predicted)")
+    pl.add_argument("--verify", type=int, default=None, metavar="K", help="run the top K fitting plans for real")
+    pl.add_argument("overrides", nargs="*", help="workload=W run.memory_budget_mib=B [run.world_size=N] plan.*=...")
+    ft = sub.add_parser("fit", help="largest batch under run.memory_budget_mib: predicted, then real runs")
+    ft.add_argument("overrides", nargs="*", help="workload=W technique=[...] run.memory_budget_mib=B")
     args = p.parse_args(argv)
     try:
         commands = {
+            "plan": cmd_plan,
+            "fit": cmd_fit,
             "run": cmd_run,
             "report": cmd_report,
             "compare": cmd_compare,

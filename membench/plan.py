@@ -1,0 +1,587 @@
+"""`membench plan` and `membench fit`: which technique combination makes a workload fit a memory budget.
+
+Enumerates checkpointing x precision x ZeRO stage/offload x 8-bit optimizer x quantized base, rejects invalid
+combinations with the same validate()/check() rules as `run`, and predicts each one three ways, labelled:
+`analytic` (model states by bytes-per-parameter rules + the workload's activation model), `simulation` /
+`hybrid` (a fake-tensor step under MemTracker, membench/simulate.py; hybrid adds the analytic model-state
+change of techniques that cannot be simulated) and `calibrated` (analytic scaled by records of the same
+hardware, membench/calibrate.py). The best available one decides `fits`. No library ranks the whole
+space (accelerate and DeepSpeed's estimators cover model states of one configuration), so the search is ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from membench import simulate as sim
+from membench.calibrate import Calibration, key, label
+from membench.calibrate import load as load_records
+from membench.errors import ConfigError
+from membench.predict import model_states
+from techniques import quantization as quant
+
+FAMILIES = ("activation_checkpointing", "precision", "zero", "optimizer_8bit", "quantized_base")
+CHECKPOINTING = (None, "selective", "every_k", "full")
+PRECISION = (None, "bf16", "fp16", "bf16_pure")
+# Step-time priors (x the baseline step) where no record of the same hardware says otherwise: one extra
+# forward of the checkpointed blocks is about 1/3 of forward + backward; selective recomputes cheap ops only.
+TIME_PRIOR = {
+    "activation_checkpointing:full": 1.33,
+    "activation_checkpointing:every_k": 1.17,
+    "activation_checkpointing:selective": 1.1,
+    "optimizer_8bit": 1.05,
+    "quantized_base": 1.3,
+    "zero:3": 1.15,
+    "zero:offload": 1.5,
+}
+# `fits` margin for hybrid predictions of techniques whose kernels allocate what neither the simulation nor
+# the state rules see: bitsandbytes' LoRA path (dequantized weights, adapter intermediates) measured 6.5%
+# above the hybrid on gpt_tiny (docs/plan.md).
+HYBRID_MARGIN = {"quantized_base": 0.10}
+HALF_SPEED = {"cuda": 0.6, "cpu_native": 0.8, "cpu_emulated": 20.0}  # 16-bit step vs fp32
+
+
+@dataclass
+class PlanConfig:
+    allow_approximate: bool = True  # false keeps exact techniques only (checkpointing, ZeRO)
+    techniques: list[str] = field(default_factory=lambda: list(FAMILIES))  # families to combine
+    simulate: int = 8  # distinct fake-tensor simulations, spent on the best-ranked candidates
+    max_layers: int = 4  # above this many blocks, simulate 2 layer counts and extrapolate per layer
+    top: int = 20  # rows printed
+    verify: int = 0  # run the top K fitting plans for real and compare
+    out: str = ""  # JSON path; default RESULTS_DIR/plan-PRESET.json
+    records: list[str] = field(default_factory=lambda: ["results"])  # roots searched for calibration records
+    fit_max_runs: int = 8  # membench fit: real runs in the batch search
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.techniques) - set(FAMILIES))
+        if bad:
+            raise ConfigError(f"plan.techniques={bad[0]}: unknown family; allowed: {', '.join(FAMILIES)}")
+        for k in ("simulate", "top", "verify", "fit_max_runs", "max_layers"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"plan.{k}={getattr(self, k)}: must be >= 0")
+
+
+def split_overrides(overrides: list[str]) -> tuple[PlanConfig, list[str]]:
+    """`plan.*` overrides -> PlanConfig (typed); the rest go to Hydra."""
+    mine = [o for o in overrides if o.startswith("plan.")]
+    rest = [o for o in overrides if not o.startswith("plan.")]
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(PlanConfig), OmegaConf.from_dotlist(mine).get("plan", {}))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"plan.{e.full_key}: {str(e).strip().splitlines()[0]}; allowed: "
+                          f"{', '.join(f.name for f in dataclasses.fields(PlanConfig))}") from None  # fmt: skip
+    return PlanConfig(**OmegaConf.to_container(node)), rest
+
+
+# ---- enumeration ----------------------------------------------------------------------------------------------
+def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[str]]:
+    """Override lists, one per combination (before validation)."""
+    fam = set(pc.techniques)
+    ck = CHECKPOINTING if "activation_checkpointing" in fam else (None,)
+    pr = PRECISION if "precision" in fam and pc.allow_approximate else (None,)
+    o8 = (False, True) if "optimizer_8bit" in fam and pc.allow_approximate else (False,)
+    qb = (False, True) if "quantized_base" in fam and pc.allow_approximate else (False,)
+    zs: list[tuple | None] = [None] if world_size == 1 else []
+    if "zero" in fam:
+        if world_size > 1:
+            zs += [(s, "none", "none") for s in range(4)]
+        if device_type == "cuda":
+            zs += [(s, "cpu", "none") for s in (1, 2, 3)] + [(3, "cpu", "cpu")]
+    out = []
+    for c, p, o, q, z in itertools.product(ck, pr, o8, qb, zs):
+        kinds = [k for k in (c and "activation_checkpointing", p, o and "optimizer_8bit", q and "quantized_base",
+                             z is not None and "zero") if k]  # fmt: skip
+        ov = [f"technique=[{','.join(kinds)}]"]
+        if c:
+            ov.append(f"technique.activation_checkpointing.mode={c}")
+        if z is not None:
+            ov += [f"technique.zero.stage={z[0]}", f"technique.zero.offload_optimizer={z[1]}",
+                   f"technique.zero.offload_params={z[2]}"]  # fmt: skip
+        out.append(ov)
+    return out
+
+
+def validated(cfg: dict, device_type: str):
+    """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
+    from membench.config import build, build_run
+    from techniques import compose
+
+    run = build_run(cfg["run"])
+    wcfg = build(cfg["workload"], "workload")
+    techs = [build(node, f"technique.{name}") for name, node in (cfg.get("technique") or {}).items()]
+    compose.validate(techs, device_type)
+    if run.world_size > 1 and not any(t.kind == "zero" for t in techs):  # execute.build_all's rule
+        raise ConfigError(f"run.world_size={run.world_size}: needs technique zero (stage 0 is plain DDP)")
+    return run, wcfg, techs
+
+
+def compose_cells(user: list[str], extra: list[list[str]]) -> list[dict | ConfigError]:
+    """Compose user overrides + each candidate's; a ConfigError in place of a cell that fails composition."""
+    from hydra import initialize_config_dir
+
+    from membench.cli import CONF_DIR, _compose
+    from membench.config import register_schema
+
+    register_schema()
+    out: list = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for ov in extra:
+            try:
+                out.append(OmegaConf.to_container(_compose([*user, *ov]), resolve=True))
+            except ConfigError as e:
+                out.append(e)
+    return out
+
+
+def fast_cells(user: list[str], base: dict, extra: list[list[str]]) -> list[dict]:
+    """The same dicts compose_cells would give, from one Hydra composition: technique nodes are independent
+    group members, so each candidate copies the ones it names and sets its `technique.K.F=V` overrides.
+    (Composing hundreds of candidates through Hydra took minutes on this machine.)"""
+    import copy
+
+    import yaml
+
+    kinds = sorted({k for ov in extra for k in ov[0].split("=", 1)[1].strip("[]").split(",") if k})
+    nodes = compose_cells(user, [[f"technique=[{','.join(kinds)}]"]])[0]["technique"] if kinds else {}
+    out = []
+    for ov in extra:
+        cell = copy.deepcopy(base)
+        cell["technique"] = {k: copy.deepcopy(nodes[k]) for k in ov[0].split("=", 1)[1].strip("[]").split(",") if k}
+        for o in ov[1:]:
+            path, value = o.split("=", 1)
+            _, kind, fld = path.split(".")
+            cell["technique"][kind][fld] = yaml.safe_load(value)
+        out.append(cell)
+    return out
+
+
+# ---- prediction ----------------------------------------------------------------------------------------------
+def device_type_of(run) -> str:
+    if run.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return run.device
+
+
+def fake_workload(wcfg, seed: int):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return wcfg.build(seed)
+
+
+def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
+    from techniques.base import Context, Prediction
+
+    pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
+    ctx = Context(workload=wl, device=torch.device("cpu"), run=None)
+    for t in techs:
+        if t.kind in ("activation_checkpointing", "bf16", "fp16", "bf16_pure"):
+            t.predict(pred, ctx)
+    states = model_states(wl.model, wl.blocks(), techs, world_size)
+
+    def act(b: int) -> float:
+        return wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None)[
+            "total"
+        ]
+
+    by_cat = {**states["device"], "activations": act(batch_size)}
+    return {
+        "peak_bytes": sum(by_cat.values()),
+        "by_category": by_cat,
+        "host_bytes": sum(states["host"].values()),
+        "states": states,
+        "act_per_sample": act(batch_size + 1) - act(batch_size),
+        "rule": states["rule"],
+    }
+
+
+def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family: str) -> tuple[float, str]:
+    got = cal.time_ratio(kinds_key, family)
+    if got:
+        return got[0], f"calibrated ({got[1]} record(s))"
+    r = 1.0
+    for t in techs:
+        if t.kind == "activation_checkpointing":
+            r *= TIME_PRIOR[f"activation_checkpointing:{t.mode}"]
+        elif t.kind in ("bf16", "fp16", "bf16_pure"):
+            if device_type == "cuda":
+                r *= HALF_SPEED["cuda"]
+            else:
+                from membench.records import cpu_flags
+
+                native = {"avx512_bf16", "amx_bf16"} & set(cpu_flags())
+                r *= HALF_SPEED["cpu_native" if native else "cpu_emulated"]
+        elif t.kind == "zero":
+            if t.offload_optimizer != "none":
+                r *= TIME_PRIOR["zero:offload"]
+            elif t.stage == 3:
+                r *= TIME_PRIOR["zero:3"]
+        elif t.kind in TIME_PRIOR:
+            r *= TIME_PRIOR[t.kind]
+    return r, "prior"
+
+
+def quality(kinds_key: str, techs, cal: Calibration, family: str) -> dict:
+    exact = all(t.exact for t in techs)
+    out = {"exact": exact, "risk": "exact" if exact else "approximate"}
+    got = cal.quality_delta(kinds_key, family)
+    if got and not exact:
+        out.update(delta=got[0], metric=got[1], records=got[2])
+    return out
+
+
+def sim_key(techs) -> tuple:
+    s, _ = sim.split(techs)
+    return tuple(sorted((t.kind, getattr(t, "mode", ""), getattr(t, "every_k", 0)) for t in s))
+
+
+def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
+    """Enumerate, validate, predict, rank. Returns the JSON-able plan."""
+    t0 = time.perf_counter()
+    if any(o.lstrip("+~").startswith("technique") for o in user):
+        raise ConfigError("technique: plan enumerates techniques itself; use plan.techniques=[...] to restrict")
+    base = compose_cells(user, [[]])[0]
+    if isinstance(base, ConfigError):
+        raise base
+    from membench.config import build, build_run
+
+    run, wcfg = build_run(base["run"]), build(base["workload"], "workload")
+    dev = device_type_of(run)
+    if not run.memory_budget_mib:
+        raise ConfigError("run.memory_budget_mib=null: plan needs a budget; e.g. run.memory_budget_mib=81920")
+    budget = run.memory_budget_mib * 2**20
+    cands = candidates(run.world_size, dev, pc)
+    cells = fast_cells(user, base, cands)
+    cal = Calibration(load_records(pc.records, dev))
+    wl = fake_workload(wcfg, run.seed)
+    family = base["workload"]["_target_"]
+    gap = cal.allocator_gap() if dev == "cuda" else None
+    rows, rejected = [], []
+    for ov, cell in zip(cands, cells, strict=True):
+        if isinstance(cell, ConfigError):
+            rejected.append({"reason": str(cell)})
+            continue
+        try:
+            _, _, techs = validated(cell, dev)
+        except ConfigError as e:
+            rejected.append({"techniques": key(cell.get("technique")), "reason": str(e)})
+            continue
+        kk = key(cell.get("technique"))
+        qb = next((t for t in techs if t.kind == "quantized_base"), None)
+        if qb is not None and not quant.linear_targets(wl.model, wl.blocks(), qb.quantize_outside_blocks):
+            # the same refusal QuantizedBase.apply() gives at run time, found here before any run
+            rejected.append({"techniques": kk, "reason": "technique.quantized_base: no nn.Linear in the blocks"})
+            continue
+        a = analytic(wl, techs, run.batch_size, run.world_size)
+        preds = {"analytic": a}
+        pf = cal.peak_factor(kk, family)
+        if pf:
+            preds["calibrated"] = {"peak_bytes": a["peak_bytes"] * pf[0], "records": pf[1], "factor": pf[0]}
+        tr, tsrc = time_ratio(kk, techs, dev, cal, family)
+        rows.append({
+            "label": label(cell.get("technique")),
+            "techniques": kk,
+            "kinds": [t.kind for t in techs],
+            "overrides": ov,
+            "config": cell,
+            "predictions": preds,
+            "time_ratio": tr,
+            "time_source": tsrc,
+            "quality": quality(kk, techs, cal, family),
+            "_techs": techs,
+        })  # fmt: skip
+
+    def finish(r: dict) -> None:
+        p = r["predictions"]
+        best = (
+            "simulation"
+            if "simulation" in p
+            else "hybrid"
+            if "hybrid" in p
+            else "calibrated"
+            if "calibrated" in p
+            else "analytic"
+        )
+        peak = p[best]["peak_bytes"] * (gap[0] if gap else 1.0)
+        r["best_predictor"] = best
+        r["peak_bytes"] = peak
+        r["allocator_gap"] = gap[0] if gap else None
+        r["host_bytes"] = p["analytic"]["host_bytes"]
+        margin = max([HYBRID_MARGIN.get(k, 0.0) for k in r["kinds"]] + [0.0]) if best == "hybrid" else 0.0
+        r["fit_margin"] = margin
+        r["fits"] = peak * (1 + margin) <= budget
+        slope = p["analytic"]["act_per_sample"] or 1.0
+        r["max_batch"] = max(0, run.batch_size + math.floor((budget - peak) / slope))
+        r["max_batch_source"] = f"linear in batch from the analytic activation slope, anchored at {best}"
+
+    def rank_key(r: dict):
+        return (not r["fits"], r["time_ratio"], not r["quality"]["exact"], r["peak_bytes"])
+
+    for r in rows:
+        finish(r)
+    rows.sort(key=rank_key)
+    simulated: dict[tuple, dict] = {}
+    for r in rows:
+        k = sim_key(r["_techs"])
+        if k not in simulated:
+            if len(simulated) >= pc.simulate:
+                continue
+            progress(f"membench: simulating {r['label']} ...")
+            simulated[k] = sim.simulate(
+                wcfg, r["_techs"], run.batch_size, run.seed, pc.max_layers or None, sim_device(dev)
+            )
+        s = simulated[k]
+        kept, left = sim.split(r["_techs"])  # per row: rows share a simulation but not what it left out
+        if left:
+            full = r["predictions"]["analytic"]["states"]["device"]
+            part = model_states(wl.model, wl.blocks(), kept, run.world_size)["device"]
+            delta = sum(full.values()) - sum(part.values())
+            r["predictions"]["hybrid"] = {"peak_bytes": s["peak_bytes"] + delta, "simulated_peak_bytes": s["peak_bytes"],
+                                          "state_delta_bytes": delta, "method": s["method"], "left_out": [t.kind for t in left]}  # fmt: skip
+        else:
+            r["predictions"]["simulation"] = {
+                k2: s[k2] for k2 in ("peak_bytes", "by_category", "method", "seconds", "device")
+            }
+        finish(r)
+    rows.sort(key=rank_key)
+    for r in rows:
+        r.pop("_techs")
+        r.pop("config")
+        r["predictions"]["analytic"].pop("states")
+    return {
+        "workload": base["workload"]["preset"],
+        "device": dev,
+        "world_size": run.world_size,
+        "batch_size": run.batch_size,
+        "budget_mib": run.memory_budget_mib,
+        "results_dir": run.results_dir,
+        "overrides": user,
+        "plan": dataclasses.asdict(pc),
+        "candidates": len(cells),
+        "rejected": rejected,
+        "calibration_records": len(cal.records),
+        "simulations": len(simulated),
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
+
+
+def sim_device(device_type: str) -> str:
+    """Fake tensors on the planned device where it exists here; CPU kernels otherwise (labelled in the JSON)."""
+    return "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def device_type_of_cfg(cfg: dict) -> str:
+    d = cfg["run"]["device"]
+    return ("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d
+
+
+def table(result: dict, top: int) -> str:
+    mib = 2**20
+    lines = [
+        f"plan: {result['workload']} on {result['device']} x{result['world_size']}, batch {result['batch_size']}, "
+        f"budget {result['budget_mib']:g} MiB; {len(result['rows'])} valid of {result['candidates']} "
+        f"({len(result['rejected'])} rejected), {result['simulations']} simulation(s), {result['seconds']:.0f} s",
+        "| # | techniques | fits | peak MiB | by | analytic MiB | host MiB | max batch | step x | quality |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(result["rows"][:top], 1):
+        q = r["quality"]
+        qt = q["risk"] + (f" ({q['metric']} {q['delta']:+.3f})" if "delta" in q else "")
+        lines.append(
+            f"| {i} | {r['label']} | {'yes' if r['fits'] else 'no'} | {r['peak_bytes'] / mib:.1f} | "
+            f"{r['best_predictor']} | {r['predictions']['analytic']['peak_bytes'] / mib:.1f} | "
+            f"{r['host_bytes'] / mib:.1f} | {r['max_batch']} | {r['time_ratio']:.2f} ({r['time_source'].split(' ')[0]}) | {qt} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=1, default=str))
+    return p
+
+
+# ---- verification and fit: real runs, one child process each (membench.runner.run_cell) ------------------------
+def _measured(record: dict) -> dict:
+    ok = record["status"] == "ok"
+    return {
+        "status": record["status"],
+        "peak_bytes": record["memory"]["peak_bytes"] if ok else None,
+        "median_step_s": record["timing"]["median_step_s"] if ok else None,
+        "samples_per_s": record["timing"]["samples_per_s"] if ok else None,
+        "run_id": record["run_id"],
+    }
+
+
+def _attach(record: dict, results_dir: str, check: dict) -> None:
+    """Keep prediction and error in the run's own record (same file, rewritten atomically)."""
+    from membench.records import write_record
+
+    record["plan_check"] = check
+    write_record(results_dir, record)
+
+
+def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
+    """Run the top `k` plans predicted to fit; compare predicted and measured peak (and step time)."""
+    from membench.runner import run_cell
+
+    cal = Calibration(load_records(result["plan"]["records"], result["device"]))
+    base_step = cal.baseline_step_s(result["workload"], result["batch_size"])
+    out = []
+    for r in [r for r in result["rows"] if r["fits"]][:k]:
+        cfg = compose_cells(user, [r["overrides"]])[0]
+        progress(f"membench: verifying {r['label']} ...")
+        record = run_cell(cfg, cfg["run"]["results_dir"], cfg["run"]["timeout_s"])
+        m = _measured(record)
+        pred_step = base_step * r["time_ratio"] if base_step else None
+        check = {
+            "techniques": r["techniques"],
+            "label": r["label"],
+            "predictor": r["best_predictor"],
+            "predicted_peak_bytes": r["peak_bytes"],
+            "predicted_by": {n: p["peak_bytes"] for n, p in r["predictions"].items()},
+            "predicted_fits": r["fits"],
+            "budget_mib": result["budget_mib"],
+            "predicted_step_s": pred_step,
+            "time_ratio": r["time_ratio"],
+            "time_source": r["time_source"],
+            "measured": m,
+            "peak_error": (r["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None,
+            "peak_error_by": {
+                n: (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None
+                for n, p in r["predictions"].items()
+            },  # fmt: skip
+            "step_error": (pred_step - m["median_step_s"]) / m["median_step_s"]
+            if pred_step and m["median_step_s"]
+            else None,
+            "over_budget": m["status"] == "oom",
+        }
+        out.append((record, cfg, check))
+    # step time without a recorded baseline: ratios to the first verified plan, predicted vs measured
+    first = out[0][2] if out else None
+    for record, cfg, check in out:
+        m0, m = first["measured"]["median_step_s"], check["measured"]["median_step_s"]
+        if m0 and m:
+            check["step_vs_first"] = {"predicted": check["time_ratio"] / first["time_ratio"], "measured": m / m0}
+        _attach(record, cfg["run"]["results_dir"], check)
+    return [c for _, _, c in out]
+
+
+def verify_table(checks: list[dict]) -> str:
+    mib = 2**20
+    lines = [
+        "| techniques | status | predicted MiB (by) | measured MiB | error | step vs #1 pred | step vs #1 meas |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        m = c["measured"]
+        f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+        lines.append(
+            f"| {c['label']} | {m['status']} | {c['predicted_peak_bytes'] / mib:.1f} ({c['predictor']}) | "
+            f"{f(m['peak_bytes'] and m['peak_bytes'] / mib, '.1f')} | {f(c['peak_error'], '+.1%')} | "
+            f"{f(c.get('step_vs_first', {}).get('predicted'), '.2f')} | {f(c.get('step_vs_first', {}).get('measured'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dict:
+    """Best prediction (simulation, else hybrid, else analytic) of one composed config."""
+    run, wcfg, techs = validated(cfg, device_type_of_cfg(cfg))
+    b = batch_size or run.batch_size
+    wl = fake_workload(wcfg, run.seed)
+    a = analytic(wl, techs, b, run.world_size)
+    s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
+    kept, _ = sim.split(techs)
+    delta = sum(a["states"]["device"].values()) - sum(
+        model_states(wl.model, wl.blocks(), kept, run.world_size)["device"].values()
+    )
+    name = "hybrid" if s["left_out"] else "simulation"
+    return {"peak_bytes": s["peak_bytes"] + delta, "predictor": name, "analytic_bytes": a["peak_bytes"],
+            "act_per_sample": a["act_per_sample"], "method": s["method"]}  # fmt: skip
+
+
+def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
+    """Largest batch under run.memory_budget_mib: predicted, then a short search of real runs."""
+    from membench.runner import run_cell
+
+    runner = runner or (lambda c: run_cell(c, c["run"]["results_dir"], c["run"]["timeout_s"]))
+    budget_mib = cfg["run"].get("memory_budget_mib")
+    if not budget_mib:
+        raise ConfigError("run.memory_budget_mib=null: fit needs a budget; e.g. run.memory_budget_mib=512")
+    budget = budget_mib * 2**20
+    p1 = predict_one(cfg, pc, 1)
+    p2 = predict_one(cfg, pc, 2)
+    slope = p2["peak_bytes"] - p1["peak_bytes"]  # peak is affine in batch: two simulated points fix it
+    predicted = max(0, 1 + math.floor((budget - p1["peak_bytes"]) / slope)) if slope > 0 else 0
+    tried: dict[int, dict] = {}
+
+    def ok(b: int) -> bool:
+        if b not in tried:
+            c = json.loads(json.dumps(cfg))
+            c["run"]["batch_size"] = b
+            progress(f"membench: fit: running batch {b} ...")
+            m = _measured(runner(c))
+            tried[b] = m
+        return tried[b]["status"] == "ok"
+
+    lo, hi = 0, None  # largest known ok, smallest known over
+    b = max(1, predicted)
+    while len(tried) < pc.fit_max_runs:
+        if ok(b):
+            lo = b
+        else:
+            hi = b
+        if hi is not None and hi - lo <= 1:
+            break
+        b = (lo + hi) // 2 if hi is not None else lo + max(1, lo // 4)
+        if b < 1:
+            break
+    found = lo if hi is not None and hi - lo <= 1 else None
+    best = tried.get(lo, {})
+    return {
+        "predicted_batch": predicted,
+        "predicted_peak_at_1": p1["peak_bytes"],
+        "predicted_bytes_per_sample": slope,
+        "predictor": p1["predictor"],
+        "batch": found,
+        "boundary_confirmed": found is not None,
+        "peak_bytes": best.get("peak_bytes"),
+        "samples_per_s": best.get("samples_per_s"),
+        "runs": {str(k): v for k, v in sorted(tried.items())},
+        "budget_mib": budget_mib,
+    }
+
+
+def study_table(records: list[dict]) -> str:
+    """Predicted vs measured peak of every verified plan (records carrying `plan_check`), for docs/plan.md."""
+    mib = 2**20
+    lines = [
+        "| workload | batch | budget MiB | techniques | status | predictor | predicted MiB | measured MiB | error "
+        "| analytic error | fits (pred/meas) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in records if "plan_check" in r), key=lambda r: r["run_id"]):
+        c, m = r["plan_check"], r["plan_check"]["measured"]
+        ae = c["peak_error_by"].get("analytic")
+        meas = "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / mib:.2f}"
+        err = "n/a" if c["peak_error"] is None else f"{c['peak_error']:+.1%}"
+        lines.append(
+            f"| {r['config']['workload']['preset']} | {r['config']['run']['batch_size']} | {c['budget_mib']:g} | "
+            f"{c.get('label', c['techniques'])} | {m['status']} | {c['predictor']} | "
+            f"{c['predicted_peak_bytes'] / mib:.2f} | {meas} | {err} | {'n/a' if ae is None else f'{ae:+.1%}'} | "
+            f"{'yes' if c['predicted_fits'] else 'no'}/{'no' if c['over_budget'] else 'yes'} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Predictor (b): one real training step of the configured model on fake tensors, measured by MemTracker.
+
+torch's FakeTensorMode gives every tensor a shape, dtype and device but no storage, so the workload, its
+techniques and a warm-up + measured step run as written (torchtitan estimates memory the same way) while
+MemTracker counts bytes by category exactly as in a real run. Large presets: when `max_layers` is set and the
+workload has more blocks, the step is simulated at two layer counts and extrapolated per layer (the blocks
+are identical), which is exact when peak bytes are affine in the layer count.
+
+What cannot be simulated (no fake-tensor kernels, or data-dependent host reads): bitsandbytes
+(optimizer_8bit, quantized_base), DeepSpeed and process groups (zero), torch-pruning's tracing
+(prune_structured, prune_unstructured). fp16 is simulated as bf16 autocast (same bytes; GradScaler reads
+`found_inf` with .item()). weight_quant acts after training, so a training step is the baseline's. The
+planner adds the analytic model-state difference for the techniques left out (predictor "hybrid").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from membench import measure
+from techniques import compose
+from techniques.base import Context
+from techniques.precision import BF16, _cast_float_inputs
+
+SIMULATED = ("activation_checkpointing", "bf16", "bf16_pure", "fp16", "weight_quant")
+NOT_SIMULATED = {
+    "optimizer_8bit": "bitsandbytes/torchao kernels have no fake-tensor implementation",
+    "quantized_base": "bitsandbytes 4/8-bit matmuls have no fake-tensor implementation",
+    "zero": "DeepSpeed engines and process groups do not run on fake tensors here",
+    "prune_structured": "torch-pruning traces and edits real weights",
+    "prune_unstructured": "magnitude thresholds read real weight values",
+}
+
+
+def split(techniques) -> tuple[list, list]:
+    """(simulated, left out): fp16 stands in as bf16 autocast, weight_quant drops out (post-training only)."""
+    sim, rest = [], []
+    for t in techniques:
+        if t.kind == "fp16":
+            sim.append(BF16())
+        elif t.kind in SIMULATED:
+            if t.kind != "weight_quant":
+                sim.append(t)
+        else:
+            rest.append(t)
+    return sim, rest
+
+
+def layer_key(wcfg) -> str | None:
+    """The config field counting identical blocks, when the workload has one (GPT: n_layer)."""
+    return "n_layer" if hasattr(wcfg, "n_layer") else None
+
+
+def _step(wl, model, optimizer, patch, batch_size, device, after_forward=None) -> None:
+    batch = wl.batch(0, batch_size, device)  # made inside the step, as in execute.py: the tracker counts it
+    with patch.step_context():
+        loss = wl.loss(model, batch)
+    if after_forward:
+        after_forward()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
+    """One warm-up step (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
+    fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels."""
+    device = torch.device(device)
+    pure = any(t.kind == "bf16_pure" for t in techniques)
+    techniques = [dataclasses.replace(t) for t in techniques if t.kind != "bf16_pure"]
+    default_dtype = torch.get_default_dtype()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.manual_seed(seed)
+        # bf16_pure: Module.to() cannot swap fake parameters, so the model is built in bf16 instead (same bytes)
+        torch.set_default_dtype(torch.bfloat16 if pure else default_dtype)
+        try:
+            with device:  # Module.to() cannot swap fake parameters either: build on the device directly
+                wl = wcfg.build(seed)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if pure:
+            wl.model.register_forward_pre_hook(_cast_float_inputs)
+        ctx = Context(workload=wl, device=device, run=None)
+        model, patch = compose.apply_all(compose.ordered(techniques), wl.model, ctx)
+        wl.model = model
+        optimizer = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        _step(wl, model, optimizer, patch, batch_size, device)
+        step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device)
+        mem, _ = measure.measure_memory(step, model, optimizer)
+    return {"peak_bytes": mem.peak_bytes, "by_category": mem.by_category, "after_forward": mem.after_forward}
+
+
+def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:
+    """Fake-tensor peak of the simulatable `techniques`; per-layer extrapolation above `max_layers` blocks.
+    Returns peak_bytes, by_category, method, the kinds left out, and the seconds it took."""
+    t0 = time.perf_counter()
+    sim, rest = split(techniques)
+    key = layer_key(wcfg)
+    n = getattr(wcfg, key) if key else None
+    if key is None or max_layers is None or n <= max_layers:
+        out = simulate_once(wcfg, sim, batch_size, seed, device)
+        method = "fake-tensor step, full model"
+    else:
+        period = next((t.every_k for t in sim if t.kind == "activation_checkpointing" and t.mode == "every_k"), 1)
+        lo, hi = period, 2 * period
+        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device)
+        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device)
+        f = (n - lo) / (hi - lo)
+        cats = {c: a["by_category"][c] + f * (b["by_category"][c] - a["by_category"][c]) for c in a["by_category"]}
+        out = {"peak_bytes": a["peak_bytes"] + f * (b["peak_bytes"] - a["peak_bytes"]), "by_category": cats}
+        method = f"fake-tensor steps at {key}={lo},{hi}, extrapolated per layer to {n}"
+    out.update(device=str(device), method=method, left_out=[t.kind for t in rest], seconds=time.perf_counter() - t0)
+    return out

@@ -1,0 +1,64 @@
+"""Fake-tensor simulation (membench/simulate.py) against the real MemTracker step, on tiny CPU workloads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from membench.config import build
+from membench.simulate import NOT_SIMULATED, simulate
+from tests.helpers import compose, run_inprocess
+
+SHORT = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1", "run.device=cpu")
+
+
+def _parts(cfg: dict):
+    wcfg = build(cfg["workload"], "workload")
+    techs = [build(n, f"technique.{k}") for k, n in (cfg.get("technique") or {}).items()]
+    return wcfg, techs
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("workload=gpt_tiny",),
+        (
+            "workload=gpt_tiny",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=selective",
+        ),
+        (
+            "workload=gpt_tiny",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=every_k",
+        ),
+        ("workload=gpt_tiny", "technique=[fp16]"),
+        ("workload=gpt_tiny", "technique=[bf16_pure]"),
+        ("workload=gpt_tiny", "technique=[activation_checkpointing,bf16]", "run.batch_size=5"),
+        ("workload=digits_cnn_tiny", "technique=[activation_checkpointing]"),
+    ],
+    ids=["base", "ac_selective", "ac_every_k", "fp16", "bf16_pure", "ac_bf16_b5", "digits_ac"],
+)
+def test_fake_step_matches_real_tracker(overrides):
+    cfg = compose(*overrides, *SHORT)
+    measured = run_inprocess(*overrides, *SHORT)["memory"]["peak_bytes"]
+    wcfg, techs = _parts(cfg)
+    predicted = simulate(wcfg, techs, cfg["run"]["batch_size"], cfg["run"]["seed"], max_layers=None)["peak_bytes"]
+    assert abs(predicted - measured) / measured < 0.02, (predicted, measured)
+
+
+def test_per_layer_extrapolation_equals_full_simulation():
+    wcfg, techs = _parts(compose("workload=gpt_tiny", "workload.n_layer=5", "technique=[activation_checkpointing]"))
+    full = simulate(wcfg, techs, 4, max_layers=None)
+    extrapolated = simulate(wcfg, techs, 4, max_layers=2)
+    assert "extrapolated" in extrapolated["method"] and "full model" in full["method"]
+    assert extrapolated["peak_bytes"] == full["peak_bytes"]
+    assert simulate(dataclasses.replace(wcfg, n_layer=1), techs, 4)["peak_bytes"] < full["peak_bytes"]
+
+
+def test_what_cannot_be_simulated_is_left_out_and_named():
+    wcfg, techs = _parts(compose("workload=gpt_tiny", "technique=[optimizer_8bit,bf16]"))
+    out = simulate(wcfg, techs, 2)
+    assert out["left_out"] == ["optimizer_8bit"] and "bitsandbytes" in NOT_SIMULATED["optimizer_8bit"]
+    assert set(NOT_SIMULATED) == {"optimizer_8bit", "quantized_base", "zero", "prune_structured", "prune_unstructured"}
