@@ -20,7 +20,7 @@ def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
     act = workload.activation_model(
         batch_size, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None
     )
-    if pred.act_extra_bytes:
+    if pred.act_extra_bytes and act["total"] is not None:  # workloads without an activation model predict none
         act = {**act, "technique_extra": pred.act_extra_bytes, "total": act["total"] + pred.act_extra_bytes}
     return {
         "by_category": {

@@ -104,19 +104,7 @@ EXPECTED = {
     },
     "custom": {},
 }
-# membench/predict.py adds prune_unstructured's act_extra_bytes to the activation total, which is None for
-# workloads without an analytic model: a real run ends in a TypeError until predict.py skips None totals.
-PREDICT_NONE = pytest.mark.xfail(strict=True, raises=TypeError, reason="predict.py: None + act_extra_bytes")
-PAIRS = [
-    pytest.param(
-        w,
-        t,
-        id=f"{w}-{t}",
-        marks=PREDICT_NONE if (w, t) in {("hf", "prune_unstructured"), ("custom", "prune_unstructured")} else (),
-    )
-    for w in EXPECTED
-    for t in TECHNIQUES
-]
+PAIRS = [pytest.param(w, t, id=f"{w}-{t}") for w in EXPECTED for t in TECHNIQUES]
 
 
 @pytest.mark.parametrize("workload,technique", PAIRS)
