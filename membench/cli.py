@@ -174,6 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from membench.launch import split_sweep, update_sweep_file, write_sweep_file
     from membench.launch.progress import Display
     from membench.records import ok_hashes
+    from membench.runner import clear_stale_lock
 
     if not any(o.split("=", 1)[0] == "run.launcher" and o.endswith("=slurm") for o in args.overrides):
         from membench.runner import warm_up
@@ -189,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = c.config["run"]
         if not run["force"] and c.chash in done[run["results_dir"]]:
             display.skipped(c.label, "ok record exists; run.force=true re-runs")
+            clear_stale_lock(run["results_dir"], c.chash)
         else:
             todo.append(c)
     results_dir = cells[0].config["run"]["results_dir"] if cells else "."

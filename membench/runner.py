@@ -112,6 +112,13 @@ def try_lock(results_dir: str | Path, chash: str, timeout_s: float, label: str =
     return None, holder
 
 
+def clear_stale_lock(results_dir: str | Path, chash: str) -> None:
+    """Remove the cell's lock if its holder is dead (a killed sweep's lock on a cell that had already finished)."""
+    path = locks_dir(results_dir) / f"{chash}.lock"
+    if path.exists() and not lock_is_live(read_lock(path)):
+        path.unlink(missing_ok=True)
+
+
 def release_lock(path: Path | None) -> None:
     if path is not None:
         path.unlink(missing_ok=True)
