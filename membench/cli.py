@@ -176,7 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from membench.records import ok_hashes
     from membench.runner import clear_stale_lock
 
-    if not any(o.split("=", 1)[0] == "run.launcher" and o.endswith("=slurm") for o in args.overrides):
+    slurm = any(o.split("=", 1)[0] == "run.launcher" and o.endswith("=slurm") for o in args.overrides)
+    if not slurm and os.environ.get("MEMBENCH_START_METHOD", "auto") == "auto":
         from membench.runner import warm_up
 
         warm_up()  # the forkserver imports torch and the harness while the cells are planned

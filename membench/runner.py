@@ -139,7 +139,9 @@ class Cell:
     threads: int = 0  # torch threads for this cell (CPU share); 0 keeps torch's default
     devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES for this cell (CUDA cells)
     label: str = ""
-    start_method: str = "auto"  # auto: fork CPU cells from the forkserver; exec: always a fresh interpreter
+    # auto: fork CPU cells from the forkserver; exec: always a fresh interpreter (MEMBENCH_START_METHOD=exec sets
+    # it for a whole sweep: an escape hatch should a library misbehave after fork, and the baseline of start-up cost)
+    start_method: str = field(default_factory=lambda: os.environ.get("MEMBENCH_START_METHOD", "auto"))
     chash: str = field(init=False)
     run_id: str = field(init=False)
     started: float = 0.0
