@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from membench.cli import main
 from membench.records import load_records, validate_record
 from membench.runner import read_lock, release_lock, try_lock
@@ -146,3 +148,17 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path, capsys):
     assert len(list((tmp_path / "submitit").glob("*_result.pkl"))) == 2  # submitit's own job files
     assert main(["status", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("  ok ") == 2
+
+
+@pytest.mark.gpu
+def test_jobs_auto_hands_each_cuda_cell_its_own_device(tmp_path, capsys):
+    from membench.launch.local import visible_gpus
+
+    gpus = visible_gpus()
+    rc = main(["run", "-m", *TINY, "run.device=cuda", "run.seed=0,1", "run.jobs=auto", f"run.results_dir={tmp_path}"])
+    assert rc == 0, capsys.readouterr().out
+    used = [r["launch"]["cuda_visible_devices"] for r in load_records(tmp_path)]
+    assert all(len(u) == 1 and u[0] in gpus for u in used)
+    out = capsys.readouterr().out
+    if len(gpus) >= 2:  # two cells at once, on two different devices
+        assert len({u[0] for u in used}) == 2 and "1/2 done, 1 running" in out
