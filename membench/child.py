@@ -22,6 +22,7 @@ from membench.errors import MemoryBudgetExceeded
 from membench.records import environment, skeleton, write_record
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def die_with_parent() -> None:
@@ -35,6 +36,24 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
         os._exit(1)
+
+
+_last_progress = [0.0]
+
+
+def report_progress(step: int, total: int, every_s: float = 2.0) -> None:
+    """For the step loop (membench/execute.py): tell the sweep how far this cell is, so a cell that runs for
+    minutes shows its step count and time left. At most one small atomic file write every `every_s` seconds;
+    a no-op outside a sweep (no MEMBENCH_PROGRESS_FILE)."""
+    path = os.environ.get("MEMBENCH_PROGRESS_FILE")
+    now = time.monotonic()
+    if not path or (now - _last_progress[0] < every_s and step < total):
+        return
+    _last_progress[0] = now
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "total": total, "time": time.time()}, f)
+    os.replace(tmp, path)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -86,6 +105,10 @@ def forked_main(spec_path: str, log_path: str, env: dict[str, str]) -> None:
     """Body of a cell forked from the sweep's forkserver: own session, dies with its parent, output to the log."""
     os.setsid()
     die_with_parent()
+    try:  # `ps -o comm`/top show the cell, not the forkserver's command line it was forked from
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, b"membench-cell", 0, 0, 0)
+    except OSError:
+        pass
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -182,7 +182,11 @@ class Cell:
             )
         )
         self.log = tmp / "child.log"
-        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.progress_file = tmp / "progress.json"
+        env = {
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "MEMBENCH_PROGRESS_FILE": str(self.progress_file),
+        }
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         self.started = time.monotonic()
@@ -210,6 +214,16 @@ class Cell:
     def sentinel(self):
         """A waitable handle (multiprocessing.connection.wait) for the fork path; None for a Popen child."""
         return getattr(self._proc, "sentinel", None)
+
+    def progress(self) -> tuple[int, int, float] | None:
+        """(step, total steps, seconds left at the pace so far) as the child last reported it (child.report_progress)."""
+        try:
+            p = json.loads(self.progress_file.read_text())
+        except (OSError, ValueError, AttributeError):
+            return None
+        elapsed = time.monotonic() - self.started
+        left = elapsed / p["step"] * (p["total"] - p["step"]) if p["step"] else float("nan")
+        return p["step"], p["total"], left
 
     def returncode(self) -> int | None:
         if isinstance(self._proc, subprocess.Popen):

@@ -162,3 +162,19 @@ def test_jobs_auto_hands_each_cuda_cell_its_own_device(tmp_path, capsys):
     out = capsys.readouterr().out
     if len(gpus) >= 2:  # two cells at once, on two different devices
         assert len({u[0] for u in used}) == 2 and "1/2 done, 1 running" in out
+
+
+def test_a_long_cell_shows_its_step_count_and_time_left(tmp_path, monkeypatch):
+    """The child's progress reports reach the parent (the step loop calls child.report_progress)."""
+    from membench.child import report_progress
+    from membench.cli import plan
+    from membench.runner import Cell
+
+    cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
+    cell = Cell(cfg, str(tmp_path), 60)
+    cell.progress_file = tmp_path / "progress.json"
+    cell.started = time.monotonic() - 10.0
+    monkeypatch.setenv("MEMBENCH_PROGRESS_FILE", str(cell.progress_file))
+    report_progress(5, 20)
+    step, total, left = cell.progress()
+    assert (step, total) == (5, 20) and 29.0 < left < 31.0  # 10 s for 5 steps: 15 steps left ~ 30 s

@@ -18,6 +18,8 @@ from membench.launch import Planned
 from membench.launch.progress import Display
 from membench.runner import Cell
 
+LONG_CELL_S = 30.0  # a running cell older than this prints its step count every LONG_CELL_S seconds
+
 
 class Cancelled(BaseException):
     """SIGTERM during a sweep: running cells are killed and the sweep exits 143 (like KeyboardInterrupt, 130)."""
@@ -77,6 +79,7 @@ def run_local(cells: list[Planned], jobs: str, display: Display) -> list[dict]:
         raise Cancelled()
 
     old = signal.signal(signal.SIGTERM, on_term)
+    shown = time.monotonic()
     try:
         while pending or running:
             while pending and len(running) < k:
@@ -111,6 +114,11 @@ def run_local(cells: list[Planned], jobs: str, display: Display) -> list[dict]:
                 wait(sentinels, timeout=0.5)
             else:
                 time.sleep(0.2)
+            if time.monotonic() - shown > LONG_CELL_S:  # cells that run for minutes say how far they are
+                shown = time.monotonic()
+                for cell, _ in running:
+                    if time.monotonic() - cell.started > LONG_CELL_S and (p := cell.progress()):
+                        display.line(f"  ...    {cell.label}: step {p[0]}/{p[1]}, ~{p[2]:.0f} s left")
             for entry in list(running):
                 cell, held = entry
                 if cell.poll():
