@@ -303,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"membench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("membench: cancelled (SIGINT): running cells killed, no record written for them", file=sys.stderr)
+        print("membench: cancelled (SIGINT)", file=sys.stderr)
         return 130
     except BaseException as e:
         from membench.launch.local import Cancelled
 
         if isinstance(e, Cancelled):
-            print("membench: cancelled (SIGTERM): running cells killed, no record written for them", file=sys.stderr)
+            print("membench: cancelled (SIGTERM)", file=sys.stderr)
             return 143
         raise
 

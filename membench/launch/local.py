@@ -131,6 +131,8 @@ def run_local(cells: list[Planned], jobs: str, display: Display) -> list[dict]:
     except BaseException:
         for cell, _ in running:
             cell.cancel()
+        if running:
+            display.line(f"membench: killed {len(running)} running cell(s); no record is written for them")
         raise
     finally:
         signal.signal(signal.SIGTERM, old)

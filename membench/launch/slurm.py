@@ -80,8 +80,6 @@ def executor(slurm: dict, cells: list[Planned], folder: Path):
 
 
 def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display, on_submit=None) -> list[dict]:
-    from membench.report import summary_line
-
     ex = executor(slurm, cells, folder)
     jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells])
     if on_submit is not None:
@@ -91,6 +89,21 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
     records: list[dict] = []
     left = list(zip(cells, jobs, strict=True))
     t0 = time.monotonic()
+    try:
+        _follow(left, display, records, t0)
+    except KeyboardInterrupt:
+        ids = ", ".join(j.job_id for _, j in left[:3]) + (" ..." if len(left) > 3 else "")
+        display.line(
+            f"membench: detached; {len(left)} job(s) go on ({ids}); `membench status RESULTS_DIR --wait` "
+            "re-attaches, `scancel JOB_ID` cancels"
+        )
+        raise
+    return records
+
+
+def _follow(left: list, display: Display, records: list[dict], t0: float) -> None:
+    from membench.report import summary_line
+
     while left:
         for entry in list(left):
             c, j = entry
@@ -108,4 +121,3 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
             records.append(rec)
             display.finished(c.label, rec, summary_line(rec), time.monotonic() - t0)
         time.sleep(0.5 if left else 0)
-    return records
