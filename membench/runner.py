@@ -176,7 +176,8 @@ class Cell:
                     "config": self.config,
                     "run_id": self.run_id,
                     "config_hash": self.chash,
-                    "results_dir": str(self.results_dir),
+                    # absolute: a forked child works in the forkserver's directory, not the sweep's current one
+                    "results_dir": str(Path(self.results_dir).resolve()),
                     "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
                 }
             )
