@@ -109,7 +109,10 @@ def forked_main(spec_path: str, log_path: str, env: dict[str, str]) -> None:
         ctypes.CDLL(None).prctl(_PR_SET_NAME, b"membench-cell", 0, 0, 0)
     except OSError:
         pass
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError:  # the sweep was cancelled while this cell started: its folder is gone, nothing to run
+        os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)

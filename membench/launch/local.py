@@ -21,6 +21,9 @@ from membench.runner import Cell
 LONG_CELL_S = 30.0  # a running cell older than this prints its step count every LONG_CELL_S seconds
 
 
+_CANCEL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 class Cancelled(BaseException):
     """SIGTERM during a sweep: running cells are killed and the sweep exits 143 (like KeyboardInterrupt, 130)."""
 
@@ -101,11 +104,15 @@ def run_local(cells: list[Planned], jobs: str, display: Display) -> list[dict]:
                     free.extend(held)
                     display.skipped(item.label, f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})")
                     continue
+                # a signal between the fork request and the handle being stored would orphan the cell: hold it
+                signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
                 try:
                     cell.start()
                 except BaseException:
                     cell.cancel()
                     raise
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CANCEL_SIGNALS)
                 running.append((cell, held))
                 where = f"GPU {','.join(held)}" if held else (f"{threads} threads" if threads else "")
                 display.started(item.label, where)
