@@ -63,7 +63,7 @@ def _wait_for(cond, timeout_s: float = 240.0) -> None:
 
 def test_kill_9_of_the_sweep_leaves_no_process_and_a_rerun_runs_each_unfinished_cell_once(tmp_path):
     mark = uuid.uuid4().hex
-    p = _sweep(tmp_path, "run.seed=0,1,2", mark=mark)
+    p = _sweep(tmp_path, "run.seed=0,1", mark=mark)
     _wait_for(lambda: len(list((tmp_path / "runs").glob("*.json"))) >= 1 or p.poll() is not None)
     assert p.poll() is None, p.stdout.read()
     os.killpg(p.pid, signal.SIGKILL)  # the whole shell job, as the issue tried it
@@ -73,14 +73,14 @@ def test_kill_9_of_the_sweep_leaves_no_process_and_a_rerun_runs_each_unfinished_
     assert before and all(r["status"] == "ok" for r in before.values())
     assert list((tmp_path / "locks").glob("*.lock"))  # the killed sweep could not clean up: stale locks remain
 
-    again = _sweep(tmp_path, "run.seed=0,1,2", mark=mark)
+    again = _sweep(tmp_path, "run.seed=0,1", mark=mark)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     after = load_records(tmp_path)
     by_cell: dict[str, list[str]] = {}
     for r in after:
         by_cell.setdefault(r["config_hash"], []).append(r["status"])
-    assert sorted(r["config"]["run"]["seed"] for r in after) == [0, 1, 2]
+    assert sorted(r["config"]["run"]["seed"] for r in after) == [0, 1]
     assert all(s == ["ok"] for s in by_cell.values()), by_cell  # each cell exactly once, none lost
     assert set(before) <= {r["run_id"] for r in after}  # finished records kept as they were
     assert out.count("skip ") == len(before) and not list((tmp_path / "locks").glob("*.lock"))
