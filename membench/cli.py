@@ -1,20 +1,25 @@
-"""`membench run [-m] [overrides...]`, `membench report [results_dir]`, `membench compare BASE NEW`.
+"""`membench run [-m] [overrides...]`, `membench list`, `membench status RESULTS_DIR`, `membench report [results_dir]`,
+`membench compare BASE NEW`.
 
 Overrides follow Hydra's grammar. Sweeps (`-m`, e.g. `run.seed=0,1` or `technique=choice([],[bf16])`) are
 expanded with Hydra's own sweeper; `+experiment=NAME` adds the experiment's cells. Every cell is composed
-and validated before the first run starts; then each runs in its own child process (membench/runner.py).
+and validated before the first run starts; then a launcher (membench/launch/) runs each in its own child process.
+Exit codes of `run`: 0 every cell ok (or already recorded ok), 1 the sweep finished but some cell is oom, error or
+timeout, 2 bad input (nothing ran), 130/143 cancelled by SIGINT/SIGTERM (no process left, no record of a cancelled run).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from membench.errors import ConfigError
 
 CONF_DIR = Path(os.environ.get("MEMBENCH_CONF", Path(__file__).resolve().parent.parent / "conf"))
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
 def _one_line(e: BaseException) -> str:
@@ -41,10 +46,50 @@ def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [cell for batch in BasicSweeper.split_arguments(parsed, None) for cell in batch]
 
 
+def _allowed(overrides: list[str], parent: str) -> list[str] | None:
+    """Keys under `parent` in the config composed without the offending override (None if that fails too)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    try:
+        node = OmegaConf.select(compose(config_name="config", overrides=overrides), parent)
+    except Exception:  # noqa: BLE001 - the list of allowed keys is a courtesy; the error is reported either way
+        return None
+    return sorted(k for k in node.keys() if k != "_target_") if node is not None else None
+
+
+def _unknown_key(key: str, overrides: list[str]) -> ConfigError:
+    """Hydra's "Could not override 'KEY'" in membench's words: which key, why, what is allowed."""
+    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), key)
+    others = [o for o in overrides if o is not given]
+    parent, _, leaf = key.rpartition(".")
+    parts = key.split(".")
+    if parts[0] == "technique" and len(parts) >= 3:
+        selected = _allowed(others, "technique") or []
+        if parts[1] not in selected:
+            return ConfigError(
+                f"{given}: technique {parts[1]} is not selected; add it (technique=[...,{parts[1]}]); "
+                f"selected: {selected or '[]'}; allowed techniques: {_options('technique')}"
+            )
+    allowed = _allowed(others, parent) if parent else None
+    why = "unknown key"
+    if parts[0] == "workload" and len(parts) == 2:
+        preset = _allowed(others, "workload") and _select(others, "workload.preset")
+        why = f"not a knob of workload {preset}" if preset else why
+    return ConfigError(f"{given}: {why}" + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+
+
+def _select(overrides: list[str], key: str):
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(compose(config_name="config", overrides=overrides), key)
+
+
 def _compose(overrides: list[str]):
     from hydra import compose
     from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
 
     try:
         return compose(config_name="config", overrides=overrides)
@@ -57,11 +102,41 @@ def _compose(overrides: list[str]):
                     raise ConfigError(f"{group}={name}: unknown; allowed: {_options(group)}") from None
         raise ConfigError(_one_line(e)) from None
     except (HydraException, OmegaConfBaseException) as e:
+        m = re.search(r"Could not override '([^']+)'", str(e))
+        if m:
+            raise _unknown_key(m.group(1), overrides) from None
+        m = re.search(r"Error merging override (\S+)", str(e))
+        cause = e.__cause__
+        if m and isinstance(cause, ValidationError):
+            t = re.search(r"could not be converted to (\w+)", str(cause))
+            if t:
+                want = _TYPE_WORDS.get(t.group(1), t.group(1))
+                raise ConfigError(f"{m.group(1)}: expected {want}") from None
+            raise ConfigError(f"{m.group(1)}: {_one_line(cause)}") from None
         raise ConfigError(_one_line(e)) from None
 
 
-def plan(overrides: list[str], multirun: bool) -> list[dict]:
-    """Overrides -> fully resolved, validated config dicts, one per cell. Nothing runs here."""
+def _check_inputs(cfg: dict) -> None:
+    """Inputs a run would only trip over minutes later: the user's own data file must exist and hold data."""
+    wl = cfg["workload"]
+    if "data_path" in wl and wl["data_path"] is not None:
+        path = str(wl["data_path"])
+        if not path.strip():
+            raise ConfigError("workload.data_path='': empty; give a text file, or null for the built-in corpus")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"workload.data_path={path}: no such file")
+        if p.stat().st_size == 0:
+            raise ConfigError(f"workload.data_path={path}: the file is empty")
+    from membench.launch.slurm import SlurmConfig
+
+    if "slurm" in cfg:
+        SlurmConfig(**cfg["slurm"])
+
+
+def plan_cells(overrides: list[str], multirun: bool) -> list[tuple[dict, list[str]]]:
+    """Overrides -> (fully resolved, validated config dict, the overrides that made it), one per cell.
+    Nothing runs here. The configs still hold the sweep knobs (run.jobs, run.launcher, slurm)."""
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -70,7 +145,7 @@ def plan(overrides: list[str], multirun: bool) -> list[dict]:
     from membench.execute import build_all
 
     register_schema()
-    cells: list[dict] = []
+    cells: list[tuple[dict, list[str]]] = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for user in _expand(overrides, multirun):
             base = _compose(user)
@@ -83,33 +158,75 @@ def plan(overrides: list[str], multirun: bool) -> list[dict]:
                 except OmegaConfBaseException as e:
                     raise ConfigError(_one_line(e)) from None
                 build_all(resolved)
-                cells.append(resolved)
+                _check_inputs(resolved)
+                cells.append((resolved, [*list(extra), *user]))
     return cells
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from membench.records import config_hash, ok_hashes
-    from membench.report import summary_line
-    from membench.runner import run_cell
+def plan(overrides: list[str], multirun: bool) -> list[dict]:
+    """Overrides -> fully resolved, validated config dicts, one per cell (without the sweep knobs). Nothing runs."""
+    from membench.launch import split_sweep
 
-    cells = plan(args.overrides, args.multirun)
-    print(f"membench: {len(cells)} run(s) planned", flush=True)
-    counts: dict[str, int] = {}
-    done = {d: ok_hashes(d) for d in {c["run"]["results_dir"] for c in cells}}  # read each results dir once
-    for i, cfg in enumerate(cells, 1):
-        run = cfg["run"]
-        label = f"[{i}/{len(cells)}] {cfg['workload']['preset']} technique={list(cfg.get('technique') or {})}"
-        if not run["force"] and config_hash(cfg) in done[run["results_dir"]]:
-            print(f"{label}: skipped (ok record exists; run.force=true re-runs)", flush=True)
-            counts["skipped"] = counts.get("skipped", 0) + 1
-            continue
-        print(f"{label}: running", flush=True)
-        record = run_cell(cfg, run["results_dir"], run["timeout_s"])
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-        print(f"{label}: {summary_line(record)}", flush=True)
-    # Failed runs are results, not a failed sweep: the exit code stays 0 once every cell has a record.
-    print("membench: done: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), flush=True)
+    return [c.config for c in split_sweep(plan_cells(overrides, multirun)).cells]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from membench.launch import split_sweep, update_sweep_file, write_sweep_file
+    from membench.launch.progress import Display
+    from membench.records import ok_hashes
+    from membench.runner import clear_stale_lock
+
+    slurm = any(o.split("=", 1)[0] == "run.launcher" and o.endswith("=slurm") for o in args.overrides)
+    if not slurm and os.environ.get("MEMBENCH_START_METHOD", "auto") == "auto":
+        from membench.runner import warm_up
+
+        warm_up()  # the forkserver imports torch and the harness while the cells are planned
+    sweep = split_sweep(plan_cells(args.overrides, args.multirun))
+    cells = list({c.chash: c for c in sweep.cells}.values())  # a cell listed twice runs once
+    print(f"membench: {len(cells)} run(s) planned (launcher={sweep.launcher}, jobs={sweep.jobs})", flush=True)
+    done = {d: ok_hashes(d) for d in {c.config["run"]["results_dir"] for c in cells}}  # each results dir read once
+    display = Display(len(cells), 1)
+    todo = []
+    for c in cells:
+        run = c.config["run"]
+        if not run["force"] and c.chash in done[run["results_dir"]]:
+            display.skipped(c.label, "ok record exists; run.force=true re-runs")
+            clear_stale_lock(run["results_dir"], c.chash)
+        else:
+            todo.append(c)
+    results_dir = cells[0].config["run"]["results_dir"] if cells else "."
+    sweep_file = write_sweep_file(results_dir, sweep, sys.argv[1:] if args.argv is None else args.argv)
+    try:
+        if not todo:
+            pass
+        elif sweep.launcher == "slurm":
+            from membench.launch.slurm import run_slurm
+
+            folder = Path(sweep.slurm.get("folder") or Path(results_dir) / "slurm" / sweep_file.stem)
+            display.jobs = len(todo)
+            run_slurm(todo, sweep.slurm, folder, display, lambda ids, f: update_sweep_file(sweep_file, job_ids=ids))
+        else:
+            from membench.launch.local import parallelism, run_local, visible_gpus
+
+            display.jobs = parallelism(sweep.jobs, todo, visible_gpus())
+            run_local(todo, sweep.jobs, display)
+    finally:
+        display.close()
+    print("membench: done: " + ", ".join(f"{n} {s}" for s, n in sorted(display.statuses.items())), flush=True)
+    return 1 if display.failed else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from membench.launch.listing import listing
+
+    print(listing(CONF_DIR))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from membench.launch.status import status
+
+    return status(args.results_dir, wait=args.wait, all_sweeps=args.all)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -210,12 +327,38 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    from membench import SCHEMA_VERSION
+
+    try:
+        v = metadata.version("membench")
+    except metadata.PackageNotFoundError:
+        v = "unknown (not installed)"
+    return f"membench {v} (record schema {SCHEMA_VERSION})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run one experiment, a sweep (-m) or a named study (+experiment=NAME)")
+    r = sub.add_parser(
+        "run",
+        help="run one experiment, a sweep (-m) or a named study (+experiment=NAME)",
+        description="Run one cell, a sweep (-m) or a study (+experiment=NAME); each cell in its own process.",
+        epilog="`membench list` shows every workload, technique and run knob with its default; `membench --version` "
+        "the version. Sweeps: run.jobs=auto|K cells at once; run.launcher=slurm slurm.partition=... submits to Slurm; "
+        "`membench status RESULTS_DIR` shows a sweep. Exit codes: 0 all ok, 1 some cell oom/error/timeout, "
+        "2 bad input, 130/143 cancelled.",
+    )
     r.add_argument("-m", "--multirun", action="store_true", help="expand sweep overrides (a,b or choice(...))")
     r.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. workload=gpt_small technique=[bf16]")
+    sub.add_parser("list", help="workloads with their size knobs, techniques and run knobs with their defaults")
+    st = sub.add_parser("status", help="the cells of the latest sweep into RESULTS_DIR: done, running, pending")
+    st.add_argument("results_dir")
+    st.add_argument("--wait", action="store_true", help="follow until no cell is running or pending (re-attach)")
+    st.add_argument("--all", action="store_true", help="every sweep recorded in RESULTS_DIR, not only the latest")
     rp = sub.add_parser("report", help="print the markdown table of records and write it to a file")
     rp.add_argument("results_dir", nargs="?", default="results")
     rp.add_argument("--experiment", default=None, help="only records of this experiment")
@@ -250,20 +393,33 @@ def main(argv: list[str] | None = None) -> int:
     ft = sub.add_parser("fit", help="largest batch under run.memory_budget_mib: predicted, then real runs")
     ft.add_argument("overrides", nargs="*", help="workload=W technique=[...] run.memory_budget_mib=B")
     args = p.parse_args(argv)
+    args.argv = argv
+    commands = {
+        "run": cmd_run,
+        "list": cmd_list,
+        "status": cmd_status,
+        "plan": cmd_plan,
+        "fit": cmd_fit,
+        "report": cmd_report,
+        "compare": cmd_compare,
+        "history": cmd_history,
+        "export": cmd_export,
+    }
     try:
-        commands = {
-            "plan": cmd_plan,
-            "fit": cmd_fit,
-            "run": cmd_run,
-            "report": cmd_report,
-            "compare": cmd_compare,
-            "history": cmd_history,
-            "export": cmd_export,
-        }
         return commands[args.cmd](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("membench: cancelled (SIGINT)", file=sys.stderr)
+        return 130
+    except BaseException as e:
+        from membench.launch.local import Cancelled
+
+        if isinstance(e, Cancelled):
+            print("membench: cancelled (SIGTERM)", file=sys.stderr)
+            return 143
+        raise
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from membench import mlflow_log
 from membench.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+LAUNCHERS = ("local", "slurm")
 
 
 @dataclass
@@ -37,9 +38,13 @@ class RunConfig:
     world_size: int = 1  # ranks launched for one run (needs technique zero; batch_size is per rank)
     force: bool = False  # re-run cells that already have an ok record
     gpu_busy: str = "fail"  # another process on a cell's GPU: fail | wait (up to timeout_s) | ignore
-    mlflow_uri: str | None = None  # also log each record to MLflow (e.g. file:./mlruns or sqlite:///mlflow.db)
+    mlflow_uri: str | None = None  # also log each record to MLflow (e.g. file:./mlruns)
     cuda_memory_history: bool = False  # CUDA: record the allocator's history in the memory step; the record lists
     # what was live at its peak, by allocation site (slows that one step)
+    # Sweep knobs: one value per sweep, split off the cells before they run (membench/launch/__init__.py), so
+    # they are neither in a cell's identity nor in its record.
+    jobs: str = "1"  # cells at once: K, or auto (CUDA: as many as the GPUs allow; CPU: cores // 4)
+    launcher: str = "local"  # local (this machine) or slurm (submitit; knobs in the slurm group)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "measure_steps", "train_steps", "timeout_s"):
@@ -56,6 +61,10 @@ class RunConfig:
             raise ConfigError(f"run.memory_budget_mib={self.memory_budget_mib}: must be > 0 or null")
         if self.world_size < 1:
             raise ConfigError(f"run.world_size={self.world_size}: must be >= 1 (ranks launched for one run)")
+        if self.jobs != "auto" and not (self.jobs.isdigit() and int(self.jobs) >= 1):
+            raise ConfigError(f"run.jobs={self.jobs}: allowed: auto or a whole number >= 1")
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"run.launcher={self.launcher}: allowed: {', '.join(LAUNCHERS)}")
         need = self.warmup_steps + self.measure_steps + 2
         if self.train_steps < need:
             raise ConfigError(f"run.train_steps={self.train_steps}: must be >= warmup + measure + 2 = {need}")
@@ -73,6 +82,7 @@ def register_schema() -> None:
     """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
     wrong type fails at composition."""
+    from membench.launch.slurm import SlurmConfig
     from workloads.custom import CustomConfig
     from workloads.digits import DigitsConfig
     from workloads.gpt import GPTConfig
@@ -81,6 +91,7 @@ def register_schema() -> None:
 
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
+    cs.store(group="schema", name="slurm", node=SlurmConfig, package="slurm")
     schemas = (("gpt", GPTConfig), ("digits", DigitsConfig), ("llama", LlamaConfig), ("hf", HFConfig))
     for name, cls in (*schemas, ("custom", CustomConfig)):
         node = OmegaConf.structured(cls)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from membench import assemble, distributed, gpuinfo, measure
+from membench.child import report_progress
 from membench.config import build, build_run
 from membench.errors import ConfigError, MemoryBudgetExceeded
 from membench.predict import predict
@@ -113,6 +114,7 @@ class Trainer:
         for hook in p.after_step:
             hook()
         self.losses.append(loss.item())
+        report_progress(len(self.losses), self.run.train_steps)  # the sweep's progress display (a no-op outside)
         return self.losses[-1]
 
     def state_bytes(self) -> dict[str, dict[str, int]]:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -214,6 +213,9 @@ def measure_memory(
     if tracker_factory is not None:
         mt = tracker_factory(model, optimizer)
     else:
+        # imported here: it pulls in dtensor/dynamo (~2 s), which planning a sweep never needs
+        from torch.distributed._tools.mem_tracker import MemTracker
+
         mt = MemTracker()
         mt.track_external(model, optimizer)
     # MemTracker installs a grad hook on every parameter and raises on frozen ones (quantized or LoRA-frozen

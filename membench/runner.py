@@ -1,78 +1,321 @@
-"""The parent side: one child process per run, with a timeout; records for runs the child could not finish.
+"""The parent side of one cell: a child process with a timeout, a lock, and records for runs the child could not finish.
 
-Plain Hydra multirun would reuse one process and leak peak-memory statistics between jobs (Hydra issues
-#2631, #2187), so every cell runs in a fresh interpreter.
+Plain Hydra multirun would reuse one process and leak peak-memory statistics between jobs (Hydra issues #2631,
+#2187), so every cell runs in a fresh process. CPU cells are forked from a multiprocessing forkserver that imported
+torch and the harness once per sweep (about 5 s of imports on a small CPU machine; a fork costs milliseconds and the
+server itself never runs a step, so each cell still starts from a clean state). CUDA cells start a fresh interpreter
+instead: the driver must not be initialised before a fork, and CUDA_VISIBLE_DEVICES is read when it is.
+
+Lifetime: the child starts its own session (the parent kills the whole group: ranks of a multi-rank cell included)
+and asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG, membench/child.py); the forkserver exits
+when the sweep dies, so a killed sweep leaves no cell behind. A lock file per cell (RESULTS_DIR/locks/HASH.lock,
+holder pid and host) keeps a cell that runs elsewhere from starting twice; a lock whose pid is dead on this host is
+stale and taken over. Written here rather than with a lock library because the check the sweep needs (is the holder
+alive, on which host) is the payload of the lock, not the locking.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from membench import gpuinfo, mlflow_log
 from membench.records import config_hash, environment, new_run_id, runs_dir, skeleton, write_record
 
-
-def run_cell(config: dict, results_dir: str, timeout_s: float) -> dict:
-    record = _run_cell(config, results_dir, timeout_s)
-    mlflow_log.log_if_configured(record)  # after the record is on disk (run.mlflow_uri)
-    return record
+ROOT = Path(__file__).resolve().parent.parent
+_FORKSERVER: multiprocessing.context.BaseContext | None = None
 
 
-def _run_cell(config: dict, results_dir: str, timeout_s: float) -> dict:
-    chash = config_hash(config)
-    run_id = new_run_id(chash)
-    busy = gpuinfo.wait_until_free(config["run"])  # another process on the cell's GPUs (run.gpu_busy)
-    if busy:
-        record = dict(skeleton(run_id, chash, config, "error"), error=busy, env=environment())
-        write_record(results_dir, record)
-        return record
-    with tempfile.TemporaryDirectory(prefix="membench-") as tmp:
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(
-            json.dumps({"config": config, "run_id": run_id, "config_hash": chash, "results_dir": str(results_dir)})
-        )
-        log = Path(tmp) / "child.log"
-        env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
-        )
-        argv = [sys.executable, "-m", "membench.child", str(spec)]
-        world = int(config["run"].get("world_size", 1))
-        if world > 1:  # a launcher starts the N ranks in this same process group (membench/distributed.py)
-            argv = [sys.executable, "-m", "membench.distributed", str(world), *argv]
-        with open(log, "w") as logf:
-            proc = subprocess.Popen(
-                argv,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
-            try:
-                rc = proc.wait(timeout=timeout_s)
-                status, error = None, None
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                rc, status, error = None, "timeout", f"no result within run.timeout_s={timeout_s}"
-        tail = log.read_text(errors="replace")[-2000:]
-    path = runs_dir(results_dir) / f"{run_id}.json"
-    if status is None and path.exists():
+def forkserver() -> multiprocessing.context.BaseContext:
+    """The sweep's forkserver context, preloading the child side (started on first use, once per process)."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["membench.child", "membench.execute"])
+        _FORKSERVER = ctx
+    return _FORKSERVER
+
+
+def warm_up() -> None:
+    """Start the forkserver now (its imports overlap the parent's planning); a no-op if already running."""
+    from multiprocessing import forkserver as fs
+
+    forkserver()
+    fs.ensure_running()
+
+
+# ----------------------------------------------------------------------------------------------------- locks
+
+
+def locks_dir(results_dir: str | Path) -> Path:
+    return Path(results_dir) / "locks"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_lock(path: Path) -> dict | None:
+    try:
         return json.loads(path.read_text())
-    if status is None:
-        if rc == -signal.SIGKILL:
-            status, error = "oom", "child killed by SIGKILL (kernel OOM killer?) before writing its record"
+    except (OSError, ValueError):
+        return None
+
+
+def lock_is_live(holder: dict | None) -> bool:
+    """A lock held on this host by a dead pid is stale; one from another host counts as live (its pid cannot be
+    checked from here) until it is older than its cell's timeout plus a minute."""
+    if holder is None:
+        return False
+    if holder.get("host") == socket.gethostname():
+        return _alive(int(holder["pid"]))
+    return time.time() - float(holder.get("started", 0)) < float(holder.get("timeout_s", 0)) + 60
+
+
+def try_lock(results_dir: str | Path, chash: str, timeout_s: float, label: str = "") -> tuple[Path | None, dict | None]:
+    """(lock path, None) when this process now holds the cell's lock; (None, holder) when a live holder has it."""
+    d = locks_dir(results_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{chash}.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "timeout_s": timeout_s}
+    me["label"] = label
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(path)
+            if lock_is_live(holder):
+                return None, holder
+            try:  # stale: move it aside atomically, so of two sweeps taking it over only one wins
+                os.rename(path, d / f".stale-{chash}-{os.getpid()}-{time.time_ns()}")
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path, None
+    holder = read_lock(path)
+    return None, holder
+
+
+def clear_stale_lock(results_dir: str | Path, chash: str) -> None:
+    """Remove the cell's lock if its holder is dead (a killed sweep's lock on a cell that had already finished)."""
+    path = locks_dir(results_dir) / f"{chash}.lock"
+    if path.exists() and not lock_is_live(read_lock(path)):
+        path.unlink(missing_ok=True)
+
+
+def release_lock(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".stale-{path.stem}-*") if path is not None else []:
+        stale.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------- a cell
+
+
+@dataclass
+class Cell:
+    """One running cell: start() launches the child, poll() says whether it ended, finish() returns its record."""
+
+    config: dict
+    results_dir: str
+    timeout_s: float
+    threads: int = 0  # torch threads for this cell (CPU share); 0 keeps torch's default
+    devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES for this cell (CUDA cells)
+    label: str = ""
+    # auto: fork CPU cells from the forkserver; exec: always a fresh interpreter (MEMBENCH_START_METHOD=exec sets
+    # it for a whole sweep: an escape hatch should a library misbehave after fork, and the baseline of start-up cost)
+    start_method: str = field(default_factory=lambda: os.environ.get("MEMBENCH_START_METHOD", "auto"))
+    chash: str = field(init=False)
+    run_id: str = field(init=False)
+    started: float = 0.0
+    _tmp: tempfile.TemporaryDirectory | None = None
+    _proc: object = None
+    _lock: Path | None = None
+    _status: str | None = None
+    _error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.chash = config_hash(self.config)
+        self.run_id = new_run_id(self.chash)
+
+    # the fork path needs a CPU cell; CUDA cells and multi-rank cells exec a fresh interpreter
+    @property
+    def forked(self) -> bool:
+        single = int(self.config["run"].get("world_size", 1)) == 1
+        return self.start_method == "auto" and not self.devices and single
+
+    def lock(self) -> dict | None:
+        """Take the cell's lock; return the live holder's lock data instead when another process runs it."""
+        self._lock, holder = try_lock(self.results_dir, self.chash, self.timeout_s, self.label)
+        return holder
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        visible = ",".join(self.devices) if self.devices is not None else None
+        busy = gpuinfo.wait_until_free(self.config["run"], visible=visible)  # another process on its GPUs
+        if busy:  # an error record, and no child (run.gpu_busy=fail, or wait timed out)
+            self._status, self._error = "error", busy
+            return
+        self._tmp = tempfile.TemporaryDirectory(prefix="membench-")
+        tmp = Path(self._tmp.name)
+        spec = tmp / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "config": self.config,
+                    "run_id": self.run_id,
+                    "config_hash": self.chash,
+                    # absolute: a forked child works in the forkserver's directory, not the sweep's current one
+                    "results_dir": str(Path(self.results_dir).resolve()),
+                    "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
+                }
+            )
+        )
+        self.log = tmp / "child.log"
+        self.progress_file = tmp / "progress.json"
+        env = {
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "MEMBENCH_PROGRESS_FILE": str(self.progress_file),
+        }
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
+        if self.forked:
+            from membench import child
+
+            p = forkserver().Process(target=child.forked_main, args=(str(spec), str(self.log), env), daemon=False)
+            p.start()
+            self._proc = p
+            return
+        argv = [sys.executable, "-m", "membench.child", str(spec)]
+        world = int(self.config["run"].get("world_size", 1))
+        if world > 1:  # a launcher starts the N ranks in the child's process group (membench/distributed.py)
+            argv = [sys.executable, "-m", "membench.distributed", str(world), *argv]
+        with open(self.log, "w") as logf:
+            self._proc = subprocess.Popen(
+                argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, **env)
+            )
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def sentinel(self):
+        """A waitable handle (multiprocessing.connection.wait) for the fork path; None for a Popen child."""
+        return getattr(self._proc, "sentinel", None)
+
+    def progress(self) -> tuple[int, int, float] | None:
+        """(step, total steps, seconds left at the pace so far) as the child last reported it (child.report_progress)."""
+        try:
+            p = json.loads(self.progress_file.read_text())
+        except (OSError, ValueError, AttributeError):
+            return None
+        elapsed = time.monotonic() - self.started
+        left = elapsed / p["step"] * (p["total"] - p["step"]) if p["step"] else float("nan")
+        return p["step"], p["total"], left
+
+    def returncode(self) -> int | None:
+        if self._proc is None:  # never started (device busy)
+            return None
+        if isinstance(self._proc, subprocess.Popen):
+            return self._proc.poll()
+        return self._proc.exitcode
+
+    def poll(self) -> bool:
+        """True once the child has ended (killing it first when past its timeout)."""
+        if self._proc is None or self.returncode() is not None:
+            return True
+        if time.monotonic() - self.started > self.timeout_s:
+            self.kill()
+            self._status, self._error = "timeout", f"no result within run.timeout_s={self.timeout_s}"
+            return True
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the cell's whole process group (it is the leader of its own session) and reap the child."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.returncode() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # forked before its setsid(): not yet a group leader
+            except ProcessLookupError:
+                pass
+        if isinstance(self._proc, subprocess.Popen):
+            self._proc.wait()
         else:
-            status, error = "error", f"child exited with code {rc} before writing its record"
-    record = skeleton(run_id, chash, config, status)
-    record["error"] = error
-    record["child_output_tail"] = tail
-    record["env"] = environment()
-    write_record(results_dir, record)
-    return record
+            self._proc.join()
+
+    def cancel(self) -> None:
+        """Kill the child and leave no record: a cancelled run has no result."""
+        if self._proc is not None:
+            self.kill()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        release_lock(self._lock)
+        self._lock = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def finish(self) -> dict:
+        """The child's record, or one written here for a child that ended without writing it."""
+        rc = self.returncode()
+        log = getattr(self, "log", None)
+        tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+        wall = time.monotonic() - self.started
+        self.cleanup()
+        path = runs_dir(self.results_dir) / f"{self.run_id}.json"
+        if self._status is None and path.exists():
+            record = json.loads(path.read_text())
+            mlflow_log.log_if_configured(record)  # after the record is on disk (run.mlflow_uri)
+            return record
+        status, error = self._status, self._error
+        if status is None:
+            if rc == -signal.SIGKILL:
+                status, error = "oom", "child killed by SIGKILL (kernel OOM killer?) before writing its record"
+            else:
+                status, error = "error", f"child exited with code {rc} before writing its record"
+        record = skeleton(self.run_id, self.chash, self.config, status)
+        record["error"] = error
+        record["child_output_tail"] = tail
+        record["env"] = environment()
+        record["wall_s"] = wall
+        write_record(self.results_dir, record)
+        mlflow_log.log_if_configured(record)
+        return record
+
+
+def run_cell(
+    config: dict, results_dir: str, timeout_s: float, threads: int = 0, devices: list[str] | None = None
+) -> dict:
+    """Run one cell to its end in a child process and return its record (blocking; no lock)."""
+    cell = Cell(config, str(results_dir), timeout_s, threads=threads, devices=devices)
+    cell.start()
+    try:
+        while not cell.poll():
+            time.sleep(0.05)
+    except BaseException:
+        cell.cancel()
+        raise
+    return cell.finish()

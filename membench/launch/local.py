@@ -1,0 +1,146 @@
+"""The local pool: as many cells at once as run.jobs and the machine allow, each its own child (membench/runner.py).
+
+CUDA cells get world_size GPUs each through CUDA_VISIBLE_DEVICES (GPUs listed by NVML, or the parent's
+CUDA_VISIBLE_DEVICES); run.jobs=auto runs as many as the GPUs allow. CPU cells share the cores: with K cells at once
+each gets cores // K torch threads unless run.num_threads names its own; run.jobs=auto on CPU is cores // 4
+(four threads or more per cell), so a small machine runs one cell at a time and timings stay comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from multiprocessing.connection import wait
+
+from membench.errors import ConfigError
+from membench.launch import Planned
+from membench.launch.progress import Display
+from membench.runner import Cell
+
+LONG_CELL_S = 30.0  # a running cell older than this prints its step count every LONG_CELL_S seconds
+
+
+_CANCEL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class Cancelled(BaseException):
+    """SIGTERM during a sweep: running cells are killed and the sweep exits 143 (like KeyboardInterrupt, 130)."""
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this sweep may hand out, without initialising CUDA in the parent (NVML, or CUDA_VISIBLE_DEVICES)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML library or no driver: no GPU to hand out
+        return []
+
+
+def is_cuda(config: dict, gpus: list[str]) -> bool:
+    device = config["run"].get("device", "auto")
+    return device == "cuda" or (device == "auto" and bool(gpus))
+
+
+def parallelism(jobs: str, cells: list[Planned], gpus: list[str]) -> int:
+    """How many cells at once (run.jobs=K or auto); rejects a cell that needs more GPUs than there are."""
+    cuda = [c for c in cells if is_cuda(c.config, gpus)]
+    for c in cuda:
+        world = int(c.config["run"].get("world_size", 1))
+        if world > len(gpus):
+            raise ConfigError(f"run.world_size={world}: needs {world} GPUs, {len(gpus)} visible ({c.label})")
+    if jobs != "auto":
+        return int(jobs)
+    if cuda:
+        return max(1, len(gpus))
+    return max(1, cores() // 4)
+
+
+def run_local(cells: list[Planned], jobs: str, display: Display) -> list[dict]:
+    from membench.report import summary_line
+
+    gpus = visible_gpus()
+    k = parallelism(jobs, cells, gpus)
+    free = list(gpus)
+    pending = list(cells)
+    running: list[tuple[Cell, list[str]]] = []
+    records: list[dict] = []
+
+    def on_term(signum, frame):
+        raise Cancelled()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    shown = time.monotonic()
+    try:
+        while pending or running:
+            while pending and len(running) < k:
+                item = pending[0]
+                run = item.config["run"]
+                held: list[str] = []
+                threads = 0
+                if is_cuda(item.config, gpus):
+                    need = int(run.get("world_size", 1))
+                    if len(free) < need:
+                        break
+                    held, free = free[:need], free[need:]
+                elif k > 1 and not run.get("num_threads"):
+                    threads = max(1, cores() // k)
+                pending.pop(0)
+                cell = Cell(item.config, run["results_dir"], run["timeout_s"], threads, held or None, item.label)
+                holder = cell.lock()
+                if holder is not None:
+                    free.extend(held)
+                    display.skipped(item.label, f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})")
+                    continue
+                # a signal between the fork request and the handle being stored would orphan the cell: hold it
+                signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+                try:
+                    cell.start()
+                except BaseException:
+                    cell.cancel()
+                    raise
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CANCEL_SIGNALS)
+                running.append((cell, held))
+                where = f"GPU {','.join(held)}" if held else (f"{threads} threads" if threads else "")
+                display.started(item.label, where)
+            sentinels = [c.sentinel for c, _ in running if c.sentinel is not None]
+            if sentinels and len(sentinels) == len(running):
+                wait(sentinels, timeout=0.5)
+            else:
+                time.sleep(0.2)
+            if time.monotonic() - shown > LONG_CELL_S:  # cells that run for minutes say how far they are
+                shown = time.monotonic()
+                for cell, _ in running:
+                    if time.monotonic() - cell.started > LONG_CELL_S and (p := cell.progress()):
+                        display.line(f"  ...    {cell.label}: step {p[0]}/{p[1]}, ~{p[2]:.0f} s left")
+            for entry in list(running):
+                cell, held = entry
+                if cell.poll():
+                    running.remove(entry)
+                    free.extend(held)
+                    wall = time.monotonic() - cell.started
+                    record = cell.finish()
+                    records.append(record)
+                    display.finished(cell.label, record, summary_line(record), wall)
+    except BaseException:
+        for cell, _ in running:
+            cell.cancel()
+        if running:
+            display.line(f"membench: killed {len(running)} running cell(s); no record is written for them")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return records

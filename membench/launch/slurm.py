@@ -1,0 +1,123 @@
+"""Cells on a Slurm cluster through submitit (the library Hydra's own submitit launcher builds on).
+
+`run.launcher=slurm slurm.partition=gpu slurm.gpus_per_node=1` submits one job array: one task per cell, at most
+slurm.array_parallelism at once. Each task runs its cell like the local pool does (a child process with a timeout,
+the lock next to the records, an atomic record in the shared results_dir). The submitting process follows the
+jobs and can be left (Ctrl-C detaches, the jobs go on); `membench status RESULTS_DIR --wait` re-attaches.
+`slurm.cluster=local` runs the same submitit path with its local executor (tests, a machine without Slurm).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from membench.launch import Planned
+from membench.launch.progress import Display
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None  # Slurm partition (sbatch --partition); null: the cluster's default
+    account: str | None = None  # sbatch --account; null: the user's default
+    gpus_per_node: int | None = None  # null: the largest run.world_size among CUDA cells, 0 on CPU
+    cpus_per_task: int | None = None  # null: the cluster's default
+    time_min: int = 60  # wall-clock limit of each task, minutes
+    mem_gb: float | None = None  # host memory per task; null: the cluster's default
+    array_parallelism: int = 32  # tasks of the array running at once
+    cluster: str | None = None  # null: Slurm when sbatch is found; `local` runs tasks as local processes
+    folder: str | None = None  # submitit's logs and pickles; null: RESULTS_DIR/slurm/SWEEP_ID
+
+    def __post_init__(self) -> None:
+        from membench.errors import ConfigError
+
+        for key in ("time_min", "array_parallelism"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"slurm.{key}={getattr(self, key)}: must be >= 1")
+        if self.cluster not in (None, "slurm", "local", "debug"):
+            raise ConfigError(f"slurm.cluster={self.cluster}: allowed: null (auto), slurm, local, debug")
+
+
+def run_task(config: dict, label: str) -> dict:
+    """One array task: run the cell here (a fresh interpreter per cell; no forkserver for a single cell)."""
+    from membench.runner import Cell
+
+    run = config["run"]
+    cell = Cell(config, run["results_dir"], run["timeout_s"], label=label, start_method="exec")
+    holder = cell.lock()
+    if holder is not None:
+        return {"status": "skipped", "error": f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})"}
+    cell.start()
+    try:
+        while not cell.poll():
+            time.sleep(0.5)
+    except BaseException:
+        cell.cancel()
+        raise
+    return cell.finish()
+
+
+def executor(slurm: dict, cells: list[Planned], folder: Path):
+    import submitit
+
+    s = SlurmConfig(**slurm)
+    ex = submitit.AutoExecutor(folder=folder, cluster=s.cluster)
+    worlds = [int(c.config["run"].get("world_size", 1)) for c in cells if c.config["run"].get("device") != "cpu"]
+    gpus = s.gpus_per_node if s.gpus_per_node is not None else (max(worlds) if worlds and ex.cluster == "slurm" else 0)
+    longest = max(float(c.config["run"]["timeout_s"]) for c in cells)
+    ex.update_parameters(
+        name="membench",
+        timeout_min=max(s.time_min, int(longest // 60) + 2),
+        gpus_per_node=gpus,
+        cpus_per_task=s.cpus_per_task,
+        mem_gb=s.mem_gb,
+        slurm_partition=s.partition,
+        slurm_account=s.account,
+        slurm_array_parallelism=s.array_parallelism,
+    )
+    return ex
+
+
+def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display, on_submit=None) -> list[dict]:
+    ex = executor(slurm, cells, folder)
+    jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells])
+    if on_submit is not None:
+        on_submit([j.job_id for j in jobs], str(folder))
+    for c, j in zip(cells, jobs, strict=True):
+        display.started(c.label, f"job {j.job_id}")
+    records: list[dict] = []
+    left = list(zip(cells, jobs, strict=True))
+    t0 = time.monotonic()
+    try:
+        _follow(left, display, records, t0)
+    except KeyboardInterrupt:
+        ids = ", ".join(j.job_id for _, j in left[:3]) + (" ..." if len(left) > 3 else "")
+        display.line(
+            f"membench: detached; {len(left)} job(s) go on ({ids}); `membench status RESULTS_DIR --wait` "
+            "re-attaches, `scancel JOB_ID` cancels"
+        )
+        raise
+    return records
+
+
+def _follow(left: list, display: Display, records: list[dict], t0: float) -> None:
+    from membench.report import summary_line
+
+    while left:
+        for entry in list(left):
+            c, j = entry
+            if not j.done():
+                continue
+            left.remove(entry)
+            try:
+                rec = j.result()
+            except Exception as e:  # noqa: BLE001 - a task that died outside its cell (node failure, submitit)
+                display.finished(c.label, None, f"error: job {j.job_id}: {str(e).strip().splitlines()[-1][:200]}")
+                continue
+            if rec.get("status") == "skipped":
+                display.skipped(c.label, rec["error"])
+                continue
+            records.append(rec)
+            display.finished(c.label, rec, summary_line(rec), time.monotonic() - t0)
+        time.sleep(0.5 if left else 0)

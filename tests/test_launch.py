@@ -1,0 +1,180 @@
+"""Where cells run and how they end: kill -9 of a sweep leaves no process and resumes cleanly, a cancel leaves no
+record, a cell locked elsewhere is not started twice, and submitit's local executor runs the Slurm code path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from membench.cli import main
+from membench.records import load_records, validate_record
+from membench.runner import read_lock, release_lock, try_lock
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["workload=gpt_tiny", "run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2"]
+
+
+def _sweep(results_dir: Path, *extra: str, mark: str) -> subprocess.Popen:
+    """The real CLI as its own process group (like a shell job), tagged so its descendants can be found."""
+    argv = [sys.executable, "-m", "membench.cli", "run", "-m", *TINY, *extra, f"run.results_dir={results_dir}"]
+    env = dict(os.environ, MEMBENCH_TEST_MARK=mark)
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _tagged(mark: str) -> list[int]:
+    """Pids of live processes whose environment carries the mark (the sweep, its forkserver, cells, ranks)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if f"MEMBENCH_TEST_MARK={mark}".encode() in (p / "environ").read_bytes().split(b"\0"):
+                stat = (p / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _none_left(mark: str, within_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while _tagged(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _tagged(mark)
+
+
+def _wait_for(cond, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_kill_9_of_the_sweep_leaves_no_process_and_a_rerun_runs_each_unfinished_cell_once(tmp_path):
+    mark = uuid.uuid4().hex
+    p = _sweep(tmp_path, "run.seed=0,1", mark=mark)
+    _wait_for(lambda: len(list((tmp_path / "runs").glob("*.json"))) >= 1 or p.poll() is not None)
+    assert p.poll() is None, p.stdout.read()
+    os.killpg(p.pid, signal.SIGKILL)  # the whole shell job, as the issue tried it
+    p.wait()
+    assert _none_left(mark) == []
+    before = {r["run_id"]: r for r in load_records(tmp_path)}
+    assert before and all(r["status"] == "ok" for r in before.values())
+    assert list((tmp_path / "locks").glob("*.lock"))  # the killed sweep could not clean up: stale locks remain
+
+    again = _sweep(tmp_path, "run.seed=0,1", mark=mark)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    after = load_records(tmp_path)
+    by_cell: dict[str, list[str]] = {}
+    for r in after:
+        by_cell.setdefault(r["config_hash"], []).append(r["status"])
+    assert sorted(r["config"]["run"]["seed"] for r in after) == [0, 1]
+    assert all(s == ["ok"] for s in by_cell.values()), by_cell  # each cell exactly once, none lost
+    assert set(before) <= {r["run_id"] for r in after}  # finished records kept as they were
+    assert out.count("skip ") == len(before) and not list((tmp_path / "locks").glob("*.lock"))
+    assert _none_left(mark) == []
+
+
+def test_sigterm_cancels_the_sweep_kills_its_cells_and_writes_no_record(tmp_path):
+    mark = uuid.uuid4().hex
+    p = _sweep(tmp_path, "run.train_steps=400", "run.seed=0,1", mark=mark)
+    _wait_for(lambda: list((tmp_path / "locks").glob("*.lock")) or p.poll() is not None)
+    time.sleep(0.5)  # the cell is running
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 143, out
+    assert "Traceback" not in out and "cancelled" in out
+    assert _none_left(mark) == []
+    assert load_records(tmp_path) == []  # no record claims a cancelled run
+    assert not list((tmp_path / "locks").glob("*.lock"))
+
+
+def test_a_cell_locked_by_a_live_process_is_not_started_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        path, _ = try_lock(tmp_path, "abc", 60)
+        lock = json.loads(path.read_text())
+        lock["pid"] = holder.pid  # as if another sweep on this host ran the cell
+        path.write_text(json.dumps(lock))
+        assert try_lock(tmp_path, "abc", 60) == (None, lock)
+        holder.kill()
+        holder.wait()
+        taken, other = try_lock(tmp_path, "abc", 60)  # dead holder: stale, taken over
+        assert taken == path and other is None and read_lock(path)["pid"] == os.getpid()
+        release_lock(taken)
+        assert not list(tmp_path.joinpath("locks").iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # the sweep skips a cell whose lock a live process holds, and runs it once the holder is gone
+    from membench.cli import plan
+    from membench.records import config_hash
+
+    cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
+    path, _ = try_lock(tmp_path, config_hash(cfg), 60)
+    lock = json.loads(path.read_text())
+    lock["pid"] = os.getppid()  # pytest's parent: alive, not this process
+    path.write_text(json.dumps(lock))
+    assert main(["run", *TINY, f"run.results_dir={tmp_path}"]) == 0
+    assert "running elsewhere" in capsys.readouterr().out and load_records(tmp_path) == []
+
+
+def test_slurm_launcher_through_submitits_local_executor(tmp_path, capsys):
+    rc = main(["run", "-m", *TINY, "run.seed=0,1", "run.launcher=slurm", "slurm.cluster=local",
+               f"slurm.folder={tmp_path / 'submitit'}", f"run.results_dir={tmp_path}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    records = load_records(tmp_path)
+    assert sorted(r["config"]["run"]["seed"] for r in records) == [0, 1]
+    for r in records:
+        validate_record(r)
+        assert r["status"] == "ok" and r["launch"]["start"] == "exec"
+        assert "slurm" not in r["config"] and "launcher" not in r["config"]["run"]  # sweep knobs are not the cell
+    sweep = json.loads(next((tmp_path / "sweeps").glob("*.json")).read_text())
+    assert len(sweep["job_ids"]) == 2
+    assert len(list((tmp_path / "submitit").glob("*_result.pkl"))) == 2  # submitit's own job files
+    assert main(["status", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("  ok ") == 2
+
+
+@pytest.mark.gpu
+def test_jobs_auto_hands_each_cuda_cell_its_own_device(tmp_path, capsys):
+    from membench.launch.local import visible_gpus
+
+    gpus = visible_gpus()
+    rc = main(["run", "-m", *TINY, "run.device=cuda", "run.seed=0,1", "run.jobs=auto", f"run.results_dir={tmp_path}"])
+    assert rc == 0, capsys.readouterr().out
+    used = [r["launch"]["cuda_visible_devices"] for r in load_records(tmp_path)]
+    assert all(len(u) == 1 and u[0] in gpus for u in used)
+    out = capsys.readouterr().out
+    if len(gpus) >= 2:  # two cells at once, on two different devices
+        assert len({u[0] for u in used}) == 2 and "1/2 done, 1 running" in out
+
+
+def test_a_long_cell_shows_its_step_count_and_time_left(tmp_path, monkeypatch):
+    """The child's progress reports reach the parent (the step loop calls child.report_progress)."""
+    from membench.child import report_progress
+    from membench.cli import plan
+    from membench.runner import Cell
+
+    cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
+    cell = Cell(cfg, str(tmp_path), 60)
+    cell.progress_file = tmp_path / "progress.json"
+    cell.started = time.monotonic() - 10.0
+    monkeypatch.setenv("MEMBENCH_PROGRESS_FILE", str(cell.progress_file))
+    report_progress(5, 20)
+    step, total, left = cell.progress()
+    assert (step, total) == (5, 20) and 29.0 < left < 31.0  # 10 s for 5 steps: 15 steps left ~ 30 s
