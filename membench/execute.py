@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import time
 from dataclasses import dataclass
 
@@ -204,10 +205,12 @@ def state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[
     return out
 
 
-def _set_cuda_budget(device: torch.device, budget_mib: float) -> None:
+def _set_cuda_budget(device: torch.device, budget_mib: float | None) -> None:
+    """The allocator refuses to go past the budget (an OutOfMemoryError, recorded as oom); None lifts it."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mib * 2**20 / total), index)
+    fraction = 1.0 if budget_mib is None else min(1.0, budget_mib * 2**20 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 def _check_budget(peak_bytes: int, budget_mib: float | None, what: str) -> None:
@@ -228,10 +231,19 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
         torch.set_num_threads(run.num_threads)
     if device.type == "cuda" and run.memory_budget_mib:
         _set_cuda_budget(device, run.memory_budget_mib)
+    try:
+        return _schedule(run, wcfg, techs, device)
+    finally:  # the fraction is per process: a caller running cells in-process must not inherit this one's budget
+        if device.type == "cuda" and run.memory_budget_mib:
+            _set_cuda_budget(device, None)
+
+
+def _schedule(run, wcfg, techs, device: torch.device) -> dict:
     meter = measure.PhaseMeter(device, gpuinfo.handle(device))
     sched = Schedule.of(run)
     with meter.phase("setup"):
         tr = Trainer(run, wcfg, techs, device)
+        gc.collect()  # copies a technique made while applying itself (pruning's search) are garbage by now
     with meter.phase("warmup"):
         for i in sched.warmup:
             tr.step(i)
