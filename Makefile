@@ -25,9 +25,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# The four committed studies (~30 min on 2 CPU cores), then the README/docs tables regenerated from their records.
+# The committed CPU studies (~45 min on 2 CPU cores), then the README/docs tables regenerated from their records.
 studies: setup
-	for e in checkpointing zero_stages quantization pruning; do $(VENV)/bin/membench run +experiment=$$e || exit 1; done
+	for e in checkpointing zero_stages quantization pruning llama; do $(VENV)/bin/membench run +experiment=$$e || exit 1; done
 	$(PY) -m membench.readme
 
 report: setup

@@ -45,7 +45,17 @@ def files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def plots() -> list[Path]:
+    """The Pareto charts the docs show (results/NAME/pareto-NAME-PRESET.png), redrawn from the same records."""
+    from membench.plots import write_plots
+
+    shown = {m.group(1) for path in files() for m in re.finditer(r"results/([\w-]+)/pareto-", path.read_text())}
+    return [p for name in sorted(shown) for p in write_plots(ROOT / "results" / name, name)]
+
+
 def main(argv: list[str]) -> int:
+    if "--check" not in argv:
+        plots()
     stale = []
     for path in files():
         text = path.read_text()

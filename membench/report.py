@@ -88,8 +88,9 @@ def _mean(values: list[float]) -> float:
 
 # One column per entry: header and a function of (ok records of one seed group, their baseline group or []).
 # Numbers over several seeds print as "mean ± 95% half-width"; ratios divide the means.
-def _cat(k: str):
-    return lambda rs, b: _num([r["memory"]["by_category"][k] for r in rs], ".1f", MiB)
+def _cat(*keys: str):
+    """The tracker's split at the peak, summed over `keys` (a category a record lacks counts 0)."""
+    return lambda rs, b: _num([sum(r["memory"]["by_category"].get(k, 0) for k in keys) for r in rs], ".1f", MiB)
 
 
 def _act_held(r: dict) -> float:
@@ -120,7 +121,8 @@ COLUMNS = [
     ("grads", _cat("grads")),
     ("optim", _cat("optimizer")),
     ("act@peak", _cat("activations")),
-    ("other", _cat("other")),
+    # temporaries of backward and of the optimizer step, anything else the tracker saw, and on CUDA `untracked`
+    ("temp+other", _cat("temporaries", "optimizer_temp", "other", "untracked")),
     ("act held MiB", lambda rs, b: _num([_act_held(r) for r in rs], ".1f", MiB)),
     ("act pred MiB (err)", _pred),
     ("act ratio", _ratio_of(_act_held)),
