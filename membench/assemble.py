@@ -12,6 +12,7 @@ Memory, by source (membench/measure.py):
 
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -90,6 +91,15 @@ def _precision_note(device: torch.device, techs) -> str | None:
     return "CPU lacks bf16 instructions: 16-bit autocast is emulated (20-40x slower); memory figures hold, times do not"
 
 
+def load_during(phase: dict) -> dict:
+    """The machine's load around the timed steps, and whether it was loaded: a 1-minute load average above the
+    core count when they started, i.e. more runnable work than cores before this run's own steps (its warm-up
+    adds at most its own threads), so its times share the cores."""
+    cores = os.cpu_count() or 1
+    start, end = phase["load_start"], phase["load_end"]
+    return {"start": start, "end": end, "cpu_count": cores, "loaded": start["load_avg_1m"] > cores}
+
+
 def timing_section(tr, device, phases: dict, step_times: list[float]) -> dict:
     run, wl = tr.run, tr.wl
     out = {
@@ -98,6 +108,7 @@ def timing_section(tr, device, phases: dict, step_times: list[float]) -> dict:
         "device": str(device),
         "note": _precision_note(device, tr.techs),
         "wall_by_phase_s": {name: p["wall_s"] for name, p in phases.items()},
+        "load": load_during(phases["timed"]),
     }
     energy = phases["timed"].get("energy_j")
     if energy is not None:

@@ -72,6 +72,20 @@ def _apply_launch(launch: dict) -> None:
         torch.set_num_threads(int(launch["threads"]))
 
 
+def _oom_memory(e: BaseException, run: dict) -> dict:
+    """What an oom run reached: the budget's own check carries its figure; a CUDA OOM has the allocator's peak."""
+    import torch
+
+    from membench.errors import MemoryBudgetExceeded
+
+    out = {"budget_mib": run.get("memory_budget_mib"), "peak_bytes": None, "peak_source": None}
+    if isinstance(e, MemoryBudgetExceeded):
+        out.update(peak_bytes=e.peak_bytes, peak_source=e.source)
+    elif isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+        out.update(peak_bytes=torch.cuda.max_memory_allocated(), peak_source="cuda allocator at the OOM")
+    return out
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -88,6 +102,8 @@ def main(spec_path: str) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure is a recorded result, not a crash
         record["status"] = "oom" if _is_oom(e) else "error"
         record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if record["status"] == "oom":  # the figures, not only inside the message
+            record["memory"] = _oom_memory(e, spec["config"]["run"])
         record["error_traceback"] = traceback.format_exc(limit=8)[-4000:]
     if int(os.environ.get("RANK", 0)) != 0:  # multi-rank: rank 0 writes the one record (with every rank's data)
         if record["status"] != "ok":

@@ -6,4 +6,8 @@ class ConfigError(ValueError):
 
 
 class MemoryBudgetExceeded(RuntimeError):
-    """A run went over run.memory_budget_mib; recorded as status `oom`."""
+    """A run went over run.memory_budget_mib; recorded as status `oom`, with the peak it reached and the budget."""
+
+    def __init__(self, message: str, peak_bytes: int, budget_mib: float, source: str):
+        super().__init__(message)
+        self.peak_bytes, self.budget_mib, self.source = peak_bytes, budget_mib, source

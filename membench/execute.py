@@ -215,7 +215,8 @@ def _set_cuda_budget(device: torch.device, budget_mib: float | None) -> None:
 
 def _check_budget(peak_bytes: int, budget_mib: float | None, what: str) -> None:
     if budget_mib and peak_bytes > budget_mib * 2**20:
-        raise MemoryBudgetExceeded(f"{what} {peak_bytes / 2**20:.1f} MiB > run.memory_budget_mib={budget_mib}")
+        msg = f"{what} {peak_bytes / 2**20:.1f} MiB > run.memory_budget_mib={budget_mib}"
+        raise MemoryBudgetExceeded(msg, peak_bytes, budget_mib, what)
 
 
 def execute(config: dict) -> dict:

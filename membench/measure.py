@@ -16,6 +16,7 @@ formulas for it (forward 4bhs_qs_kd, backward 2x that); the record says when thi
 from __future__ import annotations
 
 import functools
+import os
 import re
 import statistics
 import time
@@ -81,6 +82,14 @@ def _vm_kib(field_name: str) -> int:
         return int(re.search(rf"{field_name}:\s+(\d+)", f.read()).group(1))
 
 
+def machine_load() -> dict:
+    """The machine's load now: 1-minute load average and runnable threads (/proc/stat procs_running, this
+    process's own running threads included)."""
+    with open("/proc/stat") as f:
+        running = int(re.search(r"procs_running\s+(\d+)", f.read()).group(1))
+    return {"load_avg_1m": os.getloadavg()[0], "procs_running": running}
+
+
 def _reset_rss_peak() -> bool:
     """Linux resets VmHWM to the current RSS when "5" is written to clear_refs (since 4.0)."""
     try:
@@ -135,6 +144,7 @@ class _Phase:
 
             self._energy0 = gpuinfo.energy_mj(m.nvml)
         self._rss_reset = rss_reset
+        rec["load_start"] = machine_load()
         self._t0 = time.perf_counter()
         return rec
 
@@ -143,6 +153,7 @@ class _Phase:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         rec["wall_s"] = time.perf_counter() - self._t0
+        rec["load_end"] = machine_load()
         rec["rss_peak_bytes"] = _vm_kib("VmHWM") * 1024 if self._rss_reset else None
         rec["rss_end_bytes"] = _vm_kib("VmRSS") * 1024
         if dev.type == "cuda":

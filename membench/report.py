@@ -86,6 +86,26 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _step(rs: list[dict], b) -> str:
+    """Median step time; with one seed, its spread over the timed steps (IQR) beside it."""
+    if len(rs) == 1:
+        t = rs[0]["timing"]
+        return f"{t['median_step_s'] * 1e3:.1f} ({t['iqr_step_s'] * 1e3:.1f})"
+    return _num([r["timing"]["median_step_s"] for r in rs], ".1f", 1e-3)
+
+
+def time_caveat(rs: list[dict], b=None) -> str:
+    """Why a time in this row may not mean what it seems: a loaded machine, emulated 16-bit arithmetic."""
+    out = []
+    loads = [(r["timing"].get("load") or {}) for r in rs]
+    if any(ld.get("loaded") for ld in loads):
+        worst = max(ld["start"]["load_avg_1m"] for ld in loads if ld.get("loaded"))
+        out.append(f"loaded machine (load {worst:.1f} on {loads[0]['cpu_count']} cores)")
+    if any("emulated" in (r["timing"].get("note") or "") for r in rs):
+        out.append("bf16 emulated on this CPU")
+    return "; ".join(out) or "-"
+
+
 # One column per entry: header and a function of (ok records of one seed group, their baseline group or []).
 # Numbers over several seeds print as "mean ± 95% half-width"; ratios divide the means.
 def _cat(*keys: str):
@@ -127,11 +147,12 @@ COLUMNS = [
     ("act pred MiB (err)", _pred),
     ("act ratio", _ratio_of(_act_held)),
     ("peak ratio", _ratio_of(lambda r: r["memory"]["peak_bytes"])),
-    ("median step ms", lambda rs, b: _num([r["timing"]["median_step_s"] for r in rs], ".1f", 1e-3)),
+    ("median step ms (IQR)", _step),
     ("step ratio", _ratio_of(lambda r: r["timing"]["median_step_s"])),
     ("FLOPs/step G", lambda rs, b: _num([r["flops"]["counted_per_step"] for r in rs], ".2f", 1e9)),
     ("FLOPs ratio", _ratio_of(lambda r: r["flops"]["counted_per_step"])),
     ("quality", _quality),
+    ("time caveat", time_caveat),
 ]
 
 
