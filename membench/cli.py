@@ -182,7 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         warm_up()  # the forkserver imports torch and the harness while the cells are planned
     sweep = split_sweep(plan_cells(args.overrides, args.multirun))
-    cells = list({c.chash: c for c in sweep.cells}.values())  # a cell listed twice runs once
+    # a cell listed twice for the same folder runs once; the same cell into two folders runs in each
+    cells = list({(c.config["run"]["results_dir"], c.chash): c for c in sweep.cells}.values())
     print(f"membench: {len(cells)} run(s) planned (launcher={sweep.launcher}, jobs={sweep.jobs})", flush=True)
     done = {d: ok_hashes(d) for d in {c.config["run"]["results_dir"] for c in cells}}  # each results dir read once
     display = Display(len(cells), 1)
