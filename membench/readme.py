@@ -2,13 +2,15 @@
 
 A table sits between `<!-- table:EXPERIMENT -->` (or `<!-- table:EXPERIMENT:KIND -->`) and `<!-- /table -->`
 and is rendered from results/EXPERIMENT (latest record per cell of that experiment) by the KIND's table
-function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`. `--check` exits 1 if
+function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`, `device` (tracker vs
+device), `plan` (verified plans' predicted vs measured); `planjson` renders results/plan/NAME.json's top rows. `--check` exits 1 if
 a file differs from what the records give (a test runs it, so tables cannot drift from the records).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ RENDERERS = {
     "quantization": "membench.studies:quantization_table",
     "pruning": "membench.studies:pruning_table",
     "device": "membench.device_table:table",
+    "plan": "membench.plan:study_table",
 }
 
 
@@ -34,7 +37,17 @@ def _renderer(kind: str):
 def render(text: str, results: Path = ROOT / "results") -> str:
     def sub(m: re.Match) -> str:
         name, kind = m.group("name"), m.group("kind") or "main"
-        records = [r for r in latest_by_cell(load_records(results / name)).values() if r.get("experiment") == name]
+        if kind == "planjson":  # a saved `membench plan` result: results/plan/NAME.json, its top rows
+            from membench.plan import table
+
+            body = table(json.loads((results / "plan" / f"{name}.json").read_text()), top=8)
+            return f"{m.group(1)}{body}\n{m.group(5)}"
+        records = [
+            r
+            for r in latest_by_cell(load_records(results / name)).values()
+            # verified plans are ordinary runs (no experiment); a study's records carry its name
+            if r.get("experiment") == name or (kind == "plan" and "plan_check" in r)
+        ]
         body = _renderer(kind)(records) if records else f"(no records in results/{name} yet)"
         return f"{m.group(1)}{body}\n{m.group(5)}"
 
