@@ -215,59 +215,6 @@ def merge_ranks(out: dict) -> dict:
     return out
 
 
-MiB = 2**20
-_STATE_KEYS = ("params", "grads", "optimizer", "fp32_master")
-
-
-def zero_table(records: list[dict]) -> str:
-    """Markdown table of zero runs (latest per cell): per-rank model states measured (max over ranks) by category
-    vs the ZeRO paper's per-rank formula, DeepSpeed's estimator, peak, step time and communication per step."""
-    head = (
-        "| backend | stage | N | status | params MiB | grads MiB | optim MiB | fp32 master MiB | states MiB "
-        "| paper pred MiB | meas/pred | DS estimator MiB | vs stage 0 | peak MiB | unsharded params MiB "
-        "| step ms | comm (paper units) / Psi | paper | final loss |\n|" + "---|" * 19
-    )
-    rows, base = [head], {}
-    zs = [r for r in records if "zero" in (r.get("techniques") or [])]
-    key = lambda r: (r["config"]["technique"]["zero"]["backend"], r["config"]["run"]["world_size"])  # noqa: E731
-    for r in zs:
-        if r["status"] == "ok" and r["config"]["technique"]["zero"]["stage"] == 0:
-            base[key(r)] = sum(r["memory"]["model_states"].get(k, 0) for k in _STATE_KEYS)
-    for r in sorted(zs, key=lambda r: (*key(r), r["config"]["technique"]["zero"]["stage"])):
-        z, n = r["config"]["technique"]["zero"], r["config"]["run"]["world_size"]
-        if r["status"] != "ok":
-            rows.append(f"| {z['backend']} | {z['stage']} | {n} | {r['status']} |" + " - |" * 15)
-            continue
-        m, info = r["memory"], r.get("technique_info") or {}
-        st = m["model_states"]
-        total = sum(st.get(k, 0) for k in _STATE_KEYS)
-        pred = sum(m["predicted_by_category"][k] for k in ("params", "grads", "optimizer"))
-        est = info.get("zero.deepspeed_estimator")
-        comm = (r.get("distributed") or {}).get("communication") or {}
-        psi = info.get("zero.psi") or 1
-        b = base.get(key(r))
-        cells = [
-            z["backend"],
-            str(z["stage"]),
-            str(n),
-            "ok",
-            *(f"{st.get(k, 0) / MiB:.2f}" for k in _STATE_KEYS),
-            f"{total / MiB:.2f}",
-            f"{pred / MiB:.2f}",
-            f"{total / pred:.2f}",
-            f"{est['device_bytes'] / MiB:.2f}" if est else "-",
-            f"{b / total:.2f}x" if b else "-",
-            f"{m['peak_bytes'] / MiB:.1f}",
-            f"{m['by_category'].get('params_unsharded', 0) / MiB:.2f}",
-            f"{r['timing']['median_step_s'] * 1e3:.0f}",
-            f"{comm['paper_elements'] / psi:.2f}" if comm else "-",
-            f"{comm['expected']['factor_of_psi']}" if comm.get("expected") else "-",
-            f"{r['quality']['loss_curve'][-1]:.4f}",
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 def write_spec(path: str, overrides: list[str]) -> dict:
     """Compose one cell and write the spec `membench.child` runs (the runner's format): for a multi-node cell
     started by srun + torchrun, where no membench runner is in the loop (docs/multigpu.md)."""
@@ -292,12 +239,7 @@ def write_spec(path: str, overrides: list[str]) -> dict:
 def main(argv: list[str]) -> int:
     """python -m membench.distributed N python -m membench.child SPEC.json   (the launcher: N ranks, this node)
     python -m membench.distributed spec SPEC.json OVERRIDES...             (a cell's spec, for srun + torchrun)
-    python -m membench.distributed report RESULTS_DIR                      (the ZeRO table)"""
-    if argv[0] == "report":
-        from membench.records import latest_by_cell, load_records
-
-        print(zero_table(list(latest_by_cell(load_records(argv[1])).values())))
-        return 0
+    (the ZeRO table: python -m membench.studies zero_stages RESULTS_DIR)"""
     if argv[0] == "spec":
         try:
             write_spec(argv[1], argv[2:])

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+)(?::(?P<kind>\w+))? -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 RENDERERS = {
     "main": "membench.report:table",
-    "zero": "membench.distributed:zero_table",
+    "zero": "membench.studies:zero_table",
     "quantization": "membench.studies:quantization_table",
     "pruning": "membench.studies:pruning_table",
     "device": "membench.device_table:table",
