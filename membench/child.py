@@ -47,10 +47,11 @@ def report_progress(step: int, total: int, every_s: float = 2.0) -> None:
     a no-op outside a sweep (no MEMBENCH_PROGRESS_FILE)."""
     path = os.environ.get("MEMBENCH_PROGRESS_FILE")
     now = time.monotonic()
-    if not path or (now - _last_progress[0] < every_s and step < total):
+    # ranks of one cell share the file: rank 0 speaks for them (two writers raced on one temp name)
+    if not path or int(os.environ.get("RANK", 0)) != 0 or (now - _last_progress[0] < every_s and step < total):
         return
     _last_progress[0] = now
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump({"step": step, "total": total, "time": time.time()}, f)
     os.replace(tmp, path)
