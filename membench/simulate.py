@@ -91,8 +91,14 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
         optimizer = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
         _step(wl, model, optimizer, patch, batch_size, device)
         step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device)
-        mem, _ = measure.measure_memory(step, model, optimizer)
-    return {"peak_bytes": mem.peak_bytes, "by_category": mem.by_category, "after_forward": mem.after_forward}
+        split, _ = measure.measure_memory(step, model, optimizer)
+        state = sum(
+            v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        )
+    dev = max(split.peak, key=split.total) if split.peak else str(device)  # the simulated device's own split
+    cats = measure.categorise(split.peak.get(dev, {}), state, split.category_map)
+    after = measure.categorise(split.after_forward.get(dev, {}), state, split.category_map)
+    return {"peak_bytes": sum(cats.values()), "by_category": cats, "after_forward": after}
 
 
 def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:

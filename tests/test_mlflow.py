@@ -79,11 +79,17 @@ def test_bad_uri_is_a_config_error(uri):
 
 def test_runner_logs_the_record_it_returns(tmp_path, monkeypatch):
     from membench import runner
+    from membench.records import write_record
 
     uri = f"file:{tmp_path / 'mlruns'}"
     rec = _two_rank_record(uri)
-    monkeypatch.setattr(runner, "_run_cell", lambda config, results_dir, timeout_s: rec)  # the child's record
-    assert runner.run_cell(rec["config"], str(tmp_path), 60.0) is rec
+
+    def child_wrote_its_record(cell):  # stands in for the child process: the record appears under runs/
+        write_record(cell.results_dir, dict(rec, run_id=cell.run_id))
+
+    monkeypatch.setattr(runner.Cell, "start", child_wrote_its_record)
+    returned = runner.run_cell(rec["config"], str(tmp_path), 60.0)
+    assert returned["config_hash"] == rec["config_hash"]
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("zero_stages").experiment_id])
-    assert run.data.tags["membench.run_id"] == rec["run_id"]
+    assert run.data.tags["membench.run_id"] == returned["run_id"]
