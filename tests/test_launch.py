@@ -64,7 +64,13 @@ def _wait_for(cond, timeout_s: float = 240.0) -> None:
 def test_kill_9_of_the_sweep_leaves_no_process_and_a_rerun_runs_each_unfinished_cell_once(tmp_path):
     mark = uuid.uuid4().hex
     p = _sweep(tmp_path, "run.seed=0,1", mark=mark)
-    _wait_for(lambda: len(list((tmp_path / "runs").glob("*.json"))) >= 1 or p.poll() is not None)
+    # kill while the second cell runs: the first has its record, the second holds its lock
+    _wait_for(
+        lambda: (
+            (len(list((tmp_path / "runs").glob("*.json"))) >= 1 and list((tmp_path / "locks").glob("*.lock")))
+            or p.poll() is not None
+        )
+    )
     assert p.poll() is None, p.stdout.read()
     os.killpg(p.pid, signal.SIGKILL)  # the whole shell job, as the issue tried it
     p.wait()
