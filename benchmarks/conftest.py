@@ -8,14 +8,5 @@ by category, FLOPs and quality come from membench's own run (`membench.execute.e
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+# GPU-marked benchmarks skip without CUDA, by the same hook as the tests
+from tests.conftest import pytest_collection_modifyitems  # noqa: F401

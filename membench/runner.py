@@ -278,6 +278,17 @@ class Cell:
             self._tmp.cleanup()
             self._tmp = None
 
+    def run_to_end(self, poll_s: float) -> dict:
+        """Start the child and wait for its record (blocking); an interrupt cancels the cell, leaving no record."""
+        self.start()
+        try:
+            while not self.poll():
+                time.sleep(poll_s)
+        except BaseException:
+            self.cancel()
+            raise
+        return self.finish()
+
     def finish(self) -> dict:
         """The child's record, or one written here for a child that ended without writing it."""
         rc = self.returncode()
@@ -310,12 +321,4 @@ def run_cell(
     config: dict, results_dir: str, timeout_s: float, threads: int = 0, devices: list[str] | None = None
 ) -> dict:
     """Run one cell to its end in a child process and return its record (blocking; no lock)."""
-    cell = Cell(config, str(results_dir), timeout_s, threads=threads, devices=devices)
-    cell.start()
-    try:
-        while not cell.poll():
-            time.sleep(0.05)
-    except BaseException:
-        cell.cancel()
-        raise
-    return cell.finish()
+    return Cell(config, str(results_dir), timeout_s, threads=threads, devices=devices).run_to_end(0.05)

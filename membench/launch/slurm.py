@@ -48,14 +48,7 @@ def run_task(config: dict, label: str) -> dict:
     holder = cell.lock()
     if holder is not None:
         return {"status": "skipped", "error": f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})"}
-    cell.start()
-    try:
-        while not cell.poll():
-            time.sleep(0.5)
-    except BaseException:
-        cell.cancel()
-        raise
-    return cell.finish()
+    return cell.run_to_end(0.5)
 
 
 def executor(slurm: dict, cells: list[Planned], folder: Path):
