@@ -140,6 +140,7 @@ def ok_sections(tr, device, split, states, phases, flops, step_times, quality) -
             **flops,
             "model_per_step": wl.model_flops(tr.run.batch_size),
             "cpu_attention_formula_added": measure.CPU_ATTENTION_FORMULA_ADDED,
+            "grouped_attention_formula_added": bool(measure.GROUPED_ATTENTION_FORMULAS),
             "achieved_flops_per_s": flops["counted_per_step"] / (sum(step_times) / len(step_times)),
         },
         "quality": {

@@ -10,7 +10,9 @@ Two independent sources of memory figures, never mixed:
   reported as `untracked` (kernel workspaces, allocations the dispatcher never sees), so the split adds up.
 Host (cpu) and device figures are kept apart: an offloaded optimizer state is a host byte, never a device byte.
 FlopCounterMode has no formula for the CPU flash-attention kernel in torch 2.x, so we register torch's own SDPA
-formulas for it (forward 4bhs_qs_kd, backward 2x that); the record says when this was done.
+formulas for it (forward 4bhs_qs_kd, backward 2x that); torch before 2.13 rejects grouped k/v heads in its SDPA
+formulas, so there the FLOP step counts them over the query heads as 2.13 does; the record says when either
+was done.
 """
 
 from __future__ import annotations
@@ -66,6 +68,44 @@ def _register_cpu_attention_formula() -> None:
 
 
 _register_cpu_attention_formula()
+
+
+def _repeat_heads(kv_shape, query_shape) -> tuple:
+    b, _, s, d = kv_shape
+    return (b, query_shape[1], s, d)
+
+
+def _grouped_attention_formulas() -> dict:
+    """FlopCounterMode formulas for SDPA on grouped k/v heads (enable_gqa), where torch's own reject them.
+
+    torch 2.11's sdpa_flop_count asserts equal query and k/v heads, so a grouped-query model's FLOP step raised
+    on the GPU (flash attention takes grouped k/v); torch 2.13's formula counts the products over the query
+    heads (the kernel broadcasts k/v). Where torch's formula refuses a grouped shape, these count it that way:
+    k/v shapes repeated to the query heads, then torch's own formulas. Empty where torch handles it."""
+    try:
+        flop_counter.sdpa_flop_count((1, 2, 4, 8), (1, 1, 4, 8), (1, 1, 4, 8))
+        return {}
+    except AssertionError:
+        pass
+
+    def fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        rep = functools.partial(_repeat_heads, query_shape=query_shape)
+        return flop_counter.sdpa_flop_count(query_shape, rep(key_shape), rep(value_shape))
+
+    def bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        rep = functools.partial(_repeat_heads, query_shape=query_shape)
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, rep(key_shape), rep(value_shape))
+
+    ops = {}
+    for name in ("flash_attention", "efficient_attention", "cudnn_attention", "flash_attention_for_cpu"):
+        for suffix, formula in (("", fwd), ("_backward", bwd)):
+            op = getattr(_aten, f"_scaled_dot_product_{name}{suffix}", None)
+            if op is not None:
+                ops[op] = formula
+    return ops
+
+
+GROUPED_ATTENTION_FORMULAS = _grouped_attention_formulas()
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -301,7 +341,7 @@ def categorise(
 
 
 def count_flops(step: Callable[[], T]) -> tuple[int, dict[str, int], T]:
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=GROUPED_ATTENTION_FORMULAS) as fc:
         result = step()
     by_op = {str(op): int(n) for op, n in fc.get_flop_counts().get("Global", {}).items()}
     return int(fc.get_total_flops()), by_op, result

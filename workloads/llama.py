@@ -2,8 +2,13 @@
 tied or untied embeddings (Touvron et al. 2023; the Llama 3 geometries of Meta's published configs).
 
 q/k/v/o and gate/up/down are separate bias-free nn.Linear layers (torch-pruning traces them, selective
-checkpointing sees each matmul); attention is F.scaled_dot_product_attention with enable_gqa, so k/v keep
-n_kv_head heads and no s^2 score matrix is saved. RMSNorm is torch's nn.RMSNorm; RoPE is written here (torch
+checkpointing sees each matmul); attention is F.scaled_dot_product_attention. Which SDPA kernel runs decides what
+attention saves for backward, so it is a stated knob (`workload.attention_kernel`, see `attention_path`): with a
+fused kernel that reads grouped k/v heads (CPU's flash kernel; CUDA flash attention, 16-bit on sm80+) k/v keep
+n_kv_head heads and no s^2 score matrix is saved. CUDA has no fused grouped-query kernel for fp32: there
+`enable_gqa` silently falls back to torch's math kernel, which saves the s^2 softmax (pytorch/pytorch#154363;
+measured on an H200 as a 19-21% larger activation footprint than the fused path), so `auto` repeats k/v to
+n_head heads first and the memory-efficient kernel runs instead (what transformers' repeat_kv does). RMSNorm is torch's nn.RMSNorm; RoPE is written here (torch
 ships none; 10 lines of rotate-half). Data: the byte corpus of workloads/corpus.py. With vocab_size=256 a
 token is a byte; with a larger vocabulary (the GPU presets use Llama 3's 128,256) each byte position becomes
 the token hash(previous two bytes, this byte) mod vocab_size, a deterministic map of the bytes onto the whole
@@ -19,12 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
 from workloads.base import Quality, Workload
 from workloads.corpus import load_corpus
 
 BYTE_VOCAB = 256
+ATTENTION_KERNELS = ("auto", "grouped", "expand", "math")
 _HASH = 2_654_435_761  # Knuth's multiplicative hash constant
 
 
@@ -60,6 +67,9 @@ class LlamaConfig:
     eval_fraction: float = 0.1
     eval_batches: int = 8
     data_path: str | None = None  # a user's own text file instead of the stdlib corpus
+    # SDPA path for the k/v heads (see attention_path): auto | grouped (enable_gqa, torch picks the kernel) |
+    # expand (k/v repeated to n_head heads, then a fused kernel) | math (torch's math kernel, s^2 scores saved)
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_dim", "seq_len", "eval_batches"):
@@ -75,6 +85,10 @@ class LlamaConfig:
             raise ConfigError(f"workload.vocab_size={self.vocab_size}: must be >= 256 (the corpus is bytes)")
         if not 0.0 < self.eval_fraction < 0.5:
             raise ConfigError(f"workload.eval_fraction={self.eval_fraction}: must be in (0, 0.5)")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"workload.attention_kernel={self.attention_kernel}: must be one of {', '.join(ATTENTION_KERNELS)}"
+            )
 
     def build(self, seed: int) -> LlamaWorkload:
         return LlamaWorkload(self, seed)
@@ -95,6 +109,33 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     return x * cos + swapped * signed_sin
 
 
+def _grouped_kernel_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a fused CUDA SDPA kernel reads grouped k/v heads: only flash attention does (torch 2.5-2.13: the
+    memory-efficient and cuDNN kernels require equal head counts), and flash needs 16 bits and sm80+."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not torch.cuda.is_available():  # fake CUDA tensors (the planner's simulation): assume a current GPU
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def attention_path(kernel: str, grouped: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention path a layer takes, as the activation model needs it: "fused" (a fused kernel on the k/v
+    heads as they are), "expand" (k/v repeated to the query heads, then a fused kernel), or "math" (torch's
+    math kernel: scaled q, repeated k/v and the s^2 softmax saved, no logsumexp). `dtype` is the dtype SDPA sees.
+    """
+    if kernel == "math":
+        return "math"
+    if not grouped:
+        return "fused"  # equal head counts: every fused kernel takes them (fp32 too, via memory-efficient)
+    if kernel == "expand":
+        return "expand"
+    native = device.type != "cuda" or _grouped_kernel_on_cuda(device, dtype)
+    if kernel == "grouped":
+        return "fused" if native else "math"  # torch's silent fallback
+    return "fused" if native else "expand"  # auto
+
+
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
@@ -105,6 +146,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(c.d_model, c.n_kv_head * hd, bias=False)
         self.o = nn.Linear(c.n_head * hd, c.d_model, bias=False)
         self.gqa, self.widths = c.n_kv_head != c.n_head, (self.q.out_features, self.k.out_features)
+        self.kernel = c.attention_kernel
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -118,7 +160,14 @@ class Attention(nn.Module):
         q = rope(self.q(x).view(b, t, self.n_head, hd).transpose(1, 2), cos, sin)
         k = rope(self.k(x).view(b, t, kv_heads, hd).transpose(1, 2), cos, sin)
         v = self.v(x).view(b, t, kv_heads, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+        if self.kernel == "math":
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+        else:
+            expand = attention_path(self.kernel, self.gqa, q.device, q.dtype) == "expand"
+            if expand:  # query head i reads k/v head i // group, as SDPA's enable_gqa does
+                k, v = (z.repeat_interleave(self.n_head // kv_heads, dim=1) for z in (k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa and not expand)
         return self.o(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
 
 
@@ -245,7 +294,11 @@ class LlamaWorkload(TokenLMWorkload):
         5as^2b softmax/dropout terms); RoPE multiplies by buffers and saves nothing of its own; SwiGLU keeps
         gate out, silu out, up out and their product (4f instead of the GELU MLP's 2f); no dropout. RMSNorm
         on CPU (torch's composite) keeps fp32 copies of its input and of the normalised x even for 16-bit inputs;
-        CUDA's fused kernel keeps only its input; both an fp32 rstd per token (CUDA term not yet measured). Under autocast the residual stream
+        CUDA's fused kernel keeps only its input; both an fp32 rstd per token. The attention terms follow the
+        path `attention_path` picks: fused keeps q, k, v as they are, the output and an fp32 logsumexp per query
+        (CUDA's memory-efficient kernel pads it to 32 queries); expand keeps k and v with n_head heads; math keeps
+        scaled q, repeated k and v, the s^2 softmax in the activation dtype and no logsumexp (under selective
+        checkpointing: the q @ k^T product instead of the softmax). Under autocast the residual stream
         and norm outputs stay fp32, the matmuls each cast their input to 16 bits (q,k,v: 3 copies; gate, up:
         2) and 16-bit weight copies are held until backward. Widths are read from the modules (pruning).
         """
@@ -259,18 +312,31 @@ class LlamaWorkload(TokenLMWorkload):
         copies = (3, 2) if autocast else (1, 1)  # the norm1 / norm2 output as each matmul saves it
         mode, k = checkpoint if checkpoint else ("none", 1)
         blocks = [m for m in self.model.modules() if isinstance(m, Block)]
+        device = next(self.model.parameters()).device
+        sdpa_dtype = torch.bfloat16 if autocast or e == 2 else torch.float32  # fp16 and bf16 take the same path
+        # torch's math kernel upcasts 16-bit q/k/v to fp32 unless told otherwise (a process-wide flag)
+        m = e if torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed() else 4
         layers = 0.0
         for i, blk in enumerate(blocks):
             a = blk.attn
             hq, hkv, f, heads = a.q.out_features, a.k.out_features, blk.gate.out_features, a.n_head
-            lse = heads * sb * 4
-            if mode == "selective":  # block input + matmul outputs (q, k, v, o, gate, up, down) + attention out
-                layers += r * sb * h + (2 * hq + 2 * hkv + 2 * h + 2 * f) * e * sb + lse
+            path = attention_path(a.kernel, a.gqa, device, sdpa_dtype)
+            if path == "math":  # q, k, v (repeated) and the s^2 scores, in the math kernel's precision m
+                scores = heads * b * s * s * m
+                attn = (3 * hq * m + hq * e) * sb + scores  # + the output as the o projection saves it
+                attn_selective = (hq + 2 * hkv) * e * sb + hq * m * sb + scores  # q@k^T and attn@v outputs
+            else:
+                efficient = cuda and sdpa_dtype == torch.float32  # CUDA's fp32 fused kernel pads its logsumexp
+                lse = heads * b * (-(-s // 32) * 32 if efficient else s) * 4
+                kv = hkv if path == "fused" else hq  # expand: SDPA saves k and v repeated to n_head heads
+                attn = (2 * hq + 2 * kv) * e * sb + lse  # q, k, v as SDPA saves them, its output, logsumexp
+                attn_selective = (2 * hq + 2 * hkv) * e * sb + lse  # q, k, v matmul outputs; SDPA output, lse
+            if mode == "selective":  # block input + matmul outputs (o, gate, up, down) + the attention above
+                layers += r * sb * h + (2 * h + 2 * f) * e * sb + attn_selective
             elif mode == "full" or (mode == "every_k" and i % k == 0):
                 layers += r * sb * h  # a checkpointed block keeps only its input
-            else:  # 2 norms | norm outs | q, k, v after RoPE, attention out | gate, silu, up, product
-                layers += 2 * norm + (r if not autocast else 2) * sb * h * sum(copies) + lse
-                layers += (2 * hq + 2 * hkv + 4 * f) * e * sb
+            else:  # 2 norms | norm outs | attention | gate, silu, up, product
+                layers += 2 * norm + (r if not autocast else 2) * sb * h * sum(copies) + attn + 4 * f * e * sb
                 if autocast:  # 16-bit copies of the block's weights, cast once per step and kept for backward
                     layers += 2 * (h * (2 * hq + 2 * hkv) + 3 * h * f)
         head = norm + (2 if autocast else r) * sb * h + sb * c.vocab_size * 4
