@@ -51,7 +51,7 @@ def table(records: list[dict]) -> str:
                 [
                     wl,
                     label(r),
-                    dev,
+                    f"{dev} ({r['env']['gpu']})" if dev.startswith("cuda") and r["env"].get("gpu") else dev,
                     _mib(m["peak_bytes"]),
                     _mib(step_dev),
                     _mib(mine["tracker_peak_bytes"]),
