@@ -19,9 +19,10 @@ GPT2 = ("workload=gpt2", "run.batch_size=8", *STEPS)
         ([], 0.05),
         (["technique=[activation_checkpointing]"], 0.05),
         (["technique=[bf16]"], 0.05),
-        # bitsandbytes' 4-bit matmul dequantizes inside the op, where the dispatcher (and the tracker) cannot see:
-        # on an H200 the tracker held 0.920 of the allocator's step peak (nf4 + checkpointing + bf16, batch 8)
-        (["technique=[quantized_base]", "technique.quantized_base.compute_dtype=bfloat16"], 0.10),
+        # nf4 base, no checkpointing (a multi-GiB peak, as for the other cases). On an H200 the nf4 + checkpointing +
+        # bf16 cell held 0.920 (893 of 971 MiB): a ~1 GiB peak, where the allocator's fixed workspaces (cuBLAS; 64-
+        # 180 MiB untracked in every cell) are a large share; this case is the issue's 5% at the study's scale.
+        (["technique=[quantized_base]", "technique.quantized_base.compute_dtype=bfloat16"], 0.05),
     ],
     ids=["baseline", "full_ckpt", "bf16", "quantized_base"],
 )
