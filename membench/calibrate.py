@@ -2,9 +2,10 @@
 
 From ok records whose hardware matches (CPU model and bf16 instructions for CPU runs; GPU name for CUDA runs, any GPU when planning
 for CUDA on a machine without one), it derives: step-time ratios of a technique set against the baseline of
-the same preset and batch; quality deltas against that baseline; the ratio of the measured MemTracker peak to
-the record's own analytic sum (params + grads + optimizer + activations); and on CUDA the allocator/tracker
-gap (max_memory_allocated / tracker peak). Medians over matching records; no fitting library is needed.
+the same sweep, preset, batch and seed (pairs measured on a quiet machine where any exist); quality deltas
+against that baseline; the ratio of the measured MemTracker peak to the record's own analytic sum (params +
+grads + optimizer + activations); and on CUDA the allocator/tracker gap (the allocator's peak of the tracked
+step / the tracker's). Medians over matching records; no fitting library is needed.
 """
 
 from __future__ import annotations
@@ -85,13 +86,32 @@ def label(techniques: dict | None) -> str:
     return "+".join(parts) or "baseline"
 
 
+def _pair(r: dict) -> tuple:
+    """What a technique record's baseline must share with it: the same sweep (experiment), preset, batch and seed.
+    A baseline from another study ran at another time, often under another load: pairing across studies gave
+    checkpointing a step-time ratio of 0.71 (the pruning study's loaded baseline against the checkpointing study's
+    cells), where the study itself measured 1.11."""
+    exp = r["config"].get("experiment") or {}
+    run = r["config"]["run"]
+    return (exp.get("name"), r["config"]["workload"]["preset"], run["batch_size"], run.get("seed"))
+
+
+def _loaded(r: dict) -> bool:
+    return bool(((r.get("timing") or {}).get("load") or {}).get("loaded"))
+
+
+def _quiet(rs: list[dict]) -> list[dict]:
+    """The records taken on a quiet machine, if any (timing.load.loaded=false); else all of them."""
+    return [r for r in rs if not _loaded(r)] or rs
+
+
 class Calibration:
     def __init__(self, records: list[dict]):
         self.records = records
         self.base: dict[tuple, dict] = {}
         for r in records:
             if not r["config"].get("technique"):
-                self.base[(r["config"]["workload"]["preset"], r["config"]["run"]["batch_size"])] = r
+                self.base[_pair(r)] = r
 
     def _matching(self, kinds_key: str, family: str | None) -> list[dict]:
         return [
@@ -101,42 +121,54 @@ class Calibration:
             and (family is None or r["config"]["workload"]["_target_"] == family)
         ]
 
+    def _paired(self, kinds_key: str, family: str | None) -> list[tuple[dict, dict]]:
+        return [(r, self.base[_pair(r)]) for r in self._matching(kinds_key, family) if _pair(r) in self.base]
+
     def time_ratio(self, kinds_key: str, family: str | None = None) -> tuple[float, int] | None:
-        ratios = []
-        for r in self._matching(kinds_key, family):
-            b = self.base.get((r["config"]["workload"]["preset"], r["config"]["run"]["batch_size"]))
-            if b is not None:
-                ratios.append(r["timing"]["median_step_s"] / b["timing"]["median_step_s"])
+        """Median step-time ratio over (record, its own sweep's baseline) pairs; quiet pairs only where any."""
+        pairs = self._paired(kinds_key, family)
+        quiet = [(r, b) for r, b in pairs if not any(_loaded(x) for x in (r, b))]
+        ratios = [r["timing"]["median_step_s"] / b["timing"]["median_step_s"] for r, b in (quiet or pairs)]
         return (statistics.median(ratios), len(ratios)) if ratios else None
 
     def quality_delta(self, kinds_key: str, family: str | None = None) -> tuple[float, str, int] | None:
         deltas, metric = [], ""
-        for r in self._matching(kinds_key, family):
-            b = self.base.get((r["config"]["workload"]["preset"], r["config"]["run"]["batch_size"]))
-            if b is not None and r["quality"]["metric"] == b["quality"]["metric"]:
+        for r, b in self._paired(kinds_key, family):
+            if r["quality"]["metric"] == b["quality"]["metric"]:
                 deltas.append(r["quality"]["value"] - b["quality"]["value"])
                 metric = r["quality"]["metric"]
         return (statistics.median(deltas), metric, len(deltas)) if deltas else None
 
     def peak_factor(self, kinds_key: str, family: str | None = None) -> tuple[float, int] | None:
-        """Median measured peak / the record's own analytic sum, for this technique set."""
+        """Median measured peak / the record's own analytic sum, for this technique set. The peak is the tracker's
+        (schema 2: memory.by_device[device].tracker_peak_bytes; on CUDA the headline is the allocator's, whose
+        extra is allocator_gap's to add), so the predictors all predict the same quantity."""
         ratios = []
         for r in self._matching(kinds_key, family):
             pred = r["memory"].get("predicted_by_category") or {}
             total = sum(v for v in pred.values() if v)
             if total:
-                ratios.append(r["memory"]["peak_bytes"] / total)
+                ratios.append(_tracker_peak(r) / total)
         return (statistics.median(ratios), len(ratios)) if ratios else None
 
     def allocator_gap(self) -> tuple[float, int] | None:
-        """CUDA: median max_memory_allocated / MemTracker peak (the allocator's extra: workspaces, caching)."""
+        """CUDA: median allocator peak / tracker peak of the same step (workspaces, kernel buffers)."""
         gaps = []
         for r in self.records:
-            dev = (r["memory"].get("device") or {}).get("cuda_max_allocated_bytes")
-            if dev and r["memory"]["peak_bytes"]:
-                gaps.append(dev / r["memory"]["peak_bytes"])
+            m = r["memory"]
+            mine = (m.get("by_device") or {}).get(m.get("device_name") or "") or {}
+            dev = mine.get("allocator_peak_bytes") or (m.get("device") or {}).get("cuda_max_allocated_bytes")
+            if dev and _tracker_peak(r):
+                gaps.append(dev / _tracker_peak(r))
         return (statistics.median(gaps), len(gaps)) if gaps else None
 
     def baseline_step_s(self, preset: str, batch_size: int) -> float | None:
-        b = self.base.get((preset, batch_size))
-        return b["timing"]["median_step_s"] if b else None
+        """Median over the baselines of this preset and batch (quiet ones where any)."""
+        bs = _quiet([b for k, b in self.base.items() if k[1:3] == (preset, batch_size)])
+        return statistics.median(b["timing"]["median_step_s"] for b in bs) if bs else None
+
+
+def _tracker_peak(r: dict) -> float:
+    m = r["memory"]
+    mine = (m.get("by_device") or {}).get(m.get("device_name") or "") or {}
+    return mine.get("tracker_peak_bytes") or m["peak_bytes"]  # schema 1: peak_bytes was the tracker's
