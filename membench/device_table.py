@@ -60,12 +60,17 @@ def table(records: list[dict]) -> str:
                     _mib(host and host["tracker_peak_bytes"]),
                     _mib(m["phases"]["timed"].get("nvml_used_max_bytes")),
                     _phase_peaks(m),
-                    f"{sites[0]['site']} ({_mib(sites[0]['bytes'])})" if sites else "-",
+                    f"{sites[0]['site']} ({_mib(sites[0]['bytes'])})" if sites else _history_error(hist),
                 ]
             )
             + " |"
         )
     return "\n".join(rows)
+
+
+def _history_error(hist: dict) -> str:
+    """Why a cell recorded with run.cuda_memory_history has no sites (the step that failed while recording)."""
+    return f"no history: {hist['error'][:60]}" if hist.get("error") else "-"
 
 
 def main(argv: list[str]) -> int:

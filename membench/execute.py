@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from membench import assemble, distributed, gpuinfo, measure
 from membench.child import report_progress
@@ -239,6 +240,48 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
             _set_cuda_budget(device, None)
 
 
+def _memory_step(meter: measure.PhaseMeter, tr: Trainer, i: int, history: bool):
+    """The memory step as its phase. The allocator's history (run.cuda_memory_history) is a diagnostic and must not
+    fail a cell, yet recording it has made backward fail (quantized_base nf4 + checkpointing + bf16, torch 2.11:
+    SystemError from run_backward). A step that fails while recording is run again without it, and the phase's
+    `cuda_history_at_peak` holds the error instead. The re-run is the same step only if the optimizer has not
+    stepped: the failed attempt's partial grads are dropped first; a failure once the optimizer has begun its step
+    is raised (running the step again would apply batch i twice)."""
+    failure = None
+    if history:
+        stepped: list[bool] = []
+        hook = register_optimizer_step_pre_hook(lambda *_: stepped.append(True))
+        try:
+            with meter.phase("memory_step") as ph:
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
+                try:
+                    split, states = tr.memory_step(i)
+                    ph["cuda_history_at_peak"] = _history_at_peak(ph)
+                finally:
+                    torch.cuda.memory._record_memory_history(enabled=None)
+            return split, states
+        except Exception as e:
+            if stepped:
+                raise
+            failure = f"{type(e).__name__}: {e}"
+        finally:
+            hook.remove()
+        tr.optimizer.zero_grad(set_to_none=True)
+        gc.collect()  # the failed attempt's graph and activations sit in traceback cycles until a collection
+    with meter.phase("memory_step") as ph:
+        split, states = tr.memory_step(i)
+        if failure is not None:
+            ph["cuda_history_at_peak"] = {"error": failure, "step_rerun_without_history": True}
+    return split, states
+
+
+def _history_at_peak(ph: dict) -> dict:
+    try:
+        return measure.cuda_history_at_peak(torch.cuda.memory._snapshot(), ph["cuda_allocated_start_bytes"])
+    except Exception as e:  # the step itself succeeded: only the diagnostic is missing
+        return {"error": f"{type(e).__name__}: {e}", "step_rerun_without_history": False}
+
+
 def _schedule(run, wcfg, techs, device: torch.device) -> dict:
     meter = measure.PhaseMeter(device, gpuinfo.handle(device))
     sched = Schedule.of(run)
@@ -248,16 +291,7 @@ def _schedule(run, wcfg, techs, device: torch.device) -> dict:
     with meter.phase("warmup"):
         for i in sched.warmup:
             tr.step(i)
-    history = run.cuda_memory_history and device.type == "cuda"
-    with meter.phase("memory_step") as ph:
-        if history:
-            torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
-        split, states = tr.memory_step(sched.memory)
-        if history:
-            ph["cuda_history_at_peak"] = measure.cuda_history_at_peak(
-                torch.cuda.memory._snapshot(), ph["cuda_allocated_start_bytes"]
-            )
-            torch.cuda.memory._record_memory_history(enabled=None)
+    split, states = _memory_step(meter, tr, sched.memory, run.cuda_memory_history and device.type == "cuda")
     if device.type != "cuda":  # no allocator counter here: the tracker's peak of the device is the figure
         _check_budget(split.total(str(device)), run.memory_budget_mib, f"tracker peak on {device}")
     with meter.phase("flop_step"):

@@ -17,6 +17,7 @@ was done.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -245,6 +246,32 @@ def _by_name(snapshot: dict) -> dict[str, dict[str, int]]:
     return out
 
 
+@contextlib.contextmanager
+def _mod_tracker_grad_hooks_removed():
+    """torch's ModTracker (inside MemTracker and FSDPMemTracker) puts a multi-grad hook on every module's inputs and
+    outputs and never removes it. An input's hook hangs on that tensor's grad_fn and its closure holds the same
+    grad_fn: a cycle through C++ that Python's gc cannot see, so the instrumented step's autograd graph (every node
+    upstream of a hooked input) outlives the step. Backward frees the graph's saved tensors, but not what a custom
+    Function keeps as a ctx attribute: bitsandbytes' int8 matmuls keep their input there (MatMul8bitLt
+    ctx.tensors, MatMul8bitFp ctx.A), so every later step carried the memory step's int8-layer inputs (gpt2 b=8:
+    +2016 MiB from the FLOP step on). Keep the handles and remove the hooks once the step is done."""
+    from torch.distributed._tools import mod_tracker
+
+    register, handles = mod_tracker.register_multi_grad_hook, []
+
+    def keep(*args, **kwargs):
+        handles.append(register(*args, **kwargs))
+        return handles[-1]
+
+    mod_tracker.register_multi_grad_hook = keep
+    try:
+        yield
+    finally:
+        mod_tracker.register_multi_grad_hook = register
+        for h in handles:
+            h.remove()
+
+
 def measure_memory(
     step: Callable[[Callable[[], None]], T],
     model,
@@ -293,7 +320,7 @@ def measure_memory(
     def after_forward():
         held.update(mt.get_tracker_snapshot("current"))
 
-    with mt:
+    with _mod_tracker_grad_hooks_removed(), mt:
         result = step(after_forward)
     collect(register=False)
     peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)

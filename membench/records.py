@@ -236,5 +236,8 @@ def validate_record(r: dict) -> None:
     for p in PHASES:
         if p not in m["phases"]:
             raise ValueError(f"record: memory phase {p} missing")
+    hist = m["phases"]["memory_step"].get("cuda_history_at_peak")  # run.cuda_memory_history: a summary or its error
+    if hist is not None and not ("peak_allocated_bytes" in hist or hist.get("error")):
+        raise ValueError("record: memory.phases.memory_step.cuda_history_at_peak has neither a peak nor an error")
     if m["device_name"] not in m["by_device"]:
         raise ValueError(f"record: memory.by_device has no entry for the run device {m['device_name']}")

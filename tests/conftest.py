@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -22,6 +24,18 @@ def run_inprocess(*overrides: str) -> dict:
     from membench.execute import execute
 
     return execute(compose(*overrides))
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct storage behind a tensor Python can still reach (gc-tracked), after a full collection:
+    an independent count of what a step left alive."""
+    gc.collect()
+    storages = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type != "meta":
+            st = o.untyped_storage()
+            storages[(str(o.device), st.data_ptr())] = st.nbytes()
+    return sum(storages.values())
 
 
 def pytest_collection_modifyitems(config, items):

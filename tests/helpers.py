@@ -1,3 +1,3 @@
-"""Import target for tests: `from tests.helpers import compose, run_inprocess`."""
+"""Import target for tests: `from tests.helpers import compose, live_tensor_bytes, run_inprocess`."""
 
-from tests.conftest import compose, run_inprocess  # noqa: F401
+from tests.conftest import compose, live_tensor_bytes, run_inprocess  # noqa: F401

@@ -8,7 +8,7 @@ import torch
 
 from membench import measure
 from membench.measure import timing_stats
-from tests.helpers import run_inprocess
+from tests.helpers import live_tensor_bytes, run_inprocess
 
 STEPS = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")
 
@@ -81,6 +81,53 @@ def test_host_and_device_bytes_are_kept_apart():
     assert split.after_forward["cpu"]["ACT"] == 64 * 256 * 4
     assert split.total("cpu") < 4 * 2**20  # the host peak never sees the device's bytes
     assert split.total("meta") == split.peak["meta"]["ACT"] >= 4 * 2**20
+
+
+class _KeepsInput(torch.autograd.Function):
+    """x @ w.t() keeping x as a ctx attribute, not a saved tensor (backward does not free it): bitsandbytes' int8
+    matmuls do this (MatMul8bitLt ctx.tensors, MatMul8bitFp ctx.A)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.x, ctx.w = x, w
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.w, None
+
+
+class _FrozenKeepsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(256, 256))
+
+    def forward(self, x):
+        return _KeepsInput.apply(x, self.w)
+
+
+def test_the_tracked_step_leaves_no_tensor_alive():
+    """torch's ModTracker (inside MemTracker) hooks each module's inputs and never removes the hooks; each hook
+    holds the grad_fn it hangs on (a cycle through C++ when that is a built-in node), so the step's graph upstream of
+    it outlived the step and with it the 64 x 256 fp32 input the frozen layer keeps in its ctx (64 KiB here; gpt2's
+    int8 base: 2016 MiB). After the tracked step exactly the tensors alive after a plain step may be alive."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear  # the last Linear's input hangs on LayerNorm's (C++) grad_fn, upstream of the frozen layer
+    model = torch.nn.Sequential(lin(256, 256), _FrozenKeepsInput(), torch.nn.LayerNorm(256), lin(256, 256))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(64, 256)
+
+    def step(after_forward=lambda: None):
+        loss = model(x).square().mean()
+        after_forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # optimizer state exists before the count
+    plain = live_tensor_bytes()
+    measure.measure_memory(step, model, opt)
+    assert live_tensor_bytes() - plain == 0
 
 
 def test_optimizer_temporaries_are_their_own_category():
@@ -177,3 +224,82 @@ def test_cuda_history_names_the_sites_live_at_the_peak():
         {"site": "gpt.py:85 forward <- linear", "bytes": 100},
         {"site": "adamw.py:9 _multi_tensor_adamw", "bytes": 50},
     ]
+
+
+# The allocator's history (run.cuda_memory_history) is a diagnostic: a step that fails while it is recorded runs
+# again without it. There is no CUDA here: the recorder is stubbed and the history path forced on for the CPU run.
+HISTORY_CELL = ("workload=gpt_tiny", *STEPS)
+
+
+def _with_history(monkeypatch, start=lambda: None, snapshot=lambda: {"device_traces": []}):
+    """Force the history path on CPU; `start()` runs when recording is switched on, `stop` undoes what it did."""
+    from membench import execute
+
+    undo: list = []
+
+    def record(enabled="all", **kwargs):
+        if enabled is None:
+            while undo:
+                undo.pop().remove()
+        else:
+            undo.extend(start() or [])
+
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", record)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", snapshot)
+    plain = execute._memory_step
+    monkeypatch.setattr(execute, "_memory_step", lambda meter, tr, i, history: plain(meter, tr, i, True))
+
+
+def _fail_in_backward():
+    """As on the H200 (nf4 + checkpointing + bf16, torch 2.11): backward raises while recording. The hook sits on
+    the first module output, whose gradient comes last: every later layer's grads are already accumulated."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    def fail(grad):
+        raise SystemError("<built-in method run_backward> returned a result with an exception set")
+
+    def first_output(mod, args, out):
+        if torch.is_tensor(out) and out.requires_grad and not handles[1:]:
+            handles.append(out.register_hook(fail))
+
+    handles = [register_module_forward_hook(first_output)]
+    return handles
+
+
+def test_a_step_failing_while_history_records_runs_again_without_it(gpt_base, monkeypatch):
+    """The failed attempt stopped before the optimizer's step: after dropping its partial grads the re-run is the
+    same step, so the run's losses and evaluation are bit-identical to a run without history."""
+    _with_history(monkeypatch, start=_fail_in_backward)
+    rec = run_inprocess(*HISTORY_CELL)
+    assert rec["memory"]["phases"]["memory_step"]["cuda_history_at_peak"] == {
+        "error": "SystemError: <built-in method run_backward> returned a result with an exception set",
+        "step_rerun_without_history": True,
+    }
+    assert rec["quality"]["loss_curve"] == gpt_base["quality"]["loss_curve"]
+    assert rec["quality"]["value"] == gpt_base["quality"]["value"]
+    assert rec["memory"]["model_states"] == gpt_base["memory"]["model_states"]
+
+
+def test_a_failing_history_summary_keeps_the_step(gpt_base, monkeypatch):
+    def snapshot():
+        raise RuntimeError("snapshot failed")
+
+    _with_history(monkeypatch, snapshot=snapshot)
+    rec = run_inprocess(*HISTORY_CELL)
+    assert rec["memory"]["phases"]["memory_step"]["cuda_history_at_peak"] == {
+        "error": "RuntimeError: snapshot failed",
+        "step_rerun_without_history": False,
+    }
+    assert rec["quality"]["loss_curve"] == gpt_base["quality"]["loss_curve"]
+
+
+def test_a_failure_after_the_optimizer_stepped_is_not_rerun(monkeypatch):
+    """Running the step again would apply its batch twice: the error stands."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def fail(*_):
+        raise RuntimeError("failed in the optimizer's step")
+
+    _with_history(monkeypatch, start=lambda: [register_optimizer_step_post_hook(fail)])
+    with pytest.raises(RuntimeError, match="failed in the optimizer's step"):
+        run_inprocess(*HISTORY_CELL)
