@@ -3,6 +3,8 @@
 # check stops by $DEADLINE seconds, 480 by default, and every section is boxed within what is left):
 #   bash scripts/gpu_wheels.sh                                # here, once: fills the git-ignored .whl/
 #   OUT=/tmp/gpu-out bash scripts/gpu_check.sh [SECTION ...]  # there; default: env cells tests d
+# Under the device tool (600 s a call), two calls: `... gpu_check.sh env cells tests` (~7 min), then
+# `DEADLINE=360 D_SECTIONS=50-techfix ... gpu_check.sh d` (DeepSpeed stage 1 vs 3 vs 3 + offload timing).
 # Uses the machine's own CUDA torch; the wheels it lacks are installed from .whl/ into /tmp/site (no index, no deps).
 # Per cell it prints the tracker's peak, the allocator's peak of the same step and their ratio, and the allocator's
 # peak of each phase (membench/device_table.py). Sections: env, tests (GPU-marked pytest), cells (the `gpu` study,
@@ -56,7 +58,7 @@ for section in ${*:-env cells tests d}; do
       f=scripts/gpu_check.d/$name.sh
       [ -e "$f" ] || continue
       log "section $f"
-      timeout "$(box 240)" bash "$f" 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+      timeout "$(box 340)" bash "$f" 2>&1 | tail -15 | tee -a "$OUT/log.txt"
     done
     ;;
   esac
