@@ -135,8 +135,21 @@ def _quality(rs: list[dict], b: list[dict]) -> str:
     return f"{rs[0]['quality']['metric']}={_num([r['quality']['value'] for r in rs], '.4f')}"
 
 
+def _host_bytes(r: dict) -> int | None:
+    """A device run's host bytes at the host's own peak (offloaded states, pinned buffers); None on a CPU run."""
+    m = r["memory"]
+    host = (m.get("by_device") or {}).get("cpu")
+    return host["tracker_peak_bytes"] if host and m.get("device_name") != "cpu" else None
+
+
+HOST_COLUMN = "host MiB"
 COLUMNS = [
     ("peak MiB", lambda rs, b: _num([r["memory"]["peak_bytes"] for r in rs], ".1f", MiB)),
+    # shown only when a row ran on an accelerator and held host bytes: they are never added to the device's peak
+    (
+        HOST_COLUMN,
+        lambda rs, b: "-" if _host_bytes(rs[0]) is None else _num([_host_bytes(r) or 0 for r in rs], ".1f", MiB),
+    ),
     ("params", _cat("params")),
     ("grads", _cat("grads")),
     ("optim", _cat("optimizer")),
@@ -163,8 +176,10 @@ def table(records: list[dict]) -> str:
         if r["status"] == "ok":
             groups.setdefault(seed_group(r), []).append(r)
     base = {cell_key(rs[0])[:2]: rs for rs in groups.values() if not rs[0].get("techniques")}
-    head = "| workload | techniques | status | " + " | ".join(h for h, _ in COLUMNS) + " |"
-    rows = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    host = any(_host_bytes(r) for rs in groups.values() for r in rs)
+    columns = [c for c in COLUMNS if host or c[0] != HOST_COLUMN]
+    head = "| workload | techniques | status | " + " | ".join(h for h, _ in columns) + " |"
+    rows = [head, "|" + "---|" * (3 + len(columns))]
     entries = [[r] for r in records if r["status"] != "ok"] + list(groups.values())
     for rs in sorted(entries, key=lambda rs: (cell_key(rs[0]), len(rs[0].get("techniques") or []), label(rs[0]))):
         r = rs[0]
@@ -172,11 +187,11 @@ def table(records: list[dict]) -> str:
         if len(rs) > 1:
             wl += f" ({len(rs)} seeds)"
         if r["status"] != "ok":
-            filler = "- | " * (len(COLUMNS) - 1)
+            filler = "- | " * (len(columns) - 1)
             rows.append(f"| {wl} | {label(r)} | {r['status']} | {filler}{(r.get('error') or '')[:60]} |")
             continue
         b = base.get(cell_key(r)[:2]) or []
-        rows.append("| " + " | ".join([wl, label(r), "ok", *(fn(rs, b) for _, fn in COLUMNS)]) + " |")
+        rows.append("| " + " | ".join([wl, label(r), "ok", *(fn(rs, b) for _, fn in columns)]) + " |")
     return "\n".join(rows)
 
 

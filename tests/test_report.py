@@ -56,3 +56,15 @@ def test_report_on_a_missing_folder_is_an_error_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("membench: error: report: ") and "has no runs/ folder" in err
     assert not missing.exists()
+
+
+def test_host_bytes_get_their_own_column_only_where_a_device_run_has_them():
+    """An offloaded state is a host byte: the table shows it beside the device's peak, never inside it."""
+    b = _baseline()
+    assert "host MiB" not in table([b])  # a CPU run: the host is the device
+    r = json.loads(json.dumps(b))
+    r["memory"]["device_name"] = "cuda:0"
+    r["memory"]["by_device"] = {"cuda:0": r["memory"]["by_device"]["cpu"], "cpu": {"tracker_peak_bytes": 3 * MiB}}
+    head, _, row = table([r]).splitlines()
+    cols = dict(zip(head.split(" | "), row.split(" | "), strict=True))
+    assert cols["host MiB"] == "3.0" and cols["peak MiB"] == f"{b['memory']['peak_bytes'] / MiB:.1f}"
