@@ -233,11 +233,15 @@ def _execute(run, wcfg, techs, device: torch.device) -> dict:
         torch.set_num_threads(run.num_threads)
     if device.type == "cuda" and run.memory_budget_mib:
         _set_cuda_budget(device, run.memory_budget_mib)
+    linear = torch.nn.functional.linear
     try:
         return _schedule(run, wcfg, techs, device)
     finally:  # the fraction is per process: a caller running cells in-process must not inherit this one's budget
         if device.type == "cuda" and run.memory_budget_mib:
             _set_cuda_budget(device, None)
+        # DeepSpeed's stage 3 replaces F.linear process-wide with its own autograd Function and says it "will
+        # persist unless manually reset": the run measures it, a later in-process run must not inherit it
+        torch.nn.functional.linear = linear
 
 
 def _memory_step(meter: measure.PhaseMeter, tr: Trainer, i: int, history: bool):

@@ -151,6 +151,16 @@ def test_two_deepspeed_engines_one_after_the_other_in_one_process():
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
 
 
+def test_deepspeed_stage3_leaves_torch_linear_as_it_found_it():
+    """Stage 3 swaps F.linear for DeepSpeed's own autograd Function process-wide ("persists unless manually
+    reset"): inside the run that is what stage 3 runs, after it a later in-process run must get torch's again."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    run_inprocess(*TINY, "technique=[zero]", "technique.zero.backend=deepspeed", "technique.zero.stage=3")
+    assert F.linear is linear
+
+
 def test_zero_composes_with_checkpointing_and_bf16_in_one_run():
     for backend, stage in (("torch", 3), ("deepspeed", 2)):
         out = run_inprocess(
