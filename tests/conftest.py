@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
@@ -17,6 +18,13 @@ def compose(*overrides: str) -> dict:
     cells = plan(list(overrides), multirun=False)
     assert len(cells) == 1
     return cells[0]
+
+
+@functools.cache
+def experiment_cells(name: str) -> tuple[dict, ...]:
+    """The composed cells of one study, once per session (tests that read the same study share it; the pruning
+    study alone is ~40 Hydra compositions). Read-only: a test must not change the dicts."""
+    return tuple(plan([f"+experiment={name}"], multirun=False))
 
 
 def run_inprocess(*overrides: str) -> dict:

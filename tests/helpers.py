@@ -1,3 +1,3 @@
 """Import target for tests: `from tests.helpers import compose, live_tensor_bytes, run_inprocess`."""
 
-from tests.conftest import compose, live_tensor_bytes, run_inprocess  # noqa: F401
+from tests.conftest import compose, experiment_cells, live_tensor_bytes, run_inprocess  # noqa: F401

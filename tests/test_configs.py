@@ -12,7 +12,7 @@ import torch
 
 from membench.cli import CONF_DIR, main, plan
 from membench.errors import ConfigError
-from tests.helpers import compose
+from tests.helpers import compose, experiment_cells
 
 WORKLOADS = sorted(p.stem for p in (CONF_DIR / "workload").glob("*.yaml"))
 TECHNIQUES = sorted(p.stem for p in (CONF_DIR / "technique").glob("*.yaml"))
@@ -77,9 +77,9 @@ def _needs_cuda(experiment: str) -> bool:
 def test_every_experiment_composes(experiment):
     if _needs_cuda(experiment) and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="run.device=cuda: no CUDA device is visible"):
-            plan([f"+experiment={experiment}"], multirun=False)
+            experiment_cells(experiment)
         return
-    cells = plan([f"+experiment={experiment}"], multirun=False)
+    cells = experiment_cells(experiment)
     assert cells and all(c["experiment"]["name"] == experiment for c in cells)
     assert all(c["run"]["results_dir"] for c in cells)
 

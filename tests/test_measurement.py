@@ -176,10 +176,10 @@ def test_extra_state_is_counted_once_under_its_own_category():
     assert declared.extra == {"cpu": {"grads": 4 * 256 * 256}}
 
 
-def test_ddp_buckets_count_once_as_grads():
+def test_ddp_buckets_count_once_as_grads(gpt_base):
     """torch DDP (ZeRO stage 0, one rank) keeps one fp32 gradient bucket per parameter byte: the peak grows by
     exactly 4 bytes/parameter over the baseline, as grads, and activations do not change."""
-    base = run_inprocess("workload=gpt_tiny", *STEPS)
+    base = gpt_base  # the same baseline run (workload=gpt_tiny, STEPS)
     ddp = run_inprocess(
         "workload=gpt_tiny", *STEPS, "technique=[zero]", "technique.zero.stage=0", "technique.zero.backend=torch"
     )

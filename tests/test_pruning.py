@@ -14,7 +14,7 @@ from techniques import pruning
 from techniques.base import Context
 from techniques.prune_structured import PruneStructured
 from techniques.prune_unstructured import PruneUnstructured, csr_nbytes, effective
-from tests.helpers import compose, run_inprocess
+from tests.helpers import compose, experiment_cells, run_inprocess
 
 STEPS = ("run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2")
 UNSTRUCTURED = ("technique=[prune_unstructured]", "technique.prune_unstructured.pretrain_cache=false")
@@ -230,14 +230,8 @@ def test_bad_input_is_a_config_error(overrides, key):
 
 
 def test_study_cells_compose():
-    cells = compose_experiment()
+    cells = experiment_cells("pruning")  # composed once per session (tests/test_configs.py composes it too)
     assert len(cells) >= 16 and all(c["run"]["results_dir"] == "results/pruning" for c in cells)
-
-
-def compose_experiment():
-    from membench.cli import plan
-
-    return plan(["+experiment=pruning"], multirun=False)
 
 
 @pytest.mark.gpu
