@@ -19,8 +19,9 @@ run: setup
 	$(VENV)/bin/membench run +experiment=demo
 	$(VENV)/bin/membench report results/demo --experiment demo
 
+# Every CPU test, the ones marked slow included (a bare `pytest` deselects those through pyproject's addopts).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m 'slow or not slow'
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

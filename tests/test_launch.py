@@ -61,6 +61,7 @@ def _wait_for(cond, timeout_s: float = 240.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_sweep_leaves_no_process_and_a_rerun_runs_each_unfinished_cell_once(tmp_path):
     mark = uuid.uuid4().hex
     p = _sweep(tmp_path, "run.seed=0,1", mark=mark)
@@ -93,6 +94,7 @@ def test_kill_9_of_the_sweep_leaves_no_process_and_a_rerun_runs_each_unfinished_
     assert _none_left(mark) == []
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_the_sweep_kills_its_cells_and_writes_no_record(tmp_path):
     mark = uuid.uuid4().hex
     p = _sweep(tmp_path, "run.train_steps=400", "run.seed=0,1", mark=mark)
@@ -138,6 +140,7 @@ def test_a_cell_locked_by_a_live_process_is_not_started_and_a_stale_lock_is_take
     assert "running elsewhere" in capsys.readouterr().out and load_records(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_slurm_launcher_through_submitits_local_executor(tmp_path, capsys):
     rc = main(["run", "-m", *TINY, "run.seed=0,1", "run.launcher=slurm", "slurm.cluster=local",
                f"slurm.folder={tmp_path / 'submitit'}", f"run.results_dir={tmp_path}"])  # fmt: skip

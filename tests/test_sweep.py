@@ -65,6 +65,7 @@ def test_exit_code_is_1_when_a_cell_fails_and_0_on_a_rerun_of_ok_cells(tmp_path,
     assert "1 failed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_jobs_2_runs_two_cells_side_by_side_with_the_cores_split(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("membench.launch.local.cores", lambda: 4)
     rc = main(["run", "-m", *TINY, "run.seed=0,1,2", "run.jobs=2", f"run.results_dir={tmp_path}"])
