@@ -8,6 +8,7 @@ when the config is composed, before any run starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,10 +79,11 @@ class ExperimentConfig:
     cells: list[Any] = field(default_factory=list)
 
 
+@functools.cache
 def register_schema() -> None:
     """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
-    wrong type fails at composition."""
+    wrong type fails at composition. Once per process: Hydra's ConfigStore is a process-wide singleton."""
     from membench.launch.slurm import SlurmConfig
     from workloads.custom import CustomConfig
     from workloads.digits import DigitsConfig
