@@ -393,7 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("overrides", nargs="*", help="workload=W run.memory_budget_mib=B [run.world_size=N] plan.*=...")
     ft = sub.add_parser("fit", help="largest batch under run.memory_budget_mib: predicted, then real runs")
     ft.add_argument("overrides", nargs="*", help="workload=W technique=[...] run.memory_budget_mib=B")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if getattr(args, "cmd", None) == "plan":  # overrides after `--verify K` (argparse ends the positionals there)
+        args.overrides += [x for x in extra if not x.startswith("-")]
+        extra = [x for x in extra if x.startswith("-")]
+    if extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     commands = {
         "run": cmd_run,

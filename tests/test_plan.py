@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -157,3 +159,14 @@ def test_calibration_reads_only_the_same_hardware_profile(tmp_path):
     assert cal.peak_factor("activation_checkpointing(mode=full)") == (0.9, 1)
     assert cal.quality_delta("activation_checkpointing(mode=full)") == (0.0, "eval_loss", 1)
     assert cal.allocator_gap() is None
+
+
+def test_verify_option_may_stand_between_overrides(tmp_path, capsys):
+    """`membench plan workload=W --verify 0 run.memory_budget_mib=B`: the overrides after the option still count."""
+    out = tmp_path / "p.json"
+    argv = ["plan", "workload=gpt_tiny", "--verify", "0", "run.memory_budget_mib=7", "plan.simulate=0"]
+    assert main([*argv, f"plan.out={out}", f"run.results_dir={tmp_path}"]) == 0
+    assert json.loads(out.read_text())["budget_mib"] == 7
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
