@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from membench.errors import ConfigError
+
 # Long-lived modules present in CPython 3.8-3.14, sorted. Missing ones are skipped and recorded.
 STDLIB_FILES = sorted(
     [
@@ -124,6 +126,28 @@ def _stdlib_bytes(max_bytes: int) -> tuple[bytes, list[str]]:
         if total >= max_bytes:
             break
     return b"".join(chunks)[:max_bytes], used
+
+
+@dataclass
+class CorpusTraining:
+    """The corpus and optimiser fields every byte-corpus LM workload config shares (gpt, llama, hf), and their
+    checks; each config extends it (dataclass inheritance: these fields first, all with defaults)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    lr_warmup_steps: int = 10  # linear LR warm-up, then constant
+    batch_size: int = 8  # default run.batch_size for this preset
+    max_corpus_bytes: int = 4_000_000
+    eval_fraction: float = 0.1
+    eval_batches: int = 8
+    data_path: str | None = None  # a user's own text file instead of the stdlib corpus
+
+    def check_corpus(self) -> None:
+        for key in ("batch_size", "max_corpus_bytes", "eval_batches"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"workload.{key}={getattr(self, key)}: must be > 0")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"workload.eval_fraction={self.eval_fraction}: must be in (0, 0.5)")
 
 
 def load_corpus(path: str | None, max_bytes: int, eval_fraction: float) -> Corpus:

@@ -16,11 +16,11 @@ from torch import nn
 
 from membench.errors import ConfigError
 from workloads.base import Quality, Workload
-from workloads.corpus import load_corpus
+from workloads.corpus import CorpusTraining, load_corpus
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(CorpusTraining):
     preset: str = "gpt_tiny"
     n_layer: int = 2
     n_head: int = 2
@@ -28,25 +28,16 @@ class GPTConfig:
     seq_len: int = 64
     vocab_size: int = 256  # byte-level
     dropout: float = 0.0
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    lr_warmup_steps: int = 10  # linear LR warm-up, then constant
-    batch_size: int = 8  # default run.batch_size for this preset
-    max_corpus_bytes: int = 4_000_000
-    eval_fraction: float = 0.1
-    eval_batches: int = 8
-    data_path: str | None = None  # a user's own text file instead of the stdlib corpus
 
     def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "eval_batches", "max_corpus_bytes"):
+        for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"workload.{key}={getattr(self, key)}: must be > 0")
+        self.check_corpus()
         if self.d_model % self.n_head:
             raise ConfigError(f"workload.d_model={self.d_model}: must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"workload.dropout={self.dropout}: must be in [0, 1)")
-        if not 0.0 < self.eval_fraction < 0.5:
-            raise ConfigError(f"workload.eval_fraction={self.eval_fraction}: must be in (0, 0.5)")
 
     def build(self, seed: int) -> GPTWorkload:
         return GPTWorkload(self, seed)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
+from workloads.corpus import CorpusTraining
 from workloads.llama import TokenLMWorkload
 
 
@@ -37,26 +38,19 @@ def _transformers():
 
 
 @dataclass
-class HFConfig:
+class HFConfig(CorpusTraining):
     preset: str = "hf"
     model_type: str = "llama"  # a transformers model type (CONFIG_MAPPING key), used when config_path is null
     config_path: str | None = None  # a local config.json (or a folder holding one) instead of model_type
     overrides: dict[str, Any] = field(default_factory=dict)  # config attributes, e.g. {num_hidden_layers: 2}
     seq_len: int = 64  # activations scale with seq_len * batch_size
     attn_implementation: str = "sdpa"  # sdpa | eager (eager saves the s^2 attention matrix)
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    lr_warmup_steps: int = 10
-    batch_size: int = 8
     max_corpus_bytes: int = 1_000_000
-    eval_fraction: float = 0.1
-    eval_batches: int = 8
-    data_path: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_size", "max_corpus_bytes", "eval_batches"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"workload.{key}={getattr(self, key)}: must be > 0")
+        if self.seq_len <= 0:
+            raise ConfigError(f"workload.seq_len={self.seq_len}: must be > 0")
+        self.check_corpus()
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(f"workload.attn_implementation={self.attn_implementation!r}: allowed sdpa, eager")
         self.hf_config()  # fail at composition on a bad type, path or override

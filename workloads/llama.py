@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
 from workloads.base import Quality, Workload
-from workloads.corpus import load_corpus
+from workloads.corpus import CorpusTraining, load_corpus
 
 BYTE_VOCAB = 256
 ATTENTION_KERNELS = ("auto", "grouped", "expand", "math")
@@ -47,7 +47,7 @@ def tokens(data: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(CorpusTraining):
     preset: str = "llama_tiny"
     n_layer: int = 2
     n_head: int = 4
@@ -59,32 +59,21 @@ class LlamaConfig:
     tie_embeddings: bool = False  # true: the head reuses the embedding matrix (Llama 3.2 1B)
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    lr_warmup_steps: int = 10  # linear LR warm-up, then constant
-    batch_size: int = 8  # default run.batch_size for this preset
-    max_corpus_bytes: int = 4_000_000
-    eval_fraction: float = 0.1
-    eval_batches: int = 8
-    data_path: str | None = None  # a user's own text file instead of the stdlib corpus
     # SDPA path for the k/v heads (see attention_path): auto | grouped (enable_gqa, torch picks the kernel) |
     # expand (k/v repeated to n_head heads, then a fused kernel) | math (torch's math kernel, s^2 scores saved)
     attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_dim", "seq_len", "eval_batches"):
+        for key in ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_dim", "seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"workload.{key}={getattr(self, key)}: must be > 0")
-        if self.max_corpus_bytes <= 0:
-            raise ConfigError(f"workload.max_corpus_bytes={self.max_corpus_bytes}: must be > 0")
+        self.check_corpus()
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ConfigError(f"workload.d_model={self.d_model}: must be n_head={self.n_head} x an even head size")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"workload.n_kv_head={self.n_kv_head}: must divide n_head={self.n_head}")
         if self.vocab_size < BYTE_VOCAB:
             raise ConfigError(f"workload.vocab_size={self.vocab_size}: must be >= 256 (the corpus is bytes)")
-        if not 0.0 < self.eval_fraction < 0.5:
-            raise ConfigError(f"workload.eval_fraction={self.eval_fraction}: must be in (0, 0.5)")
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ConfigError(
                 f"workload.attention_kernel={self.attention_kernel}: must be one of {', '.join(ATTENTION_KERNELS)}"
