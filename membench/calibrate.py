@@ -155,11 +155,12 @@ class Calibration:
         """CUDA: median allocator peak / tracker peak of the same step (workspaces, kernel buffers)."""
         gaps = []
         for r in self.records:
-            m = r["memory"]
-            mine = (m.get("by_device") or {}).get(m.get("device_name") or "") or {}
-            dev = mine.get("allocator_peak_bytes") or (m.get("device") or {}).get("cuda_max_allocated_bytes")
-            if dev and _tracker_peak(r):
-                gaps.append(dev / _tracker_peak(r))
+            dev = _own_device(r).get("allocator_peak_bytes") or (r["memory"].get("device") or {}).get(
+                "cuda_max_allocated_bytes"
+            )
+            tracker = _tracker_peak(r)
+            if dev and tracker:
+                gaps.append(dev / tracker)
         return (statistics.median(gaps), len(gaps)) if gaps else None
 
     def baseline_step_s(self, preset: str, batch_size: int) -> float | None:
@@ -168,7 +169,11 @@ class Calibration:
         return statistics.median(b["timing"]["median_step_s"] for b in bs) if bs else None
 
 
-def _tracker_peak(r: dict) -> float:
+def _own_device(r: dict) -> dict:
+    """The run device's entry of memory.by_device (schema 2); {} for schema-1 records."""
     m = r["memory"]
-    mine = (m.get("by_device") or {}).get(m.get("device_name") or "") or {}
-    return mine.get("tracker_peak_bytes") or m["peak_bytes"]  # schema 1: peak_bytes was the tracker's
+    return (m.get("by_device") or {}).get(m.get("device_name") or "") or {}
+
+
+def _tracker_peak(r: dict) -> float:
+    return _own_device(r).get("tracker_peak_bytes") or r["memory"]["peak_bytes"]  # schema 1: the tracker's
