@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workloads.custom import CustomParts
+from membench.workloads.custom import CustomParts
 
 
 class ResidualBlock(nn.Module):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from membench.records import short_target
+
 
 def _profile(record: dict) -> tuple[str, str] | None:
     dev = str((record.get("timing") or {}).get("device") or "")
@@ -118,7 +120,7 @@ class Calibration:
             r
             for r in self.records
             if key(r["config"].get("technique")) == kinds_key
-            and (family is None or r["config"]["workload"]["_target_"] == family)
+            and (family is None or short_target(r["config"]["workload"]["_target_"]) == short_target(family))
         ]
 
     def _paired(self, kinds_key: str, family: str | None) -> list[tuple[dict, dict]]:

@@ -16,9 +16,10 @@ import re
 import sys
 from pathlib import Path
 
+import membench
 from membench.errors import ConfigError
 
-CONF_DIR = Path(os.environ.get("MEMBENCH_CONF", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = Path(os.environ.get("MEMBENCH_CONF", membench.CONF_DIR))
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 

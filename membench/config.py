@@ -85,11 +85,11 @@ def register_schema() -> None:
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
     wrong type fails at composition. Once per process: Hydra's ConfigStore is a process-wide singleton."""
     from membench.launch.slurm import SlurmConfig
-    from workloads.custom import CustomConfig
-    from workloads.digits import DigitsConfig
-    from workloads.gpt import GPTConfig
-    from workloads.hf import HFConfig
-    from workloads.llama import LlamaConfig
+    from membench.workloads.custom import CustomConfig
+    from membench.workloads.digits import DigitsConfig
+    from membench.workloads.gpt import GPTConfig
+    from membench.workloads.hf import HFConfig
+    from membench.workloads.llama import LlamaConfig
 
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
@@ -106,7 +106,11 @@ def register_schema() -> None:
         cs.store(group="schema/workload", name=name, node=node)
 
 
-def _locate(target: str) -> type:
+def locate(target: str) -> type:
+    """The class a `_target_` names; records made before the package move say `techniques.X` for
+    `membench.techniques.X` (same for workloads)."""
+    if target.startswith(("techniques.", "workloads.")):
+        target = f"membench.{target}"
     module, _, name = target.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -117,7 +121,7 @@ def build(node: DictConfig | dict, key: str) -> Any:
     target = node.get("_target_")
     if target is None:
         raise ConfigError(f"{key}: missing _target_")
-    cls = _locate(target)
+    cls = locate(target)
     body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
     try:
         typed = OmegaConf.merge(OmegaConf.structured(cls), body)

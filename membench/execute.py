@@ -24,8 +24,8 @@ from membench.child import report_progress
 from membench.config import build, build_run
 from membench.errors import ConfigError, MemoryBudgetExceeded
 from membench.predict import predict
-from techniques import compose
-from techniques.base import Context
+from membench.techniques import compose
+from membench.techniques.base import Context
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,7 +28,7 @@ from membench.calibrate import Calibration, key, label
 from membench.calibrate import load as load_records
 from membench.errors import ConfigError
 from membench.predict import model_states
-from techniques import quantization as quant
+from membench.techniques import quantization as quant
 
 FAMILIES = ("activation_checkpointing", "precision", "zero", "optimizer_8bit", "quantized_base")
 CHECKPOINTING = (None, "selective", "every_k", "full")
@@ -115,7 +115,7 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[s
 def validated(cfg: dict, device_type: str):
     """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
     from membench.config import build, build_run
-    from techniques import compose
+    from membench.techniques import compose
 
     run = build_run(cfg["run"])
     wcfg = build(cfg["workload"], "workload")
@@ -181,7 +181,7 @@ def fake_workload(wcfg, seed: int):
 
 
 def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
-    from techniques.base import Context, Prediction
+    from membench.techniques.base import Context, Prediction
 
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
     ctx = Context(workload=wl, device=torch.device("cpu"), run=None)

@@ -7,7 +7,7 @@ workload's analytic model. `other` (temporaries, autocast weight copies, allocat
 
 from __future__ import annotations
 
-from techniques.base import Context, Prediction
+from membench.techniques.base import Context, Prediction
 
 
 def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
@@ -63,7 +63,7 @@ def model_states(model, blocks, techniques, world_size: int) -> dict:
     4-byte step scalar per tensor; bf16_pure 2 + 2 + 4; DeepSpeed mixed precision 2 + 2 + K=12 (ZeRO paper
     sec. 3.1); 8-bit states at the library's layout; quantized bases at bitsandbytes' layout plus LoRA adapters;
     ZeRO stage s divides optimizer (s >= 1), grads (s >= 2), params (s = 3) by N; offload moves them to the host."""
-    from techniques import quantization as q
+    from membench.techniques import quantization as q
 
     kinds = {t.kind: t for t in techniques}
     params = list(model.parameters())
@@ -93,7 +93,7 @@ def model_states(model, blocks, techniques, world_size: int) -> dict:
     optimizer = trainable * ob + (4 * n_tensors if zero is None else 0)
     o8 = kinds.get("optimizer_8bit")
     if o8 is not None:
-        from techniques.optim8bit import BNB_QMAP
+        from membench.techniques.optim8bit import BNB_QMAP
 
         trainable_params = [p for p in params if p.requires_grad]
         optimizer = sum(o8.state_bytes(p) for p in trainable_params)

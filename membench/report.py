@@ -16,10 +16,10 @@ MiB = 2**20
 def _defaults(target: str) -> dict:
     import dataclasses
 
-    from membench.config import _locate
+    from membench.config import locate
 
     try:
-        cls = _locate(target)
+        cls = locate(target)
     except (ImportError, AttributeError):
         return {}
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}

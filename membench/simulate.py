@@ -23,9 +23,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from membench import measure
-from techniques import compose
-from techniques.base import Context
-from techniques.precision import BF16, _cast_float_inputs
+from membench.techniques import compose
+from membench.techniques.base import Context
+from membench.techniques.precision import BF16, _cast_float_inputs
 
 SIMULATED = ("activation_checkpointing", "bf16", "bf16_pure", "fp16", "weight_quant")
 NOT_SIMULATED = {

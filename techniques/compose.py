@@ -6,7 +6,7 @@ import contextlib
 import functools
 
 from membench.errors import ConfigError
-from techniques.base import Context, Patch, Technique
+from membench.techniques.base import Context, Patch, Technique
 
 # Application order, and why:
 # 1. structural changes first (pruning shrinks/masks the dense model that everything else then sees);

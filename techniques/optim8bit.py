@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from membench.errors import ConfigError
-from techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 BACKENDS = ("bitsandbytes", "torchao")
 PAGED = ("auto", "on", "off")

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 
 @dataclass

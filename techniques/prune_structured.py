@@ -25,8 +25,8 @@ import torch_pruning as tp
 from torch import nn
 
 from membench.errors import ConfigError
-from techniques.base import Context, Patch, Technique
-from techniques.pruning import check_fraction, check_not_negative, param_bytes, pretrain, quality, reject_both
+from membench.techniques.base import Context, Patch, Technique
+from membench.techniques.pruning import check_fraction, check_not_negative, param_bytes, pretrain, quality, reject_both
 
 KEY = "technique.prune_structured"
 PRUNABLE = (nn.Linear, nn.Conv2d)

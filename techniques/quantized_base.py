@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
-from techniques import quantization as q
-from techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques import quantization as q
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 
 class LoRALinear(nn.Module):

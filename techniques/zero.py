@@ -20,7 +20,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
-from techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 BACKENDS = ("deepspeed", "torch")
 OFFLOAD = ("none", "cpu")

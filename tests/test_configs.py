@@ -86,7 +86,7 @@ def test_every_experiment_composes(experiment):
 
 def test_technique_order_follows_the_fixed_order_not_the_users():
     from membench.execute import build_all
-    from techniques.compose import ordered
+    from membench.techniques.compose import ordered
 
     cfg = compose("technique=[bf16,activation_checkpointing]")
     _, _, techs, _ = build_all(cfg)

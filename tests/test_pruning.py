@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from membench.errors import ConfigError
-from techniques import pruning
-from techniques.base import Context
-from techniques.prune_structured import PruneStructured
-from techniques.prune_unstructured import PruneUnstructured, csr_nbytes, effective
+from membench.techniques import pruning
+from membench.techniques.base import Context
+from membench.techniques.prune_structured import PruneStructured
+from membench.techniques.prune_unstructured import PruneUnstructured, csr_nbytes, effective
 from tests.helpers import compose, experiment_cells, run_inprocess
 
 STEPS = ("run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2")

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
-from techniques import quantization as q
-from techniques.base import Context
-from techniques.optim8bit import Optimizer8bit
-from techniques.quantized_base import LoRALinear, QuantizedBase
-from techniques.weight_quant import WeightQuant
+from membench.techniques import quantization as q
+from membench.techniques.base import Context
+from membench.techniques.optim8bit import Optimizer8bit
+from membench.techniques.quantized_base import LoRALinear, QuantizedBase
+from membench.techniques.weight_quant import WeightQuant
 from tests.helpers import compose
-from workloads.digits import DigitsConfig
-from workloads.gpt import GPTConfig
+from membench.workloads.digits import DigitsConfig
+from membench.workloads.gpt import GPTConfig
 
 CPU = torch.device("cpu")
 TINY_GPT = dict(n_layer=2, n_head=2, d_model=64, seq_len=32, max_corpus_bytes=200_000)
@@ -108,7 +108,7 @@ def test_quantized_base_prediction_equals_measured_state_bytes():
     t = QuantizedBase(quant_type="nf4", double_quant=True)
     patch = t.apply(wl.model, _ctx(wl))
     extra = patch.extra_state()
-    pred = __import__("techniques.base", fromlist=["Prediction"]).Prediction(4, 4, 8)
+    pred = __import__("membench.techniques.base", fromlist=["Prediction"]).Prediction(4, 4, 8)
     t.predict(pred, _ctx(wl))
     opt = wl.make_optimizer([p for p in wl.model.parameters() if p.requires_grad])
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
@@ -195,7 +195,7 @@ def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
 
 def test_optimizer_8bit_prediction_matches_measured():
     from membench.execute import state_bytes
-    from techniques.base import Prediction
+    from membench.techniques.base import Prediction
 
     wl = _gpt()
     t = Optimizer8bit()
@@ -209,7 +209,7 @@ def test_optimizer_8bit_prediction_matches_measured():
 
 def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
     from membench.execute import state_bytes
-    from techniques.base import Prediction
+    from membench.techniques.base import Prediction
 
     wl = _gpt()
     t = Optimizer8bit(backend="torchao", bits=4)

@@ -12,8 +12,8 @@ from membench.cli import CONF_DIR, main
 from membench.config import build
 from membench.errors import ConfigError
 from membench.predict import predict
-from techniques import compose as tcompose
-from techniques.base import Context
+from membench.techniques import compose as tcompose
+from membench.techniques.base import Context
 from tests.helpers import compose, run_inprocess
 
 pytest.importorskip("transformers")

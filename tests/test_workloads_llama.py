@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from membench.config import build
 from tests.helpers import compose, run_inprocess
-from workloads.llama import Llama, tokens
+from membench.workloads.llama import Llama, tokens
 
 STEPS = (
     "run.train_steps=4",
@@ -90,7 +90,7 @@ def test_activation_model_follows_the_attention_path(kernel_runs, kernel, case):
 
 def test_attention_path_by_device_and_dtype():
     """Which path runs where: CUDA has no fused grouped-k/v kernel in fp32 (flash attention is 16-bit only)."""
-    from workloads.llama import attention_path
+    from membench.workloads.llama import attention_path
 
     cpu, cuda, f32, bf16 = torch.device("cpu"), torch.device("cuda", 0), torch.float32, torch.bfloat16
     if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
@@ -173,7 +173,7 @@ def test_bad_geometry_is_one_line_naming_the_key():
 def test_forward_matches_transformers_llama_with_the_same_weights():
     """An independent implementation: transformers' LlamaForCausalLM, given our weights, gives our logits."""
     transformers = pytest.importorskip("transformers")
-    from workloads.llama import LlamaConfig
+    from membench.workloads.llama import LlamaConfig
 
     c = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_dim=176, seq_len=32, rope_theta=10_000.0)
     torch.manual_seed(0)

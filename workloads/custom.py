@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
-from workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload
 
 HELD_OUT_STEP = 10_000_000  # batch indices the run's own steps never reach: the default quality's batches
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload
 
 
 @dataclass

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from workloads.base import Quality, Workload
-from workloads.corpus import CorpusTraining, load_corpus
+from membench.workloads.base import Quality, Workload
+from membench.workloads.corpus import CorpusTraining, load_corpus
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
-from workloads.corpus import CorpusTraining
-from workloads.llama import TokenLMWorkload
+from membench.workloads.corpus import CorpusTraining
+from membench.workloads.llama import TokenLMWorkload
 
 
 def _some(names) -> str:

@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
-from workloads.base import Quality, Workload
-from workloads.corpus import CorpusTraining, load_corpus
+from membench.workloads.base import Quality, Workload
+from membench.workloads.corpus import CorpusTraining, load_corpus
 
 BYTE_VOCAB = 256
 ATTENTION_KERNELS = ("auto", "grouped", "expand", "math")

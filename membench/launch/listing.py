@@ -45,7 +45,7 @@ def listing(conf_dir: Path) -> str:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from membench.config import RunConfig, _locate, register_schema
+    from membench.config import RunConfig, locate, register_schema
     from membench.launch.slurm import SlurmConfig
 
     register_schema()
@@ -62,14 +62,14 @@ def listing(conf_dir: Path) -> str:
         families.setdefault(family, []).extend(sized)
     for family, seen in families.items():
         node = store.load(f"schema/workload/{family}.yaml").node
-        cls = _locate(node["_target_"])
+        cls = locate(node["_target_"])
         rest = [r for r in _fields(cls, indent="      ") if r.strip().split("=")[0] not in seen]
         out.append(f"  every {family} workload also takes (workload.KEY=...):")
         out.extend(rest)
     out.append("\nTechniques (technique=[NAME,...]; knobs technique.NAME.KEY=..., defaults shown):")
     for path in sorted((conf_dir / "technique").glob("*.yaml")):
         raw = OmegaConf.load(path)
-        cls = _locate(raw["_target_"])
+        cls = locate(raw["_target_"])
         head = [line.lstrip("# ") for line in path.read_text().splitlines()[:3] if not line.startswith("# @package")]
         out.append(f"  {path.stem}: {head[0] if head else ''}")
         values = {k: v for k, v in OmegaConf.to_container(raw).items() if k != "_target_"}
