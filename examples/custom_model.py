@@ -2,7 +2,7 @@
 
     membench run workload=custom workload.factory=examples.custom_model:build technique=[activation_checkpointing]
 
-The module must be importable from where membench runs (the repository root, or anywhere on PYTHONPATH).
+The module must be importable from where membench runs (the current folder, or anywhere on PYTHONPATH).
 `build(seed, **options)` returns CustomParts: the model, a batch function (deterministic in `step`), a loss,
 the classes of the repeated blocks (kept in one nn.ModuleList so techniques can wrap them) and, optionally,
 a quality function. Options come from the command line: '+workload.options={width: 128}'.

@@ -9,6 +9,8 @@ to copy. Limits: no analytic activation model (the record's activation predictio
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +57,15 @@ class CustomConfig:
         bad = f"workload.factory={self.factory}"
         if not sep or not module or not name:
             raise ConfigError(f"{bad}: expected package.module:function; allowed: e.g. examples.custom_model:build")
+        # The current folder is searched first, as uvicorn and celery do for an app module: a factory next to
+        # where the user types `membench run` imports without PYTHONPATH, from a checkout or an install.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
             raise ConfigError(
-                f"{bad}: cannot import {module} ({e}); allowed: a module importable from the repo root"
+                f"{bad}: cannot import {module} ({e}); allowed: a module in the current folder or on PYTHONPATH"
             ) from None
         fn = getattr(mod, name, None)
         if not callable(fn):
