@@ -56,7 +56,11 @@ def render(text: str, results: Path = ROOT / "results") -> str:
 
 def files() -> list[Path]:
     """README.md, docs/*.md and the study pages docs/studies/*.md (where the study tables live)."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "studies").glob("*.md"))]
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "docs" / "studies").glob("*.md")),
+    ]
 
 
 def plots() -> list[Path]:

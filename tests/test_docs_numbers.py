@@ -117,7 +117,9 @@ def test_checkpointing_claims():
     claim(p, f"({b['quality']['value']:.4f} after {b['quality']['train_steps']} steps)")
     errs = [abs(r["memory"]["relative_error"]["activations"]) for r in recs("checkpointing")]
     assert max(errs) <= 0.0021
-    claim("README.md", f"keeps {act(full) / act(b):.2f}x of the activations for {1 + flops(full):.2f}x the counted FLOPs")
+    claim(
+        "README.md", f"keeps {act(full) / act(b):.2f}x of the activations for {1 + flops(full):.2f}x the counted FLOPs"
+    )
     claim("README.md", f"the peak only falls to {pk(full) / pk(b):.2f}x")
 
 
@@ -171,7 +173,9 @@ def test_pruning_claims():
     versions = {r["env"]["versions"]["torch-pruning"] for r in recs("pruning")}
     assert versions == {"1.6.1"}
     claim("docs/pruning.md", "The committed records ran torch-pruning 1.6.1")
-    errs = [r["memory"]["relative_error"]["activations"] for r in recs("pruning") if "prune_structured" in r["techniques"]]
+    errs = [
+        r["memory"]["relative_error"]["activations"] for r in recs("pruning") if "prune_structured" in r["techniques"]
+    ]
     fp32 = [e for r, e in zip([r for r in recs("pruning") if "prune_structured" in r["techniques"]], errs)
             if "bf16_pure" not in r["techniques"]]  # fmt: skip
     assert all(e < 0 for e in errs)  # under, not over
@@ -190,7 +194,11 @@ def test_zero_claims():
 
 
 def test_plan_claims():
-    errs = [r["plan_check"]["peak_error_by"]["analytic"] for r in load_records(ROOT / "results" / "plan") if "plan_check" in r]
+    errs = [
+        r["plan_check"]["peak_error_by"]["analytic"]
+        for r in load_records(ROOT / "results" / "plan")
+        if "plan_check" in r
+    ]
     claim("docs/studies/plan.md", f"off by {min(errs):+.1%} to {max(errs):+.1%}".replace("+-", "-"))
     tiny = [r["plan_check"]["peak_error_by"]["analytic"] for r in load_records(ROOT / "results" / "plan")
             if "plan_check" in r and r["workload"]["preset"] != "gpt_small"]  # fmt: skip
