@@ -251,3 +251,47 @@ def test_llama_claims():
     claim(p, f"({pk(full, b):.2f}x with full checkpointing against {pk(gfull, gb):.2f}x)")
     worst = max(abs(r["memory"]["relative_error"]["activations"]) for r in recs("llama"))
     claim(p, f"is within {within(worst)} of the tracker in every cell")
+
+
+def bits(r: dict) -> float:
+    return next(v for k, v in r["technique_info"].items() if k.endswith("bits_per_param_measured"))
+
+
+def test_quantization_bytes_claims():
+    p, q = "docs/studies/quantization.md", lambda n, w="gpt_small": cell("quantization", n, w)  # noqa: E731
+    nf4, dq, tao = (
+        q("quantized_base"),
+        q("quantized_base(double_quant=True)"),
+        q("weight_quant(backend=torchao,bits=4)"),
+    )
+    claim(p, f"7.1x for NF4, {32 / bits(dq):.1f}x with double quantization")
+    claim(p, f"(+0.5 bits: {bits(nf4):.3f} measured, so {32 / bits(nf4):.2f}x)")
+    claim(p, f"down to {bits(dq):.3f} bits ({32 / bits(dq):.2f}x;")
+    claim(p, f"{bits(tao):.3f} bits, {32 / bits(tao):.1f}x, no better than int8")
+    par = lambda r: r["memory"]["model_states"]["params"] / MiB  # noqa: E731
+    b = q("baseline")
+    claim(p, f"params go from {par(b):.2f} to {par(dq):.2f} MiB ({par(b) / par(dq):.1f}x)")
+    head = q("quantized_base(double_quant=True,quantize_outside_blocks=True)", "digits_cnn")
+    claim(p, f"takes {bits(q('quantized_base(quantize_outside_blocks=True)', 'digits_cnn')):.1f} bits in nf4 and "
+             f"{bits(head):.1f} bits with double quantization")  # fmt: skip
+    opt = lambda r: r["memory"]["model_states"]["optimizer"]  # noqa: E731
+    o8, db, do8 = q("optimizer_8bit"), q("baseline", "digits_cnn"), q("optimizer_8bit", "digits_cnn")
+    claim(p, f"({opt(o8) / opt(b) - 1:.1%} on gpt_small: {opt(o8) / b['workload']['num_trainable_params']:.2f} "
+             "instead of 8 bytes per parameter)")  # fmt: skip
+    claim(p, f"({opt(do8) / opt(db) - 1:.1%} on the digits CNN")
+    d = lambda n: q(n)["quality"]["value"] - b["quality"]["value"]  # noqa: E731
+    claim(p, f"full training by {d('quantized_base(double_quant=True)'):+.3f} (nf4 + double quantization), "
+             f"{d('quantized_base'):+.3f} (nf4), {d('quantized_base(quant_type=fp4)'):+.3f} (fp4) and "
+             f"{d('quantized_base(quant_type=int8)'):+.3f} (int8) nats/byte")  # fmt: skip
+    fl = lambda r: r["flops"]["counted_per_step"] / b["flops"]["counted_per_step"]  # noqa: E731
+    bases = [
+        r
+        for r in recs("quantization")
+        if r["workload"]["preset"] == "gpt_small" and "quantized_base" in r["techniques"]
+    ]
+    plain = {f"{fl(r):.3f}" for r in bases if "activation_checkpointing" not in r["techniques"]}
+    (ratio,) = plain
+    claim(p, f"counts {ratio}x the dense step's FLOPs")
+    claim(
+        p, f"{fl(q('quantized_base(double_quant=True) + activation_checkpointing')):.3f}x with activation checkpointing"
+    )
