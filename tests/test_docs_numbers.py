@@ -295,3 +295,51 @@ def test_quantization_bytes_claims():
     claim(
         p, f"{fl(q('quantized_base(double_quant=True) + activation_checkpointing')):.3f}x with activation checkpointing"
     )
+
+
+def zero(backend: str, stage: int, n: int) -> dict:
+    (r,) = [
+        r
+        for r in recs("zero_stages")
+        if (r["config"]["technique"]["zero"]["backend"], r["config"]["technique"]["zero"]["stage"]) == (backend, stage)
+        and r["config"]["run"]["world_size"] == n
+    ]
+    return r
+
+
+def states(r: dict) -> float:
+    return sum(r["memory"]["model_states"].get(k, 0) for k in ("params", "grads", "optimizer", "fp32_master")) / MiB
+
+
+def paper(r: dict) -> float:
+    return sum(r["memory"]["predicted_by_category"][k] for k in ("params", "grads", "optimizer")) / MiB
+
+
+def test_zero_state_claims():
+    p = "docs/studies/zero_stages.md"
+    t0, t1, t2, t3 = (zero("torch", s, 2) for s in range(4))
+    d1, d2, d3 = (zero("deepspeed", s, 2) for s in (1, 2, 3))
+    claim(p, f"stage 0 {states(t0):.2f} = predicted {paper(t0):.2f}")
+    claim(
+        p, f"stage 1 (ZeroRedundancyOptimizer) {states(t1):.2f} vs {paper(t1):.2f} ({states(t1) / paper(t1) - 1:+.1%}"
+    )
+    claim(p, f"stage 3 (FSDP2) {states(t3):.2f} = {paper(t3):.2f} exactly")
+    claim(p, f"stage 1/2 {states(d1):.2f} vs {paper(d1):.2f} / {paper(d2):.2f}, stage 3 {states(d3):.2f} vs "
+             f"{paper(d3):.2f} ({states(d3) / paper(d3):.2f}x)")  # fmt: skip
+    g = lambda r, k: r["memory"]["model_states"][k] / MiB  # noqa: E731
+    claim(p, f"({g(d1, 'grads'):.2f} instead of {g(d3, 'grads'):.2f} MiB of grads)")
+    est = lambda r: r["technique_info"]["zero.deepspeed_estimator"]["device_bytes"] / MiB  # noqa: E731
+    claim(p, f"(stage 2: {est(d2):.2f}, stage 3: {est(d3):.2f})")
+    d0 = zero("deepspeed", 0, 2)
+    claim(p, f"DeepSpeed stage 2 {states(d0) / states(d2):.2f}x, FSDP2 stage 2 {states(t0) / states(t2):.2f}x at rest")
+    pk = lambda r: r["memory"]["peak_bytes"] / MiB  # noqa: E731
+    claim(p, f"fell from {pk(d0):.1f} (DeepSpeed stage 0) to {pk(d2):.1f} MiB (stage 2)")
+    n1 = lambda b: zero(b, 3, 1)  # noqa: E731
+    claim(p, f"(torch {states(n1('torch')):.2f} -> {states(t3):.2f}, DeepSpeed {states(n1('deepspeed')):.2f} -> "
+             f"{states(d3):.2f})")  # fmt: skip
+    claim(p, f"went {pk(t0):.1f} (stage 0, DDP's gradient bucket counted once) -> {pk(t3):.1f} MiB")
+    claim(p, f"(FSDP2 stage 3) at N=2, {pk(t0) / pk(t3):.2f}x")
+    comm = lambda r: r["distributed"]["communication"]["paper_elements"] / r["technique_info"]["zero.psi"]  # noqa: E731
+    claim(p, f"DDP (stage 0) {comm(t0):.2f}, FSDP2 stage 2 {comm(t2):.2f}, FSDP2 stage 3 {comm(t3):.2f}")
+    claim(p, f"stage 3 {comm(d3):.2f} (it does not re-gather")
+    assert f"{comm(t1):.2f}" == f"{comm(d1):.2f}" == f"{comm(d2):.2f}" == "3.00"
