@@ -343,3 +343,51 @@ def test_zero_state_claims():
     claim(p, f"DDP (stage 0) {comm(t0):.2f}, FSDP2 stage 2 {comm(t2):.2f}, FSDP2 stage 3 {comm(t3):.2f}")
     claim(p, f"stage 3 {comm(d3):.2f} (it does not re-gather")
     assert f"{comm(t1):.2f}" == f"{comm(d1):.2f}" == f"{comm(d2):.2f}" == "3.00"
+
+
+def test_pruning_digits_claims():
+    p = "docs/studies/pruning.md"
+    c = lambda n, s=0, w="digits_cnn": cell("pruning", n, w, s)  # noqa: E731
+    per = lambda n: [c(n, s)["quality"]["value"] for s in (0, 1, 2)]  # noqa: E731
+    seeds = lambda v: " / ".join(f"{x:.4f}" for x in v)  # noqa: E731
+    mean_pts = lambda a, b: f"{sum(x - y for x, y in zip(a, b, strict=True)) / 3 * 100:+.1f}"  # noqa: E731
+    dense = per("baseline")
+    one, grad = (
+        per("prune_unstructured(pretrain_steps=300)"),
+        per("prune_unstructured(schedule=gradual,ramp_steps=60,pretrain_steps=300)"),
+    )
+    claim(p, f"one-shot {seeds(one)} against dense baselines {seeds(dense)} ({mean_pts(one, dense)} points on average)")
+    claim(p, f"gradual {seeds(grad)} ({mean_pts(grad, dense)})")
+    claim(p, f"90% one-shot {seeds(per('prune_unstructured(sparsity=0.9,pretrain_steps=300)'))}")
+    claim(p, f"80% + bf16_pure after only 20 steps {seeds(per('prune_unstructured(pretrain_steps=300) + bf16_pure'))}")
+    s30 = per("prune_structured(pretrain_steps=300)")
+    claim(p, f"After 100 fine-tune steps: {seeds(s30)} against dense baselines {seeds(dense)}: "
+             + " / ".join(f"{(x - y) * 100:.1f}" for x, y in zip(s30, dense, strict=True))
+             + f" points, {mean_pts(s30, dense)[1:] if mean_pts(s30, dense)[0] == '+' else mean_pts(s30, dense)} on average")  # fmt: skip
+    claim(p, f"10% of parameters: {seeds(per('prune_structured(ratio=0.1,head_ratio=0.1,pretrain_steps=300)'))}")
+    claim(p, f"50%: {seeds(per('prune_structured(ratio=0.5,head_ratio=0.5,pretrain_steps=300)'))}")
+    pk = lambda r: r["memory"]["peak_bytes"] / MiB  # noqa: E731
+    b, u80, s = c("baseline"), c("prune_unstructured(pretrain_steps=300)"), c("prune_structured(pretrain_steps=300)")
+    claim(p, f"peak {pk(b):.1f} -> {pk(u80):.1f} MiB ({pk(u80) / pk(b) - 1:+.0%})")
+    claim(p, f"peak {pk(b):.1f} -> {pk(s):.1f} MiB ({pk(s) / pk(b):.2f}x), held activations {act(s) / act(b):.2f}x")
+    fl = lambda r, base: r["flops"]["counted_per_step"] / base["flops"]["counted_per_step"]  # noqa: E731
+    claim(p, f"counted FLOPs {fl(s, b):.2f}x. With bf16_pure the peak is "
+             f"{pk(c('prune_structured(pretrain_steps=300) + bf16_pure')):.1f} MiB")  # fmt: skip
+
+
+def test_pruning_gpt_claims():
+    p = "docs/studies/pruning.md"
+    c = lambda n: cell("pruning", n, "gpt_small")  # noqa: E731
+    pk = lambda r: r["memory"]["peak_bytes"] / MiB  # noqa: E731
+    b, u80, s30 = c("baseline"), c("prune_unstructured(pretrain_steps=100)"), c("prune_structured(pretrain_steps=100)")
+    claim(p, f"Training peak {pk(u80) / pk(b) - 1:+.0%} ({pk(b):.1f} -> {pk(u80):.1f} MiB)")
+    par = lambda r: r["memory"]["model_states"]["params"] / MiB  # noqa: E731
+    claim(p, f"parameters {par(b):.1f} -> {par(u80):.1f} MiB (the mask), held activations {act(b) / MiB:.1f} -> "
+             f"{act(u80) / MiB:.1f} MiB")  # fmt: skip
+    f = u80["technique_info"]["prune_unstructured.final"]
+    kib = lambda k: f"{f[k] / 1024:,.0f} KiB"  # noqa: E731
+    claim(p, f"{kib('dense_bytes')} dense -> {kib('csr_int64_bytes')} CSR-int64")
+    claim(p, f"-> {kib('csr_int32_bytes')} CSR-int32 ({f['dense_bytes'] / f['csr_int32_bytes']:.2f}x)")
+    fl = s30["flops"]["counted_per_step"] / b["flops"]["counted_per_step"]
+    claim(p, f"held activations {act(s30) / act(b):.2f}x, peak {pk(s30) / pk(b):.2f}x ({pk(b):.1f} -> {pk(s30):.1f} MiB), "
+             f"counted FLOPs {fl:.2f}x")  # fmt: skip
