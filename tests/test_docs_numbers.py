@@ -5,6 +5,7 @@ number fails here until the prose is updated. Also: README.md stays a front door
 relative link in README.md and docs/**/*.md resolves to a file.
 """
 
+import json
 import math
 import re
 from functools import cache
@@ -415,3 +416,36 @@ def test_cpu_headline_is_the_instrumented_step():
     claim("docs/studies/gpu.md", f"(baseline {gpu['baseline']:.3f}, full checkpointing {gpu['activation_checkpointing']:.3f}, "
                                  f"bf16 autocast {gpu['bf16']:.3f})")  # fmt: skip
     claim("docs/studies/gpu.md", f"the rest ({min(untracked) / MiB:.0f}-{max(untracked) / MiB:.0f} MiB) is `untracked`")
+
+
+def test_plan_study_claims():
+    p = "docs/studies/plan.md"
+    checks = [r for r in load_records(ROOT / "results" / "plan") if "plan_check" in r]
+    assert all(r["status"] == "ok" and not r["plan_check"]["over_budget"] for r in checks)
+    claim(p, f"within 10% on all {len(checks)} verified plans")
+    claim(p, f"({len(checks)}/{len(checks)} ok)")
+    assert max(abs(r["plan_check"]["peak_error"]) for r in checks) <= 0.10
+    q = [-r["plan_check"]["peak_error"] for r in checks if "quantized_base" in r["plan_check"]["label"]]
+    claim(p, f"the quantized_base hybrid under-predicts by {min(q):.1%}-{max(q):.1%}".replace("%-", "-"))
+    loads = [r["timing"]["load"]["start"]["load_avg_1m"] for r in checks]
+    claim(p, f"load {min(loads):.1f}-{max(loads):.1f} on 2 cores")
+    ratio = {}
+    for r in checks:
+        if r["plan_check"]["time_source"].startswith("calibrated"):
+            ratio.setdefault(r["plan_check"]["label"], set()).add(f"{r['plan_check']['time_ratio']:.2f}")
+    claim(p, f"checkpointing full {ratio['activation_checkpointing:full'].pop()}x, selective "
+             f"{ratio['activation_checkpointing:selective'].pop()}x, 8-bit AdamW {'-'.join(sorted(ratio['optimizer_8bit']))}x")  # fmt: skip
+    fit = {r["config"]["run"]["batch_size"]: r for r in load_records(ROOT / "results" / "plan" / "fit")}
+    ok = fit[6]
+    assert fit[7]["status"] == "oom" and ok["status"] == "ok"
+    claim(p, f"batch 6 ok ({ok['memory']['peak_bytes'] / MiB:.1f} MiB), batch 7 oom; largest batch 6, "
+             f"{ok['timing']['samples_per_s']:.1f} samples/s")  # fmt: skip
+    j = json.loads((ROOT / "results" / "plan" / "plan-gpt2_xl-cuda-80GiB.json").read_text())
+    claim(p, f"{j['candidates']} candidates, {len(j['rejected'])} rejected")
+    claim(p, f"{len(j['rows'])} ranked, {j['simulations']} fake-tensor simulations")
+    claim(p, f"{j['seconds']:.0f} s inside the planner")
+    top = {r["label"]: r for r in j["rows"]}
+    mib = lambda label: f"{top[label]['peak_bytes'] / MiB:,.0f} MiB"  # noqa: E731
+    claim(p, f"bf16_pure {mib('bf16_pure')} (simulation; analytic "
+             f"{top['bf16_pure']['predictions']['analytic']['peak_bytes'] / MiB:,.0f}), bf16 {mib('bf16')}, "
+             f"bf16_pure + 8-bit {mib('bf16_pure+optimizer_8bit')} (hybrid)")  # fmt: skip
