@@ -449,3 +449,18 @@ def test_plan_study_claims():
     claim(p, f"bf16_pure {mib('bf16_pure')} (simulation; analytic "
              f"{top['bf16_pure']['predictions']['analytic']['peak_bytes'] / MiB:,.0f}), bf16 {mib('bf16')}, "
              f"bf16_pure + 8-bit {mib('bf16_pure+optimizer_8bit')} (hybrid)")  # fmt: skip
+
+
+def test_study_settings():
+    assert {r["env"]["cpu"] for s in ("checkpointing", "quantization", "pruning", "llama") for r in recs(s)} == {
+        "AMD EPYC"
+    }
+    claim("docs/studies/README.md", "The CPU studies ran on a 2-core AMD EPYC")
+    threads = lambda s: {r["env"]["torch_threads"] for r in recs(s)}  # noqa: E731
+    assert threads("checkpointing") == {2}
+    claim("docs/studies/checkpointing.md", "autocast, 2 threads, one seed)")
+    for study in ("quantization", "pruning", "llama"):
+        assert threads(study) == {1}, study
+        claim(f"docs/studies/{study}.md", "1 thread")
+    claim("docs/studies/zero_stages.md", "1 thread per rank")
+    assert threads("zero_stages") == {1}
