@@ -464,3 +464,16 @@ def test_study_settings():
         claim(f"docs/studies/{study}.md", "1 thread")
     claim("docs/studies/zero_stages.md", "1 thread per rank")
     assert threads("zero_stages") == {1}
+
+
+def test_quantization_method_claims():
+    first = lambda s, w: cell(s, "optimizer_8bit(backend=torchao)", w)["technique_info"][  # noqa: E731
+        "optimizer_8bit.first_compiled_step_s"
+    ]
+    claim("docs/quantization.md", f"{first('quantization', 'digits_cnn'):.1f} s for digits_cnn in the quantization study, "
+                                  f"{first('llama', 'llama_small'):.1f} s for llama_small")  # fmt: skip
+    errs = [
+        r["memory"]["relative_error"].get(k, 0) for r in recs("quantization") for k in ("params", "grads", "optimizer")
+    ]
+    assert min(errs) > -0.00015 and max(errs) < 0.00005
+    claim("docs/quantization.md", "(relative error 0.0000, except -0.0001 on cells using torch's own AdamW")
