@@ -477,3 +477,13 @@ def test_quantization_method_claims():
     ]
     assert min(errs) > -0.00015 and max(errs) < 0.00005
     claim("docs/quantization.md", "(relative error 0.0000, except -0.0001 on cells using torch's own AdamW")
+
+
+def test_plan_calibration_count():
+    counts = {
+        json.loads(f.read_text())["calibration_records"]
+        for f in (ROOT / "results" / "plan").glob("plan-*.json")
+        if "cuda" not in f.name
+    }
+    (n,) = counts
+    claim("docs/studies/plan.md", f"the committed study records ({n} of this CPU profile")
