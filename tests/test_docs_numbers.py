@@ -487,3 +487,23 @@ def test_plan_calibration_count():
     }
     (n,) = counts
     claim("docs/studies/plan.md", f"the committed study records ({n} of this CPU profile")
+
+
+def test_zero_peak_parts():
+    p = "docs/studies/zero_stages.md"
+    t0, t2, t3, d0, d2 = (
+        zero("torch", 0, 2),
+        zero("torch", 2, 2),
+        zero("torch", 3, 2),
+        zero("deepspeed", 0, 2),
+        zero("deepspeed", 2, 2),
+    )
+    unsharded = t2["memory"]["by_category"]["params_unsharded"] / MiB
+    claim(p, f"({states(t0) / (states(t2) + unsharded):.2f}x counting the unsharded parameters during compute), "
+             f"against the formula's {paper(d0) / paper(d2):.1f}x")  # fmt: skip
+    claim(p, f"= {d2['memory']['by_category']['grads'] / MiB:.0f} MiB (`grads` at stage 2)")
+    cat = t3["memory"]["by_category"]
+    claim(p, f"({cat['params_unsharded'] / MiB:.1f} + {cat['comm_buffers'] / MiB:.1f} MiB here)")
+    held = {round(act(r) / MiB) for r in recs("zero_stages")}
+    assert 148 in held
+    claim(p, "activations (148 MiB held after forward at batch 4) do not shard")
