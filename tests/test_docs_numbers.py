@@ -507,3 +507,23 @@ def test_zero_peak_parts():
     held = {round(act(r) / MiB) for r in recs("zero_stages")}
     assert 148 in held
     claim(p, "activations (148 MiB held after forward at batch 4) do not shard")
+
+
+# numbers with 3+ decimals that study prose quotes but no table of its page shows; each is rendered from the
+# records by a claim above (the test named beside it)
+DERIVED = {
+    "checkpointing.md": {"0.075"},  # test_checkpointing_claims (Mann-Whitney p)
+    "pruning.md": {"0.047", "0.029"},  # test_pruning_claims
+    "quantization.md": {"0.046", "0.047", "0.052", "0.064", "0.735", "1.069"},  # test_quantization_bytes_claims
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs" / "studies").glob("*.md")), ids=lambda p: p.name)
+def test_precise_prose_numbers_come_from_the_pages_tables(path):
+    """A quality or byte figure quoted to 3-4 decimals must be one the page's generated tables show (or a derived
+    figure a claim above renders from the records): stale copies of a re-run's numbers fail here."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    table = " ".join(line for line in text.splitlines() if line.startswith("|"))
+    prose = " ".join(line for line in text.splitlines() if not line.startswith("|"))
+    quoted = set(re.findall(r"(?<![\d.])\d+\.\d{3,4}(?!\d)", prose))
+    assert quoted - set(re.findall(r"\d+\.\d+", table)) <= DERIVED.get(path.name, set())
