@@ -78,7 +78,7 @@ def test_cpu_studies_ran_without_bf16_instructions():
 
 
 def test_gpt_parameter_counts_as_built():
-    from workloads.gpt import GPT, GPTConfig
+    from membench.workloads.gpt import GPT, GPTConfig
 
     text = page("README.md")
     counts = []
