@@ -527,3 +527,15 @@ def test_precise_prose_numbers_come_from_the_pages_tables(path):
     prose = " ".join(line for line in text.splitlines() if not line.startswith("|"))
     quoted = set(re.findall(r"(?<![\d.])\d+\.\d{3,4}(?!\d)", prose))
     assert quoted - set(re.findall(r"\d+\.\d+", table)) <= DERIVED.get(path.name, set())
+
+
+def test_checkpointing_peak_parts():
+    p, b = "docs/studies/checkpointing.md", cell("checkpointing", "baseline")
+    full = cell("checkpointing", "activation_checkpointing")
+    st = b["memory"]["model_states"]
+    kept = (st["params"] + st["optimizer"]) / MiB
+    claim(p, f"parameters and AdamW state ({kept:.0f} MiB) are untouched and are "
+             f"{kept / (b['memory']['peak_bytes'] / MiB):.0%} of the baseline peak")  # fmt: skip
+    claim(p, f"({full['memory']['by_category']['grads'] / MiB:.1f} MiB of gradients at the new peak)")
+    both = cell("checkpointing", "activation_checkpointing + bf16")
+    claim(p, f"full checkpointing + bf16 holds {act(both) / act(b):.2f}x of the fp32 baseline's activations")
