@@ -39,18 +39,12 @@ def short_target(target: str) -> str:
     """A `_target_` without the installed package's prefix: `membench.techniques.zero.Zero` and the pre-install
     `techniques.zero.Zero` of older records name the same class (cell identity and workload families compare
     these)."""
-    return (
-        target.removeprefix("membench.")
-        if target.startswith(("membench.techniques.", "membench.workloads."))
-        else target
-    )
+    return target.removeprefix("membench.") if target.startswith(("membench.techniques.", "membench.workloads.")) else target
 
 
 def _short_targets(node):
     if isinstance(node, dict):
-        return {
-            k: short_target(v) if k == "_target_" and isinstance(v, str) else _short_targets(v) for k, v in node.items()
-        }
+        return {k: short_target(v) if k == "_target_" and isinstance(v, str) else _short_targets(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_short_targets(v) for v in node]
     return node

@@ -16,9 +16,9 @@ from membench.techniques.base import Context
 from membench.techniques.optim8bit import Optimizer8bit
 from membench.techniques.quantized_base import LoRALinear, QuantizedBase
 from membench.techniques.weight_quant import WeightQuant
+from tests.helpers import compose
 from membench.workloads.digits import DigitsConfig
 from membench.workloads.gpt import GPTConfig
-from tests.helpers import compose
 
 CPU = torch.device("cpu")
 TINY_GPT = dict(n_layer=2, n_head=2, d_model=64, seq_len=32, max_corpus_bytes=200_000)

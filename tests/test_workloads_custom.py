@@ -10,8 +10,8 @@ from torch import nn
 from membench.cli import main
 from membench.config import build
 from membench.errors import ConfigError
-from membench.workloads.custom import CustomParts
 from tests.helpers import compose, run_inprocess
+from membench.workloads.custom import CustomParts
 
 STEPS = ("workload=custom", "run.train_steps=5", "run.warmup_steps=1", "run.measure_steps=2")
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from membench.config import build
-from membench.workloads.llama import Llama, tokens
 from tests.helpers import compose, run_inprocess
+from membench.workloads.llama import Llama, tokens
 
 STEPS = (
     "run.train_steps=4",
