@@ -145,8 +145,8 @@ class QuantizedBase(Technique):
         s.param_extra += sum(q.layout_bytes(lin.out_features, lin.in_features, self.quant_type, self.blocksize,
                                             self.double_quant) for lin in targets)  # fmt: skip
         s.dense += sum(adapters) - dense
-        target_ids = {id(lin.weight) for lin in targets}
-        rest = [p.numel() for p in s.model.parameters() if id(p) not in target_ids]
+        frozen = {id(p) for lin in targets for p in lin.parameters()}  # the quantized base keeps its bias frozen
+        rest = [p.numel() for p in s.model.parameters() if id(p) not in frozen]
         s.trainable = adapters if self.freeze_rest else adapters + rest
         s.rule.append(f"{len(targets)} {self.quant_type} bases + rank-{self.rank} LoRA")
 
