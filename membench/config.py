@@ -94,6 +94,11 @@ def register_schema() -> None:
     confpath.install()  # MEMBENCH_CONF_PATH's roots join every composition from here on
     for mod in pkgutil.iter_modules(wl_pkg.__path__):  # each workload module registers its schema on import
         importlib.import_module(f"membench.workloads.{mod.name}")
+    for root in confpath.extra_roots():  # workloads from outside: their preset YAML names the module to import
+        for path in sorted((root / "workload").glob("*.yaml")):
+            target = (OmegaConf.load(path) or {}).get("_target_")
+            if target:
+                locate(target)
     technique.discover()
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
