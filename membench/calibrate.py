@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from membench import technique
 from membench.records import short_target
 
 
@@ -76,12 +77,11 @@ def key(techniques: dict | None) -> str:
 
 def label(techniques: dict | None) -> str:
     """Short name of a technique set: ac:full+bf16+zero:2/off_opt."""
-    from membench.config import locate
-
+    registry = technique.discover()
     parts = []
     for kind, node in sorted((techniques or {}).items()):
         # options worth showing (Technique.label_opts); the rest stay at their YAML defaults in the plans enumerated
-        shown = locate(node["_target_"]).label_opts if "_target_" in node else ()
+        shown = registry[kind].label_opts if kind in registry else ()
         opts = [str(node[o]) if node[o] != "cpu" else f"off_{o.split('_')[1][:3]}" for o in shown
                 if node.get(o) not in (None, "none")]  # fmt: skip
         parts.append(kind + (":" + "/".join(opts) if opts else ""))

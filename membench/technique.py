@@ -211,16 +211,21 @@ def conf_roots() -> list[Path]:
 
 def discover(roots: Iterable[Path] | None = None) -> dict[str, type[Technique]]:
     """Import the `_target_` of every technique YAML on the config path (importing registers the class)."""
+    _import_targets(tuple(Path(r) for r in (conf_roots() if roots is None else roots)))
+    return REGISTRY
+
+
+@functools.cache
+def _import_targets(roots: tuple[Path, ...]) -> None:
     import yaml
 
     from membench.config import locate
 
-    for root in conf_roots() if roots is None else roots:
+    for root in roots:
         for path in sorted(Path(root, "technique").glob("*.yaml")):
             target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
             if target:
                 locate(target)
-    return REGISTRY
 
 
 def families() -> dict[str, list[type[Technique]]]:
