@@ -184,6 +184,11 @@ def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
     }
 
 
+def _device_bytes(states: dict) -> float:
+    """Model states on the device plus the named buffers beside them (what a simulation cannot see)."""
+    return sum(states["device"].values()) + sum(states["other"].values())
+
+
 def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family: str) -> tuple[float, str]:
     got = cal.time_ratio(kinds_key, family)
     if got:
@@ -313,9 +318,8 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         s = simulated[k]
         kept, left = sim.split(r["_techs"])  # per row: rows share a simulation but not what it left out
         if left:
-            full = r["predictions"]["analytic"]["states"]["device"]
-            part = model_states(wl.model, wl.blocks(), kept, run.world_size)["device"]
-            delta = sum(full.values()) - sum(part.values())
+            full = r["predictions"]["analytic"]["states"]
+            delta = _device_bytes(full) - _device_bytes(model_states(wl.model, wl.blocks(), kept, run.world_size))
             r["predictions"]["hybrid"] = {"peak_bytes": s["peak_bytes"] + delta, "simulated_peak_bytes": s["peak_bytes"],
                                           "state_delta_bytes": delta, "method": s["method"], "left_out": [t.kind for t in left]}  # fmt: skip
         else:
@@ -474,9 +478,7 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     a = analytic(wl, techs, b, run.world_size)
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
     kept, _ = sim.split(techs)
-    delta = sum(a["states"]["device"].values()) - sum(
-        model_states(wl.model, wl.blocks(), kept, run.world_size)["device"].values()
-    )
+    delta = _device_bytes(a["states"]) - _device_bytes(model_states(wl.model, wl.blocks(), kept, run.world_size))
     name = "hybrid" if s["left_out"] else "simulation"
     return {"peak_bytes": s["peak_bytes"] + delta, "predictor": name, "analytic_bytes": a["peak_bytes"],
             "act_per_sample": a["act_per_sample"], "method": s["method"]}  # fmt: skip

@@ -116,3 +116,20 @@ def test_the_name_check_can_fail(tmp_path):
     p.write_text('from membench.techniques.zero import Zero\nKIND = "zero"\n')
     strings, imports = _literals_and_imports(p)
     assert "zero" in strings and "membench.techniques.zero" in imports
+
+
+def test_workloads_declare_their_schema_depth_and_input_checks(tmp_path):
+    from membench.config import register_schema
+    from membench.simulate import layer_key
+    from membench.workloads.base import SCHEMAS
+    from membench.workloads.digits import DigitsConfig
+    from membench.workloads.gpt import GPTConfig
+
+    register_schema()
+    assert {"gpt", "llama", "hf", "digits", "custom"} <= set(SCHEMAS)
+    assert layer_key(GPTConfig()) == "n_layer" and layer_key(DigitsConfig()) is None
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        GPTConfig.check_inputs({"data_path": str(empty)})
+    assert not hasattr(DigitsConfig, "check_inputs")
