@@ -6,8 +6,10 @@ or workload defined outside the repository is one Python module (importable from
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,12 +52,14 @@ def options(group: str) -> list[str]:
 
 
 def merged_view() -> Path:
-    """One folder whose technique/, workload/ and experiment/ link every root's YAMLs (extra roots last, so they
-    win on a name clash, as in Hydra's search order... of groups they add), for readers of a single conf dir."""
+    """One folder whose technique/, workload/ and experiment/ link every root's YAMLs, for readers of a single conf
+    folder (`membench list`). The main root wins a name clash, as it comes first in Hydra's search path too.
+    Removed when the process exits."""
     extra = extra_roots()
     if not extra:
         return main_root()
     view = Path(tempfile.mkdtemp(prefix="membench-conf-"))
+    atexit.register(shutil.rmtree, view, True)
     for group in GROUPS:
         (view / group).mkdir()
         for root in [main_root(), *extra]:
