@@ -133,3 +133,19 @@ def test_workloads_declare_their_schema_depth_and_input_checks(tmp_path):
     with pytest.raises(ConfigError, match="the file is empty"):
         GPTConfig.check_inputs({"data_path": str(empty)})
     assert not hasattr(DigitsConfig, "check_inputs")
+
+
+def test_every_registered_technique_declares_a_place_and_a_frozen_config():
+    import dataclasses
+
+    classes = technique.discover()
+    orders = [c.order for c in classes.values()]
+    assert len(set(orders)) == len(orders) and all(o > 0 for o in orders)  # one total apply order
+    for kind, cls in classes.items():
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, kind
+        assert cls.exact or cls.loss_rtol >= 0, kind
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cls(), next(iter(f.name for f in dataclasses.fields(cls)), "x"), None)
+    # declared by one side: no pair is declared twice with two reasons
+    declared = [frozenset({k, o}) for k, c in classes.items() for o in c.incompatible]
+    assert len(declared) == len(set(declared))
