@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 
+@schema("gpt", depth="n_layer")
 @dataclass
 class GPTConfig(CorpusTraining):
     preset: str = "gpt_tiny"
