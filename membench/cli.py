@@ -259,9 +259,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         quality_atol_exact=args.quality_atol_exact,
         time_alpha=args.time_alpha,
         time_min_effect=args.time_min_effect,
+        time_min_steps=args.time_min_steps,
+        time_noise_floor=args.time_noise_floor,
         any_hardware=args.any_hardware,
     )
-    text, code = compare(args.baseline, args.candidate, tol, args.experiment, args.format)
+    text, code = compare(args.baseline, args.candidate, tol, args.experiment, args.format, args.confirm)
     print(text)
     return code
 
@@ -366,7 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--experiment", default=None, help="only records of this experiment")
     rp.add_argument("--out", default=None, help="file to write (default: RESULTS_DIR/REPORT[-experiment].md)")
     rp.add_argument("--plot", action="store_true", help="also draw each study's Pareto charts (PNG) into RESULTS_DIR")
-    c = sub.add_parser("compare", help="flag regressions of a candidate record set against a baseline one")
+    c = sub.add_parser(
+        "compare",
+        help="flag regressions of a candidate record set against a baseline one",
+        description="Each cell is regressed, improved, inconclusive (could not be judged: too few timed steps, no "
+        "step times, other hardware, a shift inside the noise floor) or ok; see docs/tracking.md.",
+        epilog="exit codes: 0 every compared cell judged and none regressed; 1 a cell regressed or is missing in "
+        "the candidate; 2 usage error; 3 nothing regressed, but some cells inconclusive",
+    )
     c.add_argument("baseline")
     c.add_argument("candidate")
     c.add_argument("--experiment", default=None)
@@ -382,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--time-alpha", type=float, default=0.01, help="Mann-Whitney U significance level on step times")
     c.add_argument("--time-min-effect", type=float, default=0.05, help="smallest relative slowdown flagged (0: off)")
     c.add_argument("--any-hardware", action="store_true", help="compare across hardware profiles (times labelled)")
+    c.add_argument("--time-min-steps", type=int, default=20, help="timed steps per side (seeds pooled) for a verdict")
+    c.add_argument(
+        "--time-noise-floor", type=float, default=0.0, help="run-to-run drift: shifts inside are inconclusive"
+    )
+    c.add_argument(
+        "--confirm", action="store_true", help="re-run the candidate's regressed cells before calling them so"
+    )
     h = sub.add_parser("history", help="trend of peak, step time and quality over commits (table + PNG)")
     h.add_argument("results_dir")
     h.add_argument("filter", nargs="?", default=None, help="substring of 'workload techniques', e.g. gpt_tiny")
