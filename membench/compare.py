@@ -335,11 +335,9 @@ def compare_dirs(
     for r in second["rows"]:
         was = flagged.get(r["cell"])
         if was and r["verdict"] == "regressed":
-            r["notes"].append("confirmed by a re-run")
+            r["notes"].append("confirmed: regressed again on a re-run")
         elif was:
-            r["notes"].append(
-                "flagged, not confirmed by a re-run; first pass: " + "; ".join(was["problems"] + was["notes"])
-            )
+            r["notes"].append("flagged, cleared by a re-run; first pass: " + "; ".join(was["problems"] + was["notes"]))
         elif r["verdict"] == "regressed":  # only through its seed group's pooled times: not flagged at first
             r["verdict"] = next(x["verdict"] for x in first["rows"] if x["cell"] == r["cell"])
     second["counts"] = {v: sum(r["verdict"] == v for r in second["rows"]) for v in VERDICTS}
