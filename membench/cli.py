@@ -269,11 +269,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from membench.compare import Tolerances
     from membench.history import write_history
 
     if not (Path(args.results_dir) / "runs").is_dir():
         raise ConfigError(f"history: {args.results_dir!r} has no runs/ folder of records")
-    text, png = write_history(args.results_dir, args.filter, args.out)
+    tol = Tolerances(
+        peak_rtol=args.peak_rtol, time_min_effect=args.time_min_effect, time_noise_floor=args.time_noise_floor
+    )
+    text, png = write_history(args.results_dir, args.filter, args.out, tol)
     print(text)
     if png:
         print(f"membench: wrote {png}")
@@ -402,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("results_dir")
     h.add_argument("filter", nargs="?", default=None, help="substring of 'workload techniques', e.g. gpt_tiny")
     h.add_argument("--out", default=None, help="PNG to write (default: RESULTS_DIR/history.png)")
+    h.add_argument("--peak-rtol", type=float, default=0.01, help="change point: smallest relative peak step")
+    h.add_argument("--time-min-effect", type=float, default=0.05, help="change point: smallest relative step-time step")
+    h.add_argument(
+        "--time-noise-floor", type=float, default=0.0, help="run-to-run drift: step-time steps inside ignored"
+    )
     e = sub.add_parser("export", help="every record as one row of a flat table (CSV or Parquet, via pandas)")
     e.add_argument("results_dir")
     e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
