@@ -346,6 +346,48 @@ def compare_dirs(
     return second
 
 
+def _bench_machine(doc: dict) -> dict:
+    m = doc.get("machine_info") or {}
+    return {
+        "cpu": (m.get("cpu") or {}).get("brand_raw"),
+        "machine": m.get("machine"),
+        "python": m.get("python_version"),
+    }
+
+
+def compare_bench(old: dict, new: dict, tol: Tolerances) -> dict:
+    """The time verdict on two saved pytest-benchmark runs (JSON documents saved with --benchmark-save-data: each
+    benchmark's raw round times in stats.data), one row per benchmark, counted and exit-coded like compare."""
+    before = {b["fullname"]: b for b in old["benchmarks"]}
+    after = {b["fullname"]: b for b in new["benchmarks"]}
+    if not before.keys() & after.keys():
+        raise ConfigError("bench compare: no benchmark in common between the two saved runs; nothing to compare")
+    other = profile_diff(_bench_machine(old), _bench_machine(new))
+    rows = []
+    for name in sorted(before.keys() | after.keys()):
+        row = Row(name, (before.get(name) or after[name]).get("group") or "-", None, "ok", name)
+        if name not in after:
+            row.verdict, row.problems = "missing", ["only in the older run"]
+        elif name not in before:
+            row.verdict, row.notes = "new", ["only in the newer run"]
+        else:
+            b, c = before[name]["stats"].get("data") or [], after[name]["stats"].get("data") or []
+            tv = time_verdict(b, c, tol)
+            if other:
+                tv = {**tv, "verdict": "inconclusive", "why": "other hardware: " + "; ".join(other)}
+            runs = [{"timing": {"step_times_s": x}} for x in (b, c)]
+            row.time, row.verdict = tv, row_verdict([], [], [], tv)
+            (row.problems if tv["verdict"] == "regressed" else row.notes).append(time_text(runs[:1], runs[1:], tv))
+        rows.append(row)
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
+    return {
+        "tolerances": asdict(tol),
+        "counts": counts,
+        "exit_code": exit_code(counts),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
 def markdown(result: dict) -> str:
     lines = ["| workload | techniques | seed | verdict | details |", "|---|---|---|---|---|"]
     for r in result["rows"]:

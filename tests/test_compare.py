@@ -352,3 +352,44 @@ def test_a_library_only_one_side_recorded_is_not_a_difference_but_a_changed_vers
     _edit(files[0], lambda r: r["env"]["versions"].update(torch="2.99.0"))
     assert _compare(tmp_path / "a", tmp_path / "b") == 2
     assert "1 of 8 cells ran on different hardware profiles (torch 2.13.0+cpu vs 2.99.0)" in capsys.readouterr().err
+
+
+def _bench_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "scripts" / "bench_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench_save(path: Path, factor: float, seed: int, data: bool = True) -> Path:
+    """A pytest-benchmark save (--benchmark-save-data) of two benchmarks, 30 rounds each around 10 ms * factor."""
+    rng = random.Random(seed)
+    benches = []
+    for name in ("test_step[baseline]", "test_step[bf16]"):
+        stats = {"median": 0.01 * factor}
+        if data:
+            stats["data"] = [0.01 * factor * rng.gauss(1.0, 0.02) for _ in range(30)]
+        benches.append({"group": None, "name": name, "fullname": f"benchmarks/test_steps.py::{name}", "stats": stats})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "AMD EPYC"}}, "benchmarks": benches}))
+    return path
+
+
+def test_bench_compare_judges_saved_rounds_like_compare(tmp_path, capsys):
+    bench = _bench_script()
+    m = tmp_path / ".benchmarks" / "Linux-CPython-3.12-64bit"
+    _bench_save(m / "0001_old.json", 1.0, seed=1)
+    _bench_save(m / "0002_new.json", 1.10, seed=2)
+    assert bench.main(["--storage", str(tmp_path / ".benchmarks")]) == 1  # the two latest: 0001 -> 0002
+    out = capsys.readouterr().out
+    assert "2 regressed" in out and "30 vs 30 steps" in out and "0002_new.json" in out
+    same = _bench_save(tmp_path / "same.json", 1.0, seed=2)
+    assert bench.main([str(m / "0001_old.json"), str(same)]) == 0
+    assert "0 regressed, 0 improved, 0 inconclusive, 2 ok" in capsys.readouterr().out
+    nodata = _bench_save(tmp_path / "nodata.json", 1.10, seed=2, data=False)  # saved without --benchmark-save-data
+    assert bench.main([str(m / "0001_old.json"), str(nodata)]) == 3
+    assert "no step times" in capsys.readouterr().out
+    assert bench.main(["--storage", str(tmp_path / "none")]) == 2
+    assert "no saved run" in capsys.readouterr().err
