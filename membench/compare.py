@@ -94,9 +94,10 @@ def time_verdict(base: list[float], cand: list[float], tol: Tolerances) -> dict:
 
     regressed / improved: the one-sided Mann-Whitney U test in that direction gives p < time_alpha AND the
     Hodges-Lehmann shift (median of pairwise differences, relative to the baseline median) is beyond
-    max(time_min_effect, time_noise_floor). ok: enough steps, and the shift is inside time_min_effect or not
-    significant. inconclusive: too few steps for the measured power (time_min_steps per side) or for the test
-    to reach alpha at all, no step times, or a significant shift that stays inside the noise floor (the drift
+    max(time_min_effect, time_noise_floor). ok: enough steps, and the shift is inside time_min_effect (whether
+    significant or not). inconclusive: too few steps for the measured power (time_min_steps per side) or for the
+    test to reach alpha at all, no step times, a shift beyond time_min_effect that is not significant (a cell
+    the test could not judge is not "ok"), or a significant one that stays inside the noise floor (the drift
     between two fresh runs of identical code on the machine)."""
     from scipy.stats import mannwhitneyu
 
@@ -115,9 +116,11 @@ def time_verdict(base: list[float], cand: list[float], tol: Tolerances) -> dict:
     floor = max(tol.time_min_effect, tol.time_noise_floor)
     if p < tol.time_alpha and abs(rel) > floor:
         return {**out, "verdict": "regressed" if rel > 0 else "improved", "why": f"|shift| > {floor:.0%}"}
-    if p < tol.time_alpha and abs(rel) > tol.time_min_effect:
+    if abs(rel) <= tol.time_min_effect:
+        return {**out, "verdict": "ok", "why": f"|shift| <= {tol.time_min_effect:.0%}"}
+    if p < tol.time_alpha:
         return {**out, "verdict": "inconclusive", "why": f"inside the noise floor {tol.time_noise_floor:.0%}"}
-    return {**out, "verdict": "ok", "why": "not significant" if p >= tol.time_alpha else "shift under min effect"}
+    return {**out, "verdict": "inconclusive", "why": f"|shift| > {tol.time_min_effect:.0%} but not significant"}
 
 
 def _band(values: list[float]) -> tuple[float, float]:

@@ -100,15 +100,39 @@ def test_ten_percent_slower_over_20_steps_is_flagged(tmp_path, capsys):
     assert "8 regressed, 0 improved, 0 inconclusive, 0 ok" in out and out.count("| regressed | step ") == 8
 
 
-def test_a_committed_record_copy_with_step_times_raised_ten_percent_fails(tmp_path, capsys):
-    """The committed step times themselves, each repeated to 20 steps, then x1.10: regressed; as is: ok."""
-    _copy(tmp_path / "a", steps=20, committed=True)
-    _copy(tmp_path / "b", steps=20, committed=True, factor=1.10)
-    _copy(tmp_path / "c", steps=20, committed=True)
-    assert _compare(tmp_path / "a", tmp_path / "b") == 1
-    assert "8 regressed" in _summary(capsys.readouterr().out)
-    assert _compare(tmp_path / "a", tmp_path / "c") == 0
-    assert "8 ok" in _summary(capsys.readouterr().out)
+STUDIES = sorted(p.parent.name for p in (ROOT / "results").glob("*/runs"))
+
+
+def _copy_study(study: str, dst: Path, factor: float, steps: int | None = None) -> int:
+    """A committed study's records with step times x factor; with `steps`, its own step times repeated to that
+    many. Returns the number of cells."""
+    (dst / "runs").mkdir(parents=True)
+    files = sorted((ROOT / "results" / study / "runs").glob("*.json"))
+    for p in files:
+        r = json.loads(p.read_text())
+        own = r["timing"]["step_times_s"]
+        r["timing"]["step_times_s"] = [own[i % len(own)] * factor for i in range(steps or len(own))]
+        (dst / "runs" / p.name).write_text(json.dumps(r))
+    return len(files)
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=[f"study-{s}" for s in STUDIES])  # an id "gpu" would be skipped
+def test_a_copy_of_a_committed_study_with_step_times_raised_ten_percent(study, tmp_path, capsys):
+    """As committed (1-5 timed steps): +10% and +30% are inconclusive, never ok, and the exit is 3. With the
+    study's own step times repeated to 40 per cell: +10% fails every cell, and the unchanged copy passes (at 20,
+    four quantization cells whose 3 steps spread by more than 10% are inconclusive: not significant)."""
+    n = _copy_study(study, tmp_path / "base", 1.0)
+    for factor in (1.10, 1.30):
+        _copy_study(study, tmp_path / f"as_is_{factor}", factor)
+        assert _compare(tmp_path / "base", tmp_path / f"as_is_{factor}") == 3
+        assert f"0 regressed, 0 improved, {n} inconclusive, 0 ok" in capsys.readouterr().out
+    _copy_study(study, tmp_path / "base40", 1.0, steps=40)
+    _copy_study(study, tmp_path / "slow40", 1.10, steps=40)
+    _copy_study(study, tmp_path / "same40", 1.0, steps=40)
+    assert _compare(tmp_path / "base40", tmp_path / "slow40") == 1
+    assert f"{n} regressed, 0 improved, 0 inconclusive, 0 ok" in capsys.readouterr().out
+    assert _compare(tmp_path / "base40", tmp_path / "same40") == 0
+    assert f"0 regressed, 0 improved, 0 inconclusive, {n} ok" in capsys.readouterr().out
 
 
 def test_faster_is_improved_and_passes(tmp_path, capsys):
@@ -150,7 +174,10 @@ def test_time_verdict_needs_both_significance_and_effect_size():
     base = [1.0 + rng.gauss(0, 0.001) for _ in range(200)]
     tiny = [1.01 + rng.gauss(0, 0.001) for _ in range(200)]  # significant, but a 1% shift
     v = time_verdict(base, tiny, Tolerances())
-    assert v["p_value"] < 1e-6 and v["verdict"] == "ok" and v["why"] == "shift under min effect"
+    assert v["p_value"] < 1e-6 and v["verdict"] == "ok" and v["why"] == "|shift| <= 5%"
+    rng = random.Random(0)  # 30% noise: a +16% estimate over 20 steps is not significant, and not ok either
+    v = time_verdict([rng.gauss(1.0, 0.3) for _ in range(20)], [rng.gauss(1.1, 0.3) for _ in range(20)], Tolerances())
+    assert v["verdict"] == "inconclusive" and v["why"] == "|shift| > 5% but not significant" and v["p_value"] > 0.01
     v = time_verdict([1.0, 1.1, 0.9], [2.0, 2.1, 2.2], Tolerances())  # 3 vs 3: p >= 1/20 = 0.05
     assert v["verdict"] == "inconclusive" and v["p_value"] == 0.05
     assert time_verdict([], [1.0], Tolerances()) == {"verdict": "inconclusive", "why": "no step times"}
@@ -393,3 +420,30 @@ def test_bench_compare_judges_saved_rounds_like_compare(tmp_path, capsys):
     assert "no step times" in capsys.readouterr().out
     assert bench.main(["--storage", str(tmp_path / "none")]) == 2
     assert "no saved run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_confirm_reruns_a_real_cell(tmp_path, capsys):
+    """--confirm with the real runner on a cheap gpt_tiny cell: a candidate 100x slower than its baseline (baseline
+    step times scaled down) is re-run and stays regressed; a candidate whose record was scaled up 100x is re-run,
+    runs at its real speed and is cleared. Each re-run writes a fresh record into the candidate folder."""
+    argv = [sys.executable, "-m", "membench.cli", "run", "workload=gpt_tiny", f"run.results_dir={tmp_path / 'real'}"]
+    argv += ["run.num_threads=1", "run.train_steps=24", "run.warmup_steps=1", "run.measure_steps=20"]
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (src,) = (tmp_path / "real" / "runs").glob("*.json")
+
+    def put(d: str, factor: float) -> Path:
+        (tmp_path / d / "runs").mkdir(parents=True)
+        r = json.loads(src.read_text())
+        r["timing"]["step_times_s"] = [t * factor for t in r["timing"]["step_times_s"]]
+        (tmp_path / d / "runs" / src.name).write_text(json.dumps(r))
+        return tmp_path / d
+
+    assert _compare(put("fast_base", 0.01), put("cand", 1.0), "--confirm") == 1
+    out = capsys.readouterr().out
+    assert "1 regressed" in out and "confirmed: regressed again on a re-run" in out
+    assert len(list((tmp_path / "cand" / "runs").glob("*.json"))) == 2
+    code = _compare(put("base", 1.0), put("slow_cand", 100.0), "--confirm")
+    out = capsys.readouterr().out
+    assert code != 1 and "0 regressed" in out and "flagged, cleared by a re-run" in out
