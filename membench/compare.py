@@ -2,7 +2,8 @@
 
 Cells are matched by config_hash (latest record per cell on each side), and the hardware profile both sides
 ran on is part of the match: a run with `run.device=auto` hashes the same on a laptop and on an H200, so a
-cross-profile comparison is refused (exit 2) unless `--any-hardware`, which labels every time verdict.
+cross-profile comparison is refused (exit 2) unless `--any-hardware`, which makes every time verdict
+inconclusive (memory, FLOPs and quality are still judged).
 
 What counts as a regression, by how each quantity behaves:
 - status falls from ok;
@@ -12,13 +13,25 @@ What counts as a regression, by how each quantity behaves:
 - quality: exact techniques (and the baseline) must reproduce the metric to `--quality-atol-exact` (0 = bit
   identical); approximate ones must stay inside the baseline's seed band (a 95% prediction interval over the
   cell's seeds) when the baseline has several seeds, else within `--quality-atol`;
-- step time: the raw per-step samples of both sides are compared with a one-sided Mann-Whitney U test
-  (scipy.stats.mannwhitneyu) and the Hodges-Lehmann shift (median of pairwise differences) relative to the
-  baseline median. A cell regresses only when both say so: p < `--time-alpha` and shift > `--time-min-effect`.
-  The test alone would flag a 1% change over many steps; the effect size alone would flag noise.
+- step time: the raw per-step samples of both sides, pooled over a cell's seed group (cells that differ only
+  in run.seed), are compared with a one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu) and the
+  Hodges-Lehmann shift (median of pairwise differences) relative to the baseline median. A cell regresses only
+  when both say so: p < `--time-alpha` and shift > max(`--time-min-effect`, `--time-noise-floor`). The test
+  alone would flag a 1% change over many steps; the effect size alone would flag noise; the noise floor is the
+  drift between fresh runs of identical code that a machine shows (scripts/gate_power.py measures it).
 
-Exit codes: 0 every matched cell passes and none is missing; 1 a cell regressed or is missing on the candidate
-side; 2 usage error (missing folder, no cell in common, hardware differs without --any-hardware).
+Verdicts, each row with its why: regressed (any of the above), improved (faster beyond the same thresholds,
+a smaller peak, or a status that became ok), ok (judged, nothing moved), inconclusive (could not be judged:
+fewer than `--time-min-steps` pooled timed steps per side, or so few that the exact test cannot reach alpha,
+no step times, other hardware, a shift beyond the min effect that is not significant, a significant shift
+inside the noise floor, or both sides failed). A cell that could not be judged is never "ok". `--confirm`
+re-runs the candidate's regressed cells (same config, fresh records into the candidate folder) and counts a
+cell as regressed only when it regresses again (TorchBench's re-run before a bisect).
+
+Exit codes: 0 every compared cell judged (ok or improved) and none missing; 1 a cell regressed or is missing
+on the candidate side; 2 usage error (missing folder, no cell in common, hardware differs without
+--any-hardware); 3 nothing regressed or missing, but some cells inconclusive. The summary line counts each
+verdict. `compare_bench` applies the same time verdict to two saved pytest-benchmark runs (make bench-compare).
 """
 
 from __future__ import annotations
