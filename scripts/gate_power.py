@@ -77,10 +77,15 @@ def _trials(times: list[list[float]], s: int, k: int):
             yield sum(base, []), sum(cand, []), None
 
 
-def _within(times: list[list[float]], k: int):
-    """Within a run: its even steps against its odd steps (k each), as if two runs had no drift between them."""
-    for t in times:
-        yield t[0 : 2 * k : 2], t[1 : 2 * k : 2], None
+def _within(times: list[list[float]], k: int, s: int = 1):
+    """Within runs: the even steps against the odd steps (k each per run, s runs pooled), as if two runs had no
+    drift between them."""
+    for i in range(0, len(times) - s + 1, s):
+        yield (
+            sum((t[0 : 2 * k : 2] for t in times[i : i + s]), []),
+            sum((t[1 : 2 * k : 2] for t in times[i : i + s]), []),
+            None,
+        )
 
 
 def _rates(trials, tol) -> dict:
@@ -144,7 +149,8 @@ def analyse(raw: Path, out: Path) -> None:
         times = w["step_times_s"]
         r = {"runs": len(times), "load": [w["load_before"], w["load_after"]], "noise": noise(times, max(STEPS))}
         r["rates"] = [
-            {"pairs": "within a run", "rule": "plain", "seeds": 1, "steps": k, **_rates(_within(times, k), plain)}
+            {"pairs": "within a run", "rule": "plain", "seeds": s, "steps": k, **_rates(_within(times, k, s), plain)}
+            for s in (1, SEEDS)
             for k in WITHIN
         ]
         r["rates"] += [
