@@ -11,8 +11,8 @@ step time; peak) is split by binary segmentation: the split that maximises the d
 of the log values before and after it is kept when that difference is above the threshold, then each side is
 split again. Why this and not a Mann-Whitney test between the raw step times before and after each commit: the
 steps of one run are not independent samples of the code's speed, the run is (on a shared machine two fresh runs
-of identical code drift by tens of percent while the steps within a run agree: docs/tracking.md), so the test
-would call every drift significant; one point per commit with a threshold in the series' own unit does not.
+of identical code drift by tens of percent: docs/tracking.md), so a test on many steps calls every drift
+significant; one point per commit with a threshold in the series' own unit does not.
 The step-time threshold is max(--time-min-effect, --time-noise-floor) (compare's knobs: the drift measured by
 scripts/gate_power.py is the floor to pass on a shared machine); the peak threshold is --peak-rtol. A single
 outlying commit shows as two change points (up, then down), which is what it is. asv's step detection is the
