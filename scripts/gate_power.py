@@ -163,13 +163,27 @@ def analyse(raw: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(table(res))
+    print(f"\nnoise floor (largest run-to-run drift q95): {floor:.1%}; for docs/tracking.md:\n")
+    print(table(res, DOC_ROWS))
 
 
 def _factor(f: float | None) -> str:
     return f"x{f}" if f else f"none up to x{max(FACTORS)}"
 
 
-def table(res: dict) -> str:
+DOC_ROWS = {  # the rows docs/tracking.md shows: (pairs, rule, runs per side, steps per run); the JSON has all
+    ("within a run", "plain", 1, 5),
+    ("within a run", "plain", 1, 20),
+    ("within a run", "plain", SEEDS, 20),
+    ("fresh runs", "plain", 1, 5),
+    ("fresh runs", "plain", 1, 40),
+    ("fresh runs", "plain", SEEDS, 40),
+    ("fresh runs", "floor", 1, 40),
+    ("fresh runs", "floor", SEEDS, 40),
+}
+
+
+def table(res: dict, rows: set | None = None) -> str:
     pct = lambda a, n: f"{a}/{n} ({a / n:.0%})"  # noqa: E731
     lines = [
         "| workload | load (1 min) | pairs | rule | runs/side | steps/run | 10% caught | identical ok "
@@ -178,6 +192,8 @@ def table(res: dict) -> str:
     ]
     for wl, w in res["workloads"].items():
         for r in w["rates"]:
+            if rows and (r["pairs"], r["rule"], r["seeds"], r["steps"]) not in rows:
+                continue
             n, same, slow = r["trials"], r["identical"], r["slowdown"]
             conf = (
                 f"{pct(r['confirmed_detections'], n)}, {pct(r['confirmed_false_alarms'], n)}"
