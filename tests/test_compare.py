@@ -447,3 +447,25 @@ def test_confirm_reruns_a_real_cell(tmp_path, capsys):
     code = _compare(put("base", 1.0), put("slow_cand", 100.0), "--confirm")
     out = capsys.readouterr().out
     assert code != 1 and "0 regressed" in out and "flagged, cleared by a re-run" in out
+
+
+def test_gate_power_counts_detections_and_false_alarms(tmp_path):
+    """scripts/gate_power.py analyse on synthetic runs with 1% step noise and no drift: the 10% injection is
+    caught in every trial at 20 steps and more, and identical code is never flagged."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gate_power", ROOT / "scripts" / "gate_power.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    rng = random.Random(0)
+    runs = [[0.01 * rng.gauss(1.0, 0.01) for _ in range(40)] for _ in range(12)]
+    raw = {"workloads": {"gpt_tiny": {"load_before": [1.0], "load_after": [1.0], "step_times_s": runs}}}
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    gp.analyse(tmp_path / "raw.json", tmp_path / "out.json")
+    rates = json.loads((tmp_path / "out.json").read_text())["workloads"]["gpt_tiny"]["rates"]
+    for r in rates:
+        if r["rule"] == "plain" and r["seeds"] * r["steps"] >= 20:
+            assert r["slowdown"] == {"regressed": r["trials"]}, r
+            assert "regressed" not in r["identical"], r
+    fresh = [r for r in rates if r["pairs"] == "fresh runs" and r["seeds"] == 1]
+    assert {r["trials"] for r in fresh} == {6} and all(r["confirmed_false_alarms"] == 0 for r in fresh)
