@@ -128,12 +128,12 @@ def time_verdict(base: list[float], cand: list[float], tol: Tolerances) -> dict:
         return {**out, "verdict": "inconclusive", "why": f"{n}: under the {tol.time_min_steps} per side for power"}
     floor = max(tol.time_min_effect, tol.time_noise_floor)
     if p < tol.time_alpha and abs(rel) > floor:
-        return {**out, "verdict": "regressed" if rel > 0 else "improved", "why": f"|shift| > {floor:.0%}"}
+        return {**out, "verdict": "regressed" if rel > 0 else "improved", "why": f"shift beyond ±{floor:.0%}"}
     if abs(rel) <= tol.time_min_effect:
-        return {**out, "verdict": "ok", "why": f"|shift| <= {tol.time_min_effect:.0%}"}
+        return {**out, "verdict": "ok", "why": f"shift within ±{tol.time_min_effect:.0%}"}
     if p < tol.time_alpha:
         return {**out, "verdict": "inconclusive", "why": f"inside the noise floor {tol.time_noise_floor:.0%}"}
-    return {**out, "verdict": "inconclusive", "why": f"|shift| > {tol.time_min_effect:.0%} but not significant"}
+    return {**out, "verdict": "inconclusive", "why": f"shift beyond ±{tol.time_min_effect:.0%} but not significant"}
 
 
 def _band(values: list[float]) -> tuple[float, float]:

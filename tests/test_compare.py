@@ -174,10 +174,10 @@ def test_time_verdict_needs_both_significance_and_effect_size():
     base = [1.0 + rng.gauss(0, 0.001) for _ in range(200)]
     tiny = [1.01 + rng.gauss(0, 0.001) for _ in range(200)]  # significant, but a 1% shift
     v = time_verdict(base, tiny, Tolerances())
-    assert v["p_value"] < 1e-6 and v["verdict"] == "ok" and v["why"] == "|shift| <= 5%"
+    assert v["p_value"] < 1e-6 and v["verdict"] == "ok" and v["why"] == "shift within ±5%"
     rng = random.Random(0)  # 30% noise: a +16% estimate over 20 steps is not significant, and not ok either
     v = time_verdict([rng.gauss(1.0, 0.3) for _ in range(20)], [rng.gauss(1.1, 0.3) for _ in range(20)], Tolerances())
-    assert v["verdict"] == "inconclusive" and v["why"] == "|shift| > 5% but not significant" and v["p_value"] > 0.01
+    assert v["verdict"] == "inconclusive" and v["why"] == "shift beyond ±5% but not significant" and v["p_value"] > 0.01
     v = time_verdict([1.0, 1.1, 0.9], [2.0, 2.1, 2.2], Tolerances())  # 3 vs 3: p >= 1/20 = 0.05
     assert v["verdict"] == "inconclusive" and v["p_value"] == 0.05
     assert time_verdict([], [1.0], Tolerances()) == {"verdict": "inconclusive", "why": "no step times"}
