@@ -254,19 +254,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
         quality_atol_exact=args.quality_atol_exact,
         time_alpha=args.time_alpha,
         time_min_effect=args.time_min_effect,
+        time_min_steps=args.time_min_steps,
+        time_noise_floor=args.time_noise_floor,
         any_hardware=args.any_hardware,
     )
-    text, code = compare(args.baseline, args.candidate, tol, args.experiment, args.format)
+    text, code = compare(args.baseline, args.candidate, tol, args.experiment, args.format, args.confirm)
     print(text)
     return code
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from membench.compare import Tolerances
     from membench.history import write_history
 
     if not (Path(args.results_dir) / "runs").is_dir():
         raise ConfigError(f"history: {args.results_dir!r} has no runs/ folder of records")
-    text, png = write_history(args.results_dir, args.filter, args.out)
+    tol = Tolerances(
+        peak_rtol=args.peak_rtol, time_min_effect=args.time_min_effect, time_noise_floor=args.time_noise_floor
+    )
+    text, png = write_history(args.results_dir, args.filter, args.out, tol)
     print(text)
     if png:
         print(f"membench: wrote {png}")
@@ -361,7 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--experiment", default=None, help="only records of this experiment")
     rp.add_argument("--out", default=None, help="file to write (default: RESULTS_DIR/REPORT[-experiment].md)")
     rp.add_argument("--plot", action="store_true", help="also draw each study's Pareto charts (PNG) into RESULTS_DIR")
-    c = sub.add_parser("compare", help="flag regressions of a candidate record set against a baseline one")
+    c = sub.add_parser(
+        "compare",
+        help="flag regressions of a candidate record set against a baseline one",
+        description="Each cell is regressed, improved, inconclusive (could not be judged: too few timed steps, no "
+        "step times, other hardware, a shift inside the noise floor) or ok; see docs/tracking.md.",
+        epilog="exit codes: 0 every compared cell judged and none regressed; 1 a cell regressed or is missing in "
+        "the candidate; 2 usage error; 3 nothing regressed, but some cells inconclusive",
+    )
     c.add_argument("baseline")
     c.add_argument("candidate")
     c.add_argument("--experiment", default=None)
@@ -377,10 +390,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--time-alpha", type=float, default=0.01, help="Mann-Whitney U significance level on step times")
     c.add_argument("--time-min-effect", type=float, default=0.05, help="smallest relative slowdown flagged (0: off)")
     c.add_argument("--any-hardware", action="store_true", help="compare across hardware profiles (times labelled)")
+    c.add_argument("--time-min-steps", type=int, default=20, help="timed steps per side (seeds pooled) for a verdict")
+    c.add_argument(
+        "--time-noise-floor", type=float, default=0.0, help="run-to-run drift: shifts inside are inconclusive"
+    )
+    c.add_argument(
+        "--confirm", action="store_true", help="re-run the candidate's regressed cells before calling them so"
+    )
     h = sub.add_parser("history", help="trend of peak, step time and quality over commits (table + PNG)")
     h.add_argument("results_dir")
     h.add_argument("filter", nargs="?", default=None, help="substring of 'workload techniques', e.g. gpt_tiny")
     h.add_argument("--out", default=None, help="PNG to write (default: RESULTS_DIR/history.png)")
+    h.add_argument("--peak-rtol", type=float, default=0.01, help="change point: smallest relative peak step")
+    h.add_argument("--time-min-effect", type=float, default=0.05, help="change point: smallest relative step-time step")
+    h.add_argument(
+        "--time-noise-floor", type=float, default=0.0, help="run-to-run drift: step-time steps inside ignored"
+    )
     e = sub.add_parser("export", help="every record as one row of a flat table (CSV or Parquet, via pandas)")
     e.add_argument("results_dir")
     e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
