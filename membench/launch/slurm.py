@@ -284,6 +284,51 @@ def _rejection(e: Exception, s: SlurmConfig) -> ConfigError:
     return ConfigError(f"{named}: sbatch rejected the job: {why}")
 
 
+# Pending reasons that no amount of waiting clears: sbatch accepted what the partition or association cannot give
+# (clusters without EnforcePartLimits accept a job that asks for more CPUs than any node has, and keep it pending).
+_NEVER = {
+    "PartitionConfig": "cpus_per_task",
+    "PartitionNodeLimit": "cpus_per_task",
+    "PartitionTimeLimit": "time_min",
+    "BadConstraints": "cpus_per_task",
+    "InvalidAccount": "account",
+    "InvalidQOS": "qos",
+    "QOSMaxWallDurationPerJobLimit": "time_min",
+    "AssocMaxWallDurationPerJobLimit": "time_min",
+}
+
+
+def _refuse_if_never_runs(array: str, s: SlurmConfig) -> None:
+    """Cancel the array and raise a one-line error when Slurm says its tasks can never start."""
+    for _ in range(10):  # the scheduler sets the reason within a moment of the submission
+        out = _query(["squeue", "-h", "-r", "-j", array, "-o", "%T|%r"]) or ""
+        reasons = {ln.split("|", 1)[1] for ln in out.split() if ln.startswith("PENDING|")}
+        if reasons - {"None"} or not out:
+            break
+        time.sleep(0.3)
+    never = sorted(r for r in reasons if r in _NEVER)
+    if never:
+        subprocess.run(["scancel", array], capture_output=True)
+        key = _NEVER[never[0]]
+        want = f"slurm.{key}={getattr(s, key)}" if getattr(s, key) is not None else "slurm"
+        raise ConfigError(f"{want}: Slurm keeps the job pending for good ({never[0]}); the array was cancelled")
+
+
+class _quiet_stderr:
+    """Send fd 2 to /dev/null for a moment (submitit lets sbatch write to the terminal)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
 # -------------------------------------------------------------------------------------------- submit, follow
 
 
@@ -322,13 +367,16 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
                 )
         cells = [c for c in cells if c.chash not in adopted]
     try:
-        jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells]) if cells else []
-    except FailedJobError as e:
+        with _quiet_stderr():  # sbatch's own error lines: the one-line error below says what they say
+            jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells]) if cells else []
+        if jobs and ex.cluster == "slurm":
+            _refuse_if_never_runs(jobs[0].job_id.split("_")[0], SlurmConfig(**slurm))
+    except (FailedJobError, ConfigError) as e:
         if not existed:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
-        raise _rejection(e, SlurmConfig(**slurm)) from None
+        raise (e if isinstance(e, ConfigError) else _rejection(e, SlurmConfig(**slurm))) from None
     if on_submit is not None:
         ids = {**adopted, **{c.chash: j.job_id for c, j in zip(cells, jobs, strict=True)}}
         on_submit({"job_ids": ids, "cluster": ex.cluster, "slurm_folder": str(folder)})
