@@ -14,6 +14,8 @@ submits a cell whose task is still queued or running, and `status` resolves ever
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import pickle
@@ -76,6 +78,9 @@ def run_task(config: dict, label: str) -> dict:
     from membench.records import ok_hashes
     from membench.runner import Cell
 
+    term: list[int] = []
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # first: submitit's own handler would requeue or end the task
+    signal.signal(signal.SIGTERM, lambda *_: term.append(1))
     run = config["run"]
     threads = 0 if run.get("num_threads") else max(1, allocated_cpus() // int(run.get("world_size", 1)))
     cell = Cell(config, run["results_dir"], run["timeout_s"], threads=threads, label=label, start_method="exec")
@@ -85,9 +90,6 @@ def run_task(config: dict, label: str) -> dict:
     if not run.get("force") and cell.chash in ok_hashes(run["results_dir"]):  # another sweep's task ran it meanwhile
         cell.cleanup()
         return {"status": "skipped", "error": "ok record exists (run by another task); run.force=true re-runs"}
-    term: list[int] = []
-    signal.signal(signal.SIGTERM, lambda *_: term.append(1))
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         cell.start()
         signal.signal(signal.SIGUSR2, lambda *_: print("membench: USR2 (time limit near) ignored", flush=True))
@@ -314,21 +316,6 @@ def _refuse_if_never_runs(array: str, s: SlurmConfig) -> None:
         raise ConfigError(f"{want}: Slurm keeps the job pending for good ({never[0]}); the array was cancelled")
 
 
-class _quiet_stderr:
-    """Send fd 2 to /dev/null for a moment (submitit lets sbatch write to the terminal)."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-
-
 # -------------------------------------------------------------------------------------------- submit, follow
 
 
@@ -367,7 +354,7 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
                 )
         cells = [c for c in cells if c.chash not in adopted]
     try:
-        with _quiet_stderr():  # sbatch's own error lines: the one-line error below says what they say
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error; the one line below says it
             jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells]) if cells else []
         if jobs and ex.cluster == "slurm":
             _refuse_if_never_runs(jobs[0].job_id.split("_")[0], SlurmConfig(**slurm))
