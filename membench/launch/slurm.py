@@ -41,9 +41,7 @@ class SlurmConfig:
     partition: str | None = None  # Slurm partition (sbatch --partition); null: the cluster's default
     account: str | None = None  # sbatch --account; null: the user's default
     qos: str | None = None  # sbatch --qos; null: the account's default
-    gpus_per_node: int | None = (
-        None  # null: run.world_size for CUDA cells (auto cells too where the partition has GPUs)
-    )
+    gpus_per_node: int | None = None  # null: run.world_size on CUDA (auto: where the partition has GPUs)
     cpus_per_task: int | None = None  # null: one per rank of the widest CPU cell (the cluster's default for one rank)
     time_min: int | None = None  # limit of each task, minutes; null: the longest run.timeout_s + 2 min, rounded up
     mem_gb: float | None = None  # host memory per task; null: the cluster's default
