@@ -179,7 +179,7 @@ def test_detach_reattach_rerun_while_queued_and_scancel_pending_without_accounti
 
 def test_a_time_limit_shorter_than_the_timeout_and_a_wrong_partition_are_refused(slurm, tmp_path, capsys):
     """Refused before anything runs, one line naming the knob, exit 2, no sweep file and no job."""
-    before = _squeue("--states=all", "-n", "membench", "-o", "%i")
+    before = _squeue("-n", "membench", "-o", "%i")
     assert main(["run", *TINY, "run.timeout_s=100", "slurm.time_min=1", f"run.results_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("membench: error: slurm.time_min=1: shorter than run.timeout_s=100") and err.count("\n") == 1
@@ -190,5 +190,5 @@ def test_a_time_limit_shorter_than_the_timeout_and_a_wrong_partition_are_refused
     assert err.startswith("membench: error: slurm.mem_gb=100000.0: sbatch rejected the job") and err.count("\n") == 1
     assert (
         not list((tmp_path / "sweeps").glob("*.json"))
-        and _squeue("--states=all", "-n", "membench", "-o", "%i") == before
+        and _squeue("-n", "membench", "-o", "%i") == before
     )
