@@ -210,6 +210,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 run_slurm(todo, sweep.slurm, folder, display, lambda fields: update_sweep_file(sweep_file, **fields))
             except ConfigError:  # the cluster refused the array: nothing was submitted, so no sweep either
                 sweep_file.unlink()
+                for d in (sweep_file.parent, folder.parent):
+                    if d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
                 raise
         else:
             from membench.launch.local import parallelism, run_local, visible_gpus
