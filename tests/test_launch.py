@@ -253,3 +253,6 @@ def test_a_slurm_task_without_a_record_resolves_from_its_state_result_and_log(tm
     with open(tmp_path / "7_3_0_result.pkl", "wb") as f:
         pickle.dump(("error", "Traceback ...\n  File x\nRuntimeError: node lost\nsubmitit wrapper line"), f)
     assert task_state("7_3", "FAILED", tmp_path)[1].endswith("RuntimeError: node lost")
+    with open(tmp_path / "7_4_0_result.pkl", "wb") as f:
+        pickle.dump(("success", {"run_id": "x", "status": "ok", "error": None}), f)
+    assert task_state("7_4", "COMPLETED", tmp_path) == ("ok", "")  # its record, begun before a re-run adopted it

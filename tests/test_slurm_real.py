@@ -188,7 +188,4 @@ def test_a_time_limit_shorter_than_the_timeout_and_a_wrong_partition_are_refused
     assert main(["run", *TINY, "slurm.mem_gb=100000", f"run.results_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("membench: error: slurm.mem_gb=100000.0: sbatch rejected the job") and err.count("\n") == 1
-    assert (
-        not list((tmp_path / "sweeps").glob("*.json"))
-        and _squeue("-n", "membench", "-o", "%i") == before
-    )
+    assert not list((tmp_path / "sweeps").glob("*.json")) and _squeue("-n", "membench", "-o", "%i") == before

@@ -153,6 +153,8 @@ def task_state(job_id: str, state: str | None, folder: Path) -> tuple[str, str]:
     if state in RUNNING:
         return "running", f"job {job_id}"
     res = _result(folder, job_id)
+    if res is not None and "run_id" in res:  # the cell's record (one that started before a re-run adopted the task)
+        return res["status"], (res.get("error") or "")[:100]
     if res is not None and res.get("status") in ("cancelled", "skipped"):
         return res["status"], f"job {job_id}: {res.get('error')}"
     if res is not None and res.get("status") == "error":
