@@ -143,11 +143,13 @@ def test_a_failing_cell_usr2_and_scancel_of_a_running_task(slurm, tmp_path):
 
 
 def test_detach_reattach_rerun_while_queued_and_scancel_pending_without_accounting(slurm, tmp_path, no_sacct, capsys):
-    """With the node taken by another job the tasks stay queued: Ctrl-C detaches (exit 130, nothing cancelled),
-    `status` says queued, a re-run submits nothing, scancel of a pending task shows as cancelled, and once the node
-    frees `status --wait` returns with each cell run once. No sacct anywhere: squeue alone follows the tasks."""
+    """With the node taken by another job the tasks stay queued: Ctrl-C detaches (exit 130, nothing cancelled) and
+    `status` says queued; a re-run submits nothing and follows the queued tasks; scancel of a pending task ends that
+    cell as cancelled (no hang without sacct); once the node frees, `status --wait` returns and the re-run exits
+    143 (a cell was cancelled), with the other cell run and recorded once. squeue alone follows the tasks."""
     blocker = subprocess.run(["sbatch", "--parsable", "--exclusive", "-J", "blocker", "-o", "/dev/null",
                               "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    rerun = None
     try:
         _wait_for(lambda: f"{blocker} RUNNING" in _squeue("-o", "%i %T"), "the blocking job")
         out = tmp_path / "out.txt"
@@ -161,20 +163,24 @@ def test_detach_reattach_rerun_while_queued_and_scancel_pending_without_accounti
         assert main(["status", str(tmp_path)]) == 3
         assert capsys.readouterr().out.count("  queued ") == 2
 
-        assert main(["run", "-m", *TINY, "run.seed=0,1", f"run.results_dir={tmp_path}"]) == 0  # the re-run
-        assert capsys.readouterr().out.count("pending as job") == 2
+        out2 = tmp_path / "rerun.txt"
+        rerun = _start(tmp_path, "run.seed=0,1", out=out2)
+        _wait_for(lambda: out2.read_text().count("since an earlier sweep: not submitted again") == 2, "the re-run")
         assert sorted(_squeue("-n", "membench", "-o", "%i").split()) == sorted(jobs.values())  # nothing new
-        assert _sweep(tmp_path)["job_ids"] == jobs  # the re-run's sweep file follows the same tasks
+        assert _sweep(tmp_path)["job_ids"] == jobs  # the re-run's sweep file names the same tasks
 
-        cancelled = sorted(jobs.values())[1]
-        subprocess.run(["scancel", cancelled], check=True)
+        subprocess.run(["scancel", sorted(jobs.values())[1]], check=True)
+        _wait_for(lambda: "cancelled" in out2.read_text(), "the re-run to see the cancelled task", 30)
     finally:
         subprocess.run(["scancel", blocker])
-    assert main(["status", str(tmp_path), "--wait"]) == 1
-    rows = capsys.readouterr().out
-    assert "  ok " in rows and "  cancelled gpt_tiny" in rows, rows
-    records = load_records(tmp_path)
-    assert [r["status"] for r in records] == ["ok"]  # one record: the cell ran once, the cancelled one never
+    try:
+        assert main(["status", str(tmp_path), "--wait"]) == 1
+        rows = capsys.readouterr().out
+        assert "  ok " in rows and "  cancelled gpt_tiny" in rows, rows
+        assert rerun.wait(timeout=60) == 143, out2.read_text()
+    finally:
+        rerun.kill()
+    assert [r["status"] for r in load_records(tmp_path)] == ["ok"]  # the cell ran once, the cancelled one never
 
 
 def test_a_time_limit_shorter_than_the_timeout_and_a_wrong_partition_are_refused(slurm, tmp_path, capsys):

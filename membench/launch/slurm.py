@@ -178,19 +178,21 @@ def _last_error(text: str) -> str:
     return (errs[-1] if errs else lines[-1] if lines else "")[:300]
 
 
-def live_jobs(results_dir: str | Path) -> dict[str, tuple[str, str]]:
-    """Cells of earlier sweeps into RESULTS_DIR whose task is still queued or running: hash -> (job id, state)."""
+def live_jobs(results_dir: str | Path) -> dict[str, tuple[str, str, str]]:
+    """Cells of earlier sweeps into RESULTS_DIR whose task is still queued or running: hash -> (job id, state,
+    submitit folder)."""
     import json
 
     from membench.launch import sweeps_dir
 
-    ids: dict[str, str] = {}
+    ids: dict[str, tuple[str, str]] = {}
     for p in sorted(sweeps_dir(results_dir).glob("*.json")):
         body = json.loads(p.read_text())
         if body.get("launcher") == "slurm" and body.get("cluster") == "slurm" and isinstance(body.get("job_ids"), dict):
-            ids.update(body["job_ids"])
-    states = slurm_states(list(set(ids.values())))
-    return {h: (j, states[j]) for h, j in ids.items() if states.get(j) in QUEUED + RUNNING}
+            folders = body.get("slurm_folders", {})
+            ids.update({h: (j, folders.get(h, body["slurm_folder"])) for h, j in body["job_ids"].items()})
+    states = slurm_states(list({j for j, _ in ids.values()}))
+    return {h: (j, states[j], f) for h, (j, f) in ids.items() if states.get(j) in QUEUED + RUNNING}
 
 
 def _partitions() -> dict[str, str]:
@@ -342,17 +344,15 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
     ex, note = executor(slurm, cells, folder)
     if note:
         display.line(note)
-    adopted: dict[str, str] = {}
+    adopted = []  # (cell, its task from an earlier sweep, still queued or running): followed, not submitted again
     if ex.cluster == "slurm":
+        from submitit import SlurmJob
+
         live = live_jobs(cells[0].config["run"]["results_dir"])
-        for c in cells:
-            if c.chash in live:
-                job_id, state = live[c.chash]
-                adopted[c.chash] = job_id
-                display.skipped(
-                    c.label, f"{state.lower()} as job {job_id} (earlier sweep); `membench status` follows it"
-                )
-        cells = [c for c in cells if c.chash not in adopted]
+        adopted = [
+            (c, SlurmJob(live[c.chash][2], live[c.chash][0]), live[c.chash][1]) for c in cells if c.chash in live
+        ]
+        cells = [c for c in cells if c.chash not in live]
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error; the one line below says it
             jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells]) if cells else []
@@ -365,15 +365,18 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
             shutil.rmtree(folder, ignore_errors=True)
         raise (e if isinstance(e, ConfigError) else _rejection(e, SlurmConfig(**slurm))) from None
     if on_submit is not None:
-        ids = {**adopted, **{c.chash: j.job_id for c, j in zip(cells, jobs, strict=True)}}
-        on_submit({"job_ids": ids, "cluster": ex.cluster, "slurm_folder": str(folder)})
+        ids = {c.chash: j.job_id for c, j in [*zip(cells, jobs, strict=True), *((c, j) for c, j, _ in adopted)]}
+        elsewhere = {c.chash: str(j.paths.folder) for c, j, _ in adopted}  # the earlier sweeps' submitit folders
+        on_submit({"job_ids": ids, "cluster": ex.cluster, "slurm_folder": str(folder), "slurm_folders": elsewhere})
+    for c, j, state in adopted:
+        display.started(c.label, f"job {j.job_id}, {state.lower()} since an earlier sweep: not submitted again")
     for c, j in zip(cells, jobs, strict=True):
         display.started(c.label, f"job {j.job_id}")
     records: list[dict] = []
-    left = list(zip(cells, jobs, strict=True))
+    left = [*((c, j) for c, j, _ in adopted), *zip(cells, jobs, strict=True)]
     previous = signal.signal(signal.SIGTERM, _detach_on_term)
     try:
-        _follow(left, display, records, ex.cluster, folder)
+        _follow(left, display, records, ex.cluster)
     except (KeyboardInterrupt, _Detach) as e:
         ids = ", ".join(j.job_id for _, j in left[:3]) + (" ..." if len(left) > 3 else "")
         display.line(
@@ -396,7 +399,7 @@ def _detach_on_term(signum, frame) -> None:
     raise _Detach
 
 
-def _follow(left: list, display: Display, records: list[dict], cluster: str, folder: Path) -> None:
+def _follow(left: list, display: Display, records: list[dict], cluster: str) -> None:
     """Until every task has ended: its result once submitit wrote it, else its Slurm state (polled every POLL_S)."""
     from membench.report import summary_line
 
@@ -420,7 +423,7 @@ def _follow(left: list, display: Display, records: list[dict], cluster: str, fol
             left.remove(entry)
             if not has_result:
                 ended.pop(j.job_id)
-                state, detail = task_state(j.job_id, states.get(j.job_id), folder)
+                state, detail = task_state(j.job_id, states.get(j.job_id), j.paths.folder)
                 display.finished(
                     c.label, {"status": "cancelled" if state == "cancelled" else "error"}, f"{state}: {detail}"
                 )

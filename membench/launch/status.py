@@ -46,7 +46,8 @@ def cell_states(results_dir: str | Path, sweep: dict) -> list[tuple[str, str, st
             since = time.time() - holder["started"]
             rows.append((c["label"], "running", f"pid {holder['pid']} on {holder['host']}, {since:.0f} s"))
         elif job is not None and on_slurm:
-            st, detail = task_state(job, states.get(job), Path(sweep.get("slurm_folder", "")))
+            folder = sweep.get("slurm_folders", {}).get(c["config_hash"]) or sweep.get("slurm_folder", "")
+            st, detail = task_state(job, states.get(job), Path(folder))
             if st == "skipped" and r is not None:  # another sweep's task recorded it meanwhile
                 st, detail = r["status"], "(recorded by another sweep)"
             rows.append((c["label"], st, detail))
