@@ -53,10 +53,9 @@ def cell_states(results_dir: str | Path, sweep: dict) -> list[tuple[str, str, st
             rows.append((c["label"], st, detail))
         elif r is not None and r["status"] == "ok":
             rows.append((c["label"], "ok", "(recorded before this sweep)"))
-        elif sweep.get("launcher") == "slurm" and sweep.get("cluster") is None and _sweep_alive(sweep):
-            rows.append((c["label"], "pending", "not submitted yet"))
-        elif sweep.get("launcher") != "slurm" and _sweep_alive(sweep):
-            rows.append((c["label"], "pending", ""))
+        elif _sweep_alive(sweep):  # a local pool, submitit's local executor, or a submission under way
+            submitting = sweep.get("launcher") == "slurm" and "cluster" not in sweep
+            rows.append((c["label"], "pending", "not submitted yet" if submitting else ""))
         elif job is not None:  # submitit's local executor: the task ended without a record
             rows.append((c["label"], "failed", f"job {job} ended without a record"))
         else:
