@@ -195,3 +195,13 @@ def test_a_time_limit_shorter_than_the_timeout_and_a_wrong_partition_are_refused
     err = capsys.readouterr().err
     assert err.startswith("membench: error: slurm.mem_gb=100000.0: sbatch rejected the job") and err.count("\n") == 1
     assert not list((tmp_path / "sweeps").glob("*.json")) and _squeue("-n", "membench", "-o", "%i") == before
+
+
+def test_the_computed_time_limit_leaves_room_for_the_cells_timeout_record(slurm, tmp_path, capsys):
+    """slurm.time_min left null: the limit covers run.timeout_s, so a cell past its timeout is killed by membench and
+    recorded `timeout` (not killed by Slurm without a record)."""
+    rc = main(["run", *TINY, "run.train_steps=5000", "run.timeout_s=8", f"run.results_dir={tmp_path}"])
+    assert rc == 1, capsys.readouterr().out
+    assert "--time=3" in next((tmp_path / "slurm").glob("*/*_submission.sh")).read_text()  # 8 s + 120 s -> 3 min
+    [r] = load_records(tmp_path)
+    assert r["status"] == "timeout" and "run.timeout_s=8" in r["error"] and r["env"]["slurm"]["job_id"]
