@@ -304,10 +304,10 @@ _NEVER = {
 
 def _refuse_if_never_runs(array: str, s: SlurmConfig) -> None:
     """Cancel the array and raise a one-line error when Slurm says its tasks can never start."""
-    for _ in range(10):  # the scheduler sets the reason within a moment of the submission
+    for _ in range(10):  # the scheduler gives a pending task its reason within a moment of the submission
         out = _query(["squeue", "-h", "-r", "-j", array, "-o", "%T|%r"]) or ""
         reasons = {ln.split("|", 1)[1] for ln in out.split() if ln.startswith("PENDING|")}
-        if reasons - {"None"} or not out:
+        if "None" not in reasons:
             break
         time.sleep(0.3)
     never = sorted(r for r in reasons if r in _NEVER)
