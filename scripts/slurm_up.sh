@@ -24,9 +24,12 @@ fi
 log "packages: ${need[*]}"
 : > "$PIDFILE"
 
-wait_for() {  # wait_for SECONDS COMMAND...: retry every 0.1 s
-  local n=$(($1 * 10)); shift
-  until "$@" >/dev/null 2>&1; do n=$((n - 1)); [ $n -gt 0 ] || return 1; sleep 0.1; done
+wait_for() {  # wait_for SECONDS WHAT COMMAND...: retry every 0.1 s, fail with a line naming WHAT and its log
+  local n=$(($1 * 10)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    n=$((n - 1)); [ $n -gt 0 ] || { echo "slurm_up: $what did not come up (see /var/log/slurm/)" >&2; exit 5; }
+    sleep 0.1
+  done
 }
 
 # munge: the key and the daemon, run as the munge user
@@ -35,19 +38,20 @@ wait_for() {  # wait_for SECONDS COMMAND...: retry every 0.1 s
 chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 install -d -o munge -g munge -m 755 /run/munge
 su -s /bin/sh munge -c /usr/sbin/munged
-wait_for 5 test -s /run/munge/munged.pid
+wait_for 5 munged test -s /run/munge/munged.pid
 cat /run/munge/munged.pid >> "$PIDFILE"
 log "munged"
 
 node=$(hostname)
 install -d -o slurm -g slurm /var/spool/membench-slurmctld /var/log/slurm /run/slurm
 install -d /var/spool/slurmd
+rm -f /run/slurm/slurmctld.pid /run/slurm/slurmd.pid /run/slurm/slurmdbd.pid  # a previous run's: waits read them
 accounting="AccountingStorageType=accounting_storage/none"
 [ "$ACCOUNTING" = 1 ] && accounting="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost"
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=membench
-SlurmctldHost=$node
+SlurmctldHost=$node(127.0.0.1)
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
@@ -69,7 +73,7 @@ StateSaveLocation=/var/spool/membench-slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$node CPUs=$(nproc) RealMemory=$(( $(free -m | awk '/^Mem:/{print $2}') * 2 / 3 )) State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(( $(free -m | awk '/^Mem:/{print $2}') * 2 / 3 )) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
@@ -78,8 +82,8 @@ if [ "$ACCOUNTING" = 1 ]; then
   /usr/sbin/mariadbd --user=mysql --socket=/run/mysqld/mysqld.sock --pid-file=/run/mysqld/mysqld.pid \
     --bind-address=127.0.0.1 >/var/log/slurm/mariadb.log 2>&1 &
   echo $! >> "$PIDFILE"
-  wait_for 20 mysqladmin ping
-  mysql -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'membench';
+  wait_for 20 mariadb mysqladmin ping
+  mysql -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost'; ALTER USER 'slurm'@'localhost' IDENTIFIED BY 'membench';
             CREATE DATABASE IF NOT EXISTS slurm_acct_db; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
   umask 077
   cat > /etc/slurm/slurmdbd.conf <<CONF
@@ -96,16 +100,17 @@ CONF
   umask 022
   chown slurm:slurm /etc/slurm/slurmdbd.conf
   /usr/sbin/slurmdbd
-  wait_for 20 bash -c 'test -s /run/slurm/slurmdbd.pid && exec 3<>/dev/tcp/127.0.0.1/6819'
+  wait_for 5 slurmdbd test -s /run/slurm/slurmdbd.pid
   cat /run/slurm/slurmdbd.pid >> "$PIDFILE"
+  wait_for 20 'slurmdbd (port 6819)' bash -c 'exec 3<>/dev/tcp/127.0.0.1/6819'
   sacctmgr -i add cluster membench >/dev/null 2>&1 || true  # already there on a second start
   log "mariadb + slurmdbd"
 fi
 
 /usr/sbin/slurmctld -i
 /usr/sbin/slurmd
-wait_for 10 test -s /run/slurm/slurmctld.pid -a -s /run/slurm/slurmd.pid
+wait_for 10 'slurmctld/slurmd' test -s /run/slurm/slurmctld.pid -a -s /run/slurm/slurmd.pid
 cat /run/slurm/slurmctld.pid /run/slurm/slurmd.pid >> "$PIDFILE"
-wait_for 20 bash -c 'sinfo -h -o %T | grep -qx idle'
+wait_for 20 'an idle node' bash -c 'sinfo -h -o %T | grep -qx idle'
 srun -n1 true
 log "slurm up: $(sinfo -h -o '%P %D %c %T')"
