@@ -82,7 +82,7 @@ def memory_section(tr, device, split: measure.TrackerSplit, states: dict, phases
 
 def _precision_note(device: torch.device, techs) -> str | None:
     """16-bit speed on a CPU depends on its bf16 instructions; say which case this run measured."""
-    if device.type != "cpu" or not any(t.kind in ("bf16", "fp16", "bf16_pure") for t in techs):
+    if device.type != "cpu" or not any(t.half_precision for t in techs):
         return None
     from membench.records import cpu_flags
 
@@ -151,13 +151,13 @@ def ok_sections(tr, device, split, states, phases, flops, step_times, quality) -
             "loss_curve": tr.losses,
             "train_steps": tr.run.train_steps,
         },
-        **(_distributed_section(comm, tr.techs, tr.run) if comm is not None else {}),
+        **(_distributed_section(comm, tr.techs, tr.run, tr.patch.applied) if comm is not None else {}),
     }
 
 
-def _distributed_section(comm, techs, run) -> dict:
+def _distributed_section(comm, techs, run, applied: dict) -> dict:
     """This rank's communication in the FLOP step, next to the ZeRO paper's volume for the technique."""
-    expected = next((t.expected_comm() for t in techs if hasattr(t, "expected_comm")), None)
+    expected = next((t.expected_comm(applied.get(t.kind, {})) for t in techs if hasattr(t, "expected_comm")), None)
     return {
         "distributed": {
             "world_size": distributed.world_size(),

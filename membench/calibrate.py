@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from membench import technique
 from membench.records import short_target
 
 
@@ -74,15 +75,14 @@ def key(techniques: dict | None) -> str:
     return "+".join(parts) or "baseline"
 
 
-# Options worth showing in a plan's short label (the rest stay at their YAML defaults in the plans enumerated).
-_LABEL_OPTS = {"activation_checkpointing": ("mode",), "zero": ("stage", "offload_optimizer", "offload_params")}
-
-
 def label(techniques: dict | None) -> str:
     """Short name of a technique set: ac:full+bf16+zero:2/off_opt."""
+    registry = technique.discover()
     parts = []
     for kind, node in sorted((techniques or {}).items()):
-        opts = [str(node[o]) if node[o] != "cpu" else f"off_{o.split('_')[1][:3]}" for o in _LABEL_OPTS.get(kind, ())
+        # options worth showing (Technique.label_opts); the rest stay at their YAML defaults in the plans enumerated
+        shown = registry[kind].label_opts if kind in registry else ()
+        opts = [str(node[o]) if node[o] != "cpu" else f"off_{o.split('_')[1][:3]}" for o in shown
                 if node.get(o) not in (None, "none")]  # fmt: skip
         parts.append(kind + (":" + "/".join(opts) if opts else ""))
     return "+".join(parts) or "baseline"

@@ -16,10 +16,10 @@ import re
 import sys
 from pathlib import Path
 
-import membench
+from membench import confpath
 from membench.errors import ConfigError
 
-CONF_DIR = Path(os.environ.get("MEMBENCH_CONF", membench.CONF_DIR))
+CONF_DIR = confpath.main_root()  # MEMBENCH_CONF replaces it; MEMBENCH_CONF_PATH adds roots (membench/confpath.py)
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
@@ -29,7 +29,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _options(group: str) -> str:
-    return ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+    return ", ".join(confpath.options(group))
 
 
 def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -118,17 +118,12 @@ def _compose(overrides: list[str]):
 
 
 def _check_inputs(cfg: dict) -> None:
-    """Inputs a run would only trip over minutes later: the user's own data file must exist and hold data."""
-    wl = cfg["workload"]
-    if "data_path" in wl and wl["data_path"] is not None:
-        path = str(wl["data_path"])
-        if not path.strip():
-            raise ConfigError("workload.data_path='': empty; give a text file, or null for the built-in corpus")
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"workload.data_path={path}: no such file")
-        if p.stat().st_size == 0:
-            raise ConfigError(f"workload.data_path={path}: the file is empty")
+    """Inputs a run would only trip over minutes later: the workload's own check_inputs (e.g. a data file)."""
+    from membench.config import locate
+
+    check = getattr(locate(cfg["workload"]["_target_"]), "check_inputs", None)
+    if check is not None:
+        check(cfg["workload"])
     from membench.launch.slurm import SlurmConfig
 
     if "slurm" in cfg:
@@ -230,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from membench.launch.listing import listing
 
-    print(listing(CONF_DIR))
+    print(listing(confpath.merged_view()))
     return 0
 
 

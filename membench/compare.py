@@ -37,7 +37,7 @@ MiB = 2**20
 
 @dataclass
 class Tolerances:
-    peak_rtol: float = 0.01  # +2% peak fails
+    peak_rtol: float = 0.01  # a peak more than 1% above the baseline fails
     flops_rtol: float = 0.01
     quality_atol: float = 0.01  # approximate techniques with a single seed
     quality_atol_exact: float = 0.0  # exact techniques: identical metric

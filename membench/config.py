@@ -84,18 +84,26 @@ def register_schema() -> None:
     """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
     wrong type fails at composition. Once per process: Hydra's ConfigStore is a process-wide singleton."""
-    from membench.launch.slurm import SlurmConfig
-    from membench.workloads.custom import CustomConfig
-    from membench.workloads.digits import DigitsConfig
-    from membench.workloads.gpt import GPTConfig
-    from membench.workloads.hf import HFConfig
-    from membench.workloads.llama import LlamaConfig
+    import pkgutil
 
+    from membench import confpath, technique
+    from membench import workloads as wl_pkg
+    from membench.launch.slurm import SlurmConfig
+    from membench.workloads.base import SCHEMAS
+
+    confpath.install()  # MEMBENCH_CONF_PATH's roots join every composition from here on
+    for mod in pkgutil.iter_modules(wl_pkg.__path__):  # each workload module registers its schema on import
+        importlib.import_module(f"membench.workloads.{mod.name}")
+    for root in confpath.extra_roots():  # workloads from outside: their preset YAML names the module to import
+        for path in sorted((root / "workload").glob("*.yaml")):
+            target = (OmegaConf.load(path) or {}).get("_target_")
+            if target:
+                locate(target)
+    technique.discover()
     cs = ConfigStore.instance()
     cs.store(group="schema", name="run", node=RunConfig, package="run")
     cs.store(group="schema", name="slurm", node=SlurmConfig, package="slurm")
-    schemas = (("gpt", GPTConfig), ("digits", DigitsConfig), ("llama", LlamaConfig), ("hf", HFConfig))
-    for name, cls in (*schemas, ("custom", CustomConfig)):
+    for name, cls in SCHEMAS.items():
         node = OmegaConf.structured(cls)
         OmegaConf.set_struct(node, False)
         node._target_ = f"{cls.__module__}.{cls.__name__}"

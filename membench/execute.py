@@ -20,12 +20,12 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from membench import assemble, distributed, gpuinfo, measure
+from membench import technique as compose
 from membench.child import report_progress
 from membench.config import build, build_run
 from membench.errors import ConfigError, MemoryBudgetExceeded
 from membench.predict import predict
-from membench.techniques import compose
-from membench.techniques.base import Context
+from membench.technique import Context
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,7 +10,8 @@ Two independent sources of memory figures, never mixed:
   reported as `untracked` (kernel workspaces, allocations the dispatcher never sees), so the split adds up.
 Host (cpu) and device figures are kept apart: an offloaded optimizer state is a host byte, never a device byte.
 FlopCounterMode has no formula for the CPU flash-attention kernel in torch 2.x, so we register torch's own SDPA
-formulas for it (forward 4bhs_qs_kd, backward 2x that); torch before 2.13 rejects grouped k/v heads in its SDPA
+formulas for it (forward 4bhs_qs_kd, backward 2.5x that: five matmuls against two); torch before 2.13 rejects
+grouped k/v heads in its SDPA
 formulas, so there the FLOP step counts them over the query heads as 2.13 does; the record says when either
 was done.
 """

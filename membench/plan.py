@@ -24,37 +24,20 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from membench import simulate as sim
+from membench import technique
 from membench.calibrate import Calibration, key, label
 from membench.calibrate import load as load_records
 from membench.errors import ConfigError
 from membench.predict import model_states
-from membench.techniques import quantization as quant
 
-FAMILIES = ("activation_checkpointing", "precision", "zero", "optimizer_8bit", "quantized_base")
-CHECKPOINTING = (None, "selective", "every_k", "full")
-PRECISION = (None, "bf16", "fp16", "bf16_pure")
-# Step-time priors (x the baseline step) where no record of the same hardware says otherwise: one extra
-# forward of the checkpointed blocks is about 1/3 of forward + backward; selective recomputes cheap ops only.
-TIME_PRIOR = {
-    "activation_checkpointing:full": 1.33,
-    "activation_checkpointing:every_k": 1.17,
-    "activation_checkpointing:selective": 1.1,
-    "optimizer_8bit": 1.05,
-    "quantized_base": 1.3,
-    "zero:3": 1.15,
-    "zero:offload": 1.5,
-}
-# `fits` margin for hybrid predictions of techniques whose kernels allocate what neither the simulation nor
-# the state rules see: bitsandbytes' LoRA path (dequantized weights, adapter intermediates) measured 6.5%
-# above the hybrid on gpt_tiny (docs/plan.md).
-HYBRID_MARGIN = {"quantized_base": 0.10}
+# Each technique declares its planner family, knob values, time prior and hybrid margin (membench/technique.py).
 HALF_SPEED = {"cuda": 0.6, "cpu_native": 0.8, "cpu_emulated": 20.0}  # 16-bit step vs fp32
 
 
 @dataclass
 class PlanConfig:
     allow_approximate: bool = True  # false keeps exact techniques only (checkpointing, ZeRO)
-    techniques: list[str] = field(default_factory=lambda: list(FAMILIES))  # families to combine
+    techniques: list[str] = field(default_factory=lambda: list(technique.families()))  # families to combine
     simulate: int = 8  # distinct fake-tensor simulations, spent on the best-ranked candidates
     max_layers: int = 4  # above this many blocks, simulate 2 layer counts and extrapolate per layer
     top: int = 20  # rows printed
@@ -64,9 +47,10 @@ class PlanConfig:
     fit_max_runs: int = 8  # membench fit: real runs in the batch search
 
     def __post_init__(self) -> None:
-        bad = sorted(set(self.techniques) - set(FAMILIES))
+        fams = technique.families()
+        bad = sorted(set(self.techniques) - set(fams))
         if bad:
-            raise ConfigError(f"plan.techniques={bad[0]}: unknown family; allowed: {', '.join(FAMILIES)}")
+            raise ConfigError(f"plan.techniques={bad[0]}: unknown family; allowed: {', '.join(fams)}")
         for k in ("simulate", "top", "verify", "fit_max_runs", "max_layers"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"plan.{k}={getattr(self, k)}: must be >= 0")
@@ -87,27 +71,21 @@ def split_overrides(overrides: list[str]) -> tuple[PlanConfig, list[str]]:
 # ---- enumeration ----------------------------------------------------------------------------------------------
 def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[str]]:
     """Override lists, one per combination (before validation)."""
-    fam = set(pc.techniques)
-    ck = CHECKPOINTING if "activation_checkpointing" in fam else (None,)
-    pr = PRECISION if "precision" in fam and pc.allow_approximate else (None,)
-    o8 = (False, True) if "optimizer_8bit" in fam and pc.allow_approximate else (False,)
-    qb = (False, True) if "quantized_base" in fam and pc.allow_approximate else (False,)
-    zs: list[tuple | None] = [None] if world_size == 1 else []
-    if "zero" in fam:
-        if world_size > 1:
-            zs += [(s, "none", "none") for s in range(4)]
-        if device_type == "cuda":
-            zs += [(s, "cpu", "none") for s in (1, 2, 3)] + [(3, "cpu", "cpu")]
+    choices = []  # per family: None (left out) and (kind, knobs) per value its members declare
+    for fam, members in technique.families().items():
+        if fam not in pc.techniques:
+            # a distributed family cannot be left out at N > 1 (execute.build_all's rule); it offers nothing else
+            choices.append([None] if world_size == 1 or not any(m.distributed for m in members) else [])
+            continue
+        values = [(m.kind, v) for m in members if m.exact or pc.allow_approximate
+                  for v in m.plan_values(world_size, device_type)]  # fmt: skip
+        required = world_size > 1 and any(m.distributed for m in members)
+        choices.append(([] if required else [None]) + values)
     out = []
-    for c, p, o, q, z in itertools.product(ck, pr, o8, qb, zs):
-        kinds = [k for k in (c and "activation_checkpointing", p, o and "optimizer_8bit", q and "quantized_base",
-                             z is not None and "zero") if k]  # fmt: skip
-        ov = [f"technique=[{','.join(kinds)}]"]
-        if c:
-            ov.append(f"technique.activation_checkpointing.mode={c}")
-        if z is not None:
-            ov += [f"technique.zero.stage={z[0]}", f"technique.zero.offload_optimizer={z[1]}",
-                   f"technique.zero.offload_params={z[2]}"]  # fmt: skip
+    for combo in itertools.product(*choices):
+        picked = [c for c in combo if c is not None]
+        ov = [f"technique=[{','.join(k for k, _ in picked)}]"]
+        ov += [f"technique.{k}.{f}={v}" for k, knobs in picked for f, v in knobs.items()]
         out.append(ov)
     return out
 
@@ -115,14 +93,14 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[s
 def validated(cfg: dict, device_type: str):
     """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
     from membench.config import build, build_run
-    from membench.techniques import compose
 
     run = build_run(cfg["run"])
     wcfg = build(cfg["workload"], "workload")
     techs = [build(node, f"technique.{name}") for name, node in (cfg.get("technique") or {}).items()]
-    compose.validate(techs, device_type)
-    if run.world_size > 1 and not any(t.kind == "zero" for t in techs):  # execute.build_all's rule
-        raise ConfigError(f"run.world_size={run.world_size}: needs technique zero (stage 0 is plain DDP)")
+    technique.validate(techs, device_type)
+    if run.world_size > 1 and not any(t.distributed for t in techs):  # execute.build_all's rule
+        need = " or ".join(technique.distributed_kinds())
+        raise ConfigError(f"run.world_size={run.world_size}: needs technique {need} (stage 0 is plain DDP)")
     return run, wcfg, techs
 
 
@@ -181,13 +159,11 @@ def fake_workload(wcfg, seed: int):
 
 
 def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
-    from membench.techniques.base import Context, Prediction
+    from membench.technique import Prediction
 
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
-    ctx = Context(workload=wl, device=torch.device("cpu"), run=None)
     for t in techs:
-        if t.kind in ("activation_checkpointing", "bf16", "fp16", "bf16_pure"):
-            t.predict(pred, ctx)
+        t.activation_terms(pred)
     states = model_states(wl.model, wl.blocks(), techs, world_size)
 
     def act(b: int) -> float:
@@ -196,6 +172,8 @@ def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
         ]
 
     by_cat = {**states["device"], "activations": act(batch_size)}
+    if states["other"]:  # named buffers outside the states (DeepSpeed's reduce bucket)
+        by_cat["other"] = sum(states["other"].values())
     return {
         "peak_bytes": sum(by_cat.values()),
         "by_category": by_cat,
@@ -206,15 +184,19 @@ def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
     }
 
 
+def _device_bytes(states: dict) -> float:
+    """Model states on the device plus the named buffers beside them (what a simulation cannot see)."""
+    return sum(states["device"].values()) + sum(states["other"].values())
+
+
 def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family: str) -> tuple[float, str]:
     got = cal.time_ratio(kinds_key, family)
     if got:
         return got[0], f"calibrated ({got[1]} record(s))"
     r = 1.0
     for t in techs:
-        if t.kind == "activation_checkpointing":
-            r *= TIME_PRIOR[f"activation_checkpointing:{t.mode}"]
-        elif t.kind in ("bf16", "fp16", "bf16_pure"):
+        r *= t.time_prior()
+        if t.half_precision:
             if device_type == "cuda":
                 r *= HALF_SPEED["cuda"]
             else:
@@ -222,13 +204,6 @@ def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family
 
                 native = {"avx512_bf16", "amx_bf16"} & set(cpu_flags())
                 r *= HALF_SPEED["cpu_native" if native else "cpu_emulated"]
-        elif t.kind == "zero":
-            if t.offload_optimizer != "none":
-                r *= TIME_PRIOR["zero:offload"]
-            elif t.stage == 3:
-                r *= TIME_PRIOR["zero:3"]
-        elif t.kind in TIME_PRIOR:
-            r *= TIME_PRIOR[t.kind]
     return r, "prior"
 
 
@@ -278,10 +253,9 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
             rejected.append({"techniques": key(cell.get("technique")), "reason": str(e)})
             continue
         kk = key(cell.get("technique"))
-        qb = next((t for t in techs if t.kind == "quantized_base"), None)
-        if qb is not None and not quant.linear_targets(wl.model, wl.blocks(), qb.quantize_outside_blocks):
-            # the same refusal QuantizedBase.apply() gives at run time, found here before any run
-            rejected.append({"techniques": kk, "reason": "technique.quantized_base: no nn.Linear in the blocks"})
+        why = next((w for t in techs if (w := t.check_model(wl.model, wl.blocks()))), None)
+        if why:  # the same refusal the technique's apply() gives at run time, found here before any run
+            rejected.append({"techniques": kk, "reason": why})
             continue
         a = analytic(wl, techs, run.batch_size, run.world_size)
         preds = {"analytic": a}
@@ -318,7 +292,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         r["peak_bytes"] = peak
         r["allocator_gap"] = gap[0] if gap else None
         r["host_bytes"] = p["analytic"]["host_bytes"]
-        margin = max([HYBRID_MARGIN.get(k, 0.0) for k in r["kinds"]] + [0.0]) if best == "hybrid" else 0.0
+        margin = max([t.hybrid_margin for t in r["_techs"]] + [0.0]) if best == "hybrid" else 0.0
         r["fit_margin"] = margin
         r["fits"] = peak * (1 + margin) <= budget
         slope = p["analytic"]["act_per_sample"] or 1.0
@@ -344,9 +318,8 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         s = simulated[k]
         kept, left = sim.split(r["_techs"])  # per row: rows share a simulation but not what it left out
         if left:
-            full = r["predictions"]["analytic"]["states"]["device"]
-            part = model_states(wl.model, wl.blocks(), kept, run.world_size)["device"]
-            delta = sum(full.values()) - sum(part.values())
+            full = r["predictions"]["analytic"]["states"]
+            delta = _device_bytes(full) - _device_bytes(model_states(wl.model, wl.blocks(), kept, run.world_size))
             r["predictions"]["hybrid"] = {"peak_bytes": s["peak_bytes"] + delta, "simulated_peak_bytes": s["peak_bytes"],
                                           "state_delta_bytes": delta, "method": s["method"], "left_out": [t.kind for t in left]}  # fmt: skip
         else:
@@ -505,9 +478,7 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     a = analytic(wl, techs, b, run.world_size)
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
     kept, _ = sim.split(techs)
-    delta = sum(a["states"]["device"].values()) - sum(
-        model_states(wl.model, wl.blocks(), kept, run.world_size)["device"].values()
-    )
+    delta = _device_bytes(a["states"]) - _device_bytes(model_states(wl.model, wl.blocks(), kept, run.world_size))
     name = "hybrid" if s["left_out"] else "simulation"
     return {"peak_bytes": s["peak_bytes"] + delta, "predictor": name, "analytic_bytes": a["peak_bytes"],
             "act_per_sample": a["act_per_sample"], "method": s["method"]}  # fmt: skip

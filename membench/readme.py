@@ -1,4 +1,4 @@
-"""Regenerate the result tables in README.md and docs/*.md from records: `python -m membench.readme [--check]`.
+"""Regenerate the result tables in README.md, docs/*.md and docs/studies/*.md from records: `python -m membench.readme [--check]`.
 
 A table sits between `<!-- table:EXPERIMENT -->` (or `<!-- table:EXPERIMENT:KIND -->`) and `<!-- /table -->`
 and is rendered from results/EXPERIMENT (latest record per cell of that experiment) by the KIND's table
@@ -55,7 +55,12 @@ def render(text: str, results: Path = ROOT / "results") -> str:
 
 
 def files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    """README.md, docs/*.md and the study pages docs/studies/*.md (where the study tables live)."""
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "docs" / "studies").glob("*.md")),
+    ]
 
 
 def plots() -> list[Path]:
@@ -74,7 +79,7 @@ def main(argv: list[str]) -> int:
         text = path.read_text()
         new = render(text)
         if new != text:
-            stale.append(path.name)
+            stale.append(str(path.relative_to(ROOT)))
             if "--check" not in argv:
                 path.write_text(new)
     if "--check" in argv and stale:

@@ -6,11 +6,10 @@ MemTracker counts bytes by category exactly as in a real run. Large presets: whe
 workload has more blocks, the step is simulated at two layer counts and extrapolated per layer (the blocks
 are identical), which is exact when peak bytes are affine in the layer count.
 
-What cannot be simulated (no fake-tensor kernels, or data-dependent host reads): bitsandbytes
-(optimizer_8bit, quantized_base), DeepSpeed and process groups (zero), torch-pruning's tracing
-(prune_structured, prune_unstructured). fp16 is simulated as bf16 autocast (same bytes; GradScaler reads
-`found_inf` with .item()). weight_quant acts after training, so a training step is the baseline's. The
-planner adds the analytic model-state difference for the techniques left out (predictor "hybrid").
+Each technique declares how it runs here (membench/technique.py): as itself, as a stand-in (e.g. fp16 as bf16
+autocast: same bytes), dropped (post-training techniques: a training step is the baseline's), or not at all, with
+the reason in its `not_simulated` (no fake-tensor kernels, or data-dependent host reads). The planner adds the
+analytic model-state difference for the techniques left out (predictor "hybrid").
 """
 
 from __future__ import annotations
@@ -23,37 +22,25 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from membench import measure
-from membench.techniques import compose
-from membench.techniques.base import Context
-from membench.techniques.precision import BF16, _cast_float_inputs
-
-SIMULATED = ("activation_checkpointing", "bf16", "bf16_pure", "fp16", "weight_quant")
-NOT_SIMULATED = {
-    "optimizer_8bit": "bitsandbytes/torchao kernels have no fake-tensor implementation",
-    "quantized_base": "bitsandbytes 4/8-bit matmuls have no fake-tensor implementation",
-    "zero": "DeepSpeed engines and process groups do not run on fake tensors here",
-    "prune_structured": "torch-pruning traces and edits real weights",
-    "prune_unstructured": "magnitude thresholds read real weight values",
-}
+from membench import technique as compose
+from membench.technique import Context
 
 
 def split(techniques) -> tuple[list, list]:
-    """(simulated, left out): fp16 stands in as bf16 autocast, weight_quant drops out (post-training only)."""
+    """(what runs on fake tensors, left out): each technique's stand-in (`simulated()`, None drops it), unless it
+    declares `not_simulated`."""
     sim, rest = [], []
     for t in techniques:
-        if t.kind == "fp16":
-            sim.append(BF16())
-        elif t.kind in SIMULATED:
-            if t.kind != "weight_quant":
-                sim.append(t)
-        else:
+        if t.not_simulated:
             rest.append(t)
+        elif (s := t.simulated()) is not None:
+            sim.append(s)
     return sim, rest
 
 
 def layer_key(wcfg) -> str | None:
-    """The config field counting identical blocks, when the workload has one (GPT: n_layer)."""
-    return "n_layer" if hasattr(wcfg, "n_layer") else None
+    """The config field counting identical blocks, as the workload declares it (`@schema(depth=...)`)."""
+    return getattr(wcfg, "depth_knob", None)
 
 
 def _step(wl, model, optimizer, patch, batch_size, device, after_forward=None) -> None:
@@ -71,20 +58,17 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
     """One warm-up step (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
     fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels."""
     device = torch.device(device)
-    pure = any(t.kind == "bf16_pure" for t in techniques)
-    techniques = [dataclasses.replace(t) for t in techniques if t.kind != "bf16_pure"]
+    build_dtype = next((t.fake_build_dtype for t in techniques if t.fake_build_dtype is not None), None)
     default_dtype = torch.get_default_dtype()
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.manual_seed(seed)
-        # bf16_pure: Module.to() cannot swap fake parameters, so the model is built in bf16 instead (same bytes)
-        torch.set_default_dtype(torch.bfloat16 if pure else default_dtype)
+        # Module.to() cannot swap fake parameters: a stand-in may ask for the model built in its dtype (same bytes)
+        torch.set_default_dtype(build_dtype or default_dtype)
         try:
             with device:  # Module.to() cannot swap fake parameters either: build on the device directly
                 wl = wcfg.build(seed)
         finally:
             torch.set_default_dtype(default_dtype)
-        if pure:
-            wl.model.register_forward_pre_hook(_cast_float_inputs)
         ctx = Context(workload=wl, device=device, run=None)
         model, patch = compose.apply_all(compose.ordered(techniques), wl.model, ctx)
         wl.model = model
@@ -112,7 +96,7 @@ def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int |
         out = simulate_once(wcfg, sim, batch_size, seed, device)
         method = "fake-tensor step, full model"
     else:
-        period = next((t.every_k for t in sim if t.kind == "activation_checkpointing" and t.mode == "every_k"), 1)
+        period = max([t.layer_period() for t in sim] + [1])
         lo, hi = period, 2 * period
         a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device)
         b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device)

@@ -1,7 +1,7 @@
-"""Study tables: markdown rendered from records for the studies' docs (docs/quantization.md, docs/pruning.md, docs/zero.md).
+"""Study tables: markdown rendered from records for the study pages (docs/studies/{quantization,pruning,zero_stages}.md).
 
 They read records only (technique_info fields written by techniques/), so the harness never imports techniques.
-`python -m membench.studies {quantization,pruning,zero_stages} RESULTS_DIR` prints one; membench.readme fills the docs.
+`python -m membench.studies {quantization,pruning,zero_stages} RESULTS_DIR` prints one; membench.readme fills the pages.
 """
 
 from __future__ import annotations

@@ -38,10 +38,15 @@ def _policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationCheckpointing(Technique):
     kind: ClassVar[str] = "activation_checkpointing"
+    # After structural changes, precision casts and quantization (it wraps the possibly quantized blocks), before
+    # the optimizer and the sharding wrappers, which must see the wrapped blocks.
+    order: ClassVar[float] = 6
     exact: ClassVar[bool] = True
+    family: ClassVar[str] = "activation_checkpointing"
+    label_opts: ClassVar[tuple[str, ...]] = ("mode",)
     mode: str = "full"
     every_k: int = 2  # with mode=every_k: checkpoint blocks 0, k, 2k, ...
 
@@ -67,8 +72,20 @@ class ActivationCheckpointing(Technique):
             blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs)
         return Patch(info={"checkpointed_blocks": len(chosen), "total_blocks": len(blocks)})
 
-    def predict(self, pred: Prediction, ctx: Context) -> None:
+    def activation_terms(self, pred: Prediction) -> None:
         pred.checkpoint = (self.mode, self.every_k)
+
+    @classmethod
+    def plan_values(cls, world_size: int, device_type: str) -> list[dict]:
+        return [{"mode": m} for m in ("selective", "every_k", "full")]
+
+    def layer_period(self) -> int:
+        return self.every_k if self.mode == "every_k" else 1
+
+    def time_prior(self) -> float:
+        # one extra forward of the checkpointed blocks is about 1/3 of forward + backward; selective recomputes
+        # cheap ops only
+        return {"full": 1.33, "every_k": 1.17, "selective": 1.1}[self.mode]
 
 
 def _freeze_bn_stats_during_recompute(block: torch.nn.Module) -> None:

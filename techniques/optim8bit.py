@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 
 BACKENDS = ("bitsandbytes", "torchao")
 PAGED = ("auto", "on", "off")
@@ -29,10 +29,15 @@ TORCHAO_QMAP = {8: 256, 4: 16}
 BNB_BLOCK, BNB_QMAP = 256, 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class Optimizer8bit(Technique):
     kind: ClassVar[str] = "optimizer_8bit"
+    # Optimizer replacements are built over the final parameter set: after pruning, casts, quantized bases and
+    # wrappers of blocks; before ZeRO, which wraps the finished model and optimizer.
+    order: ClassVar[float] = 9
     loss_rtol: ClassVar[float] = 0.05
+    family: ClassVar[str] = "optimizer_8bit"
+    not_simulated: ClassVar[str] = "bitsandbytes/torchao kernels have no fake-tensor implementation"
     backend: str = "bitsandbytes"
     bits: int = 8
     paged: str = "auto"
@@ -77,9 +82,11 @@ class Optimizer8bit(Technique):
         info = {"optimizer": f"{self.backend} AdamW{self.bits}bit", "paged": paged}
         return Patch(optimizer_factory=factory, info=info, before_eval=[lambda m: facts])
 
-    def state_bytes(self, p: torch.Tensor) -> int:
-        """Predicted optimizer-state bytes of one parameter (layout of the chosen library)."""
-        n = p.numel()
+    def time_prior(self) -> float:
+        return 1.05
+
+    def state_bytes(self, n: int, elem_bytes: float = 4) -> int:
+        """Predicted optimizer-state bytes of one parameter of `n` elements (layout of the chosen library)."""
         if self.backend == "bitsandbytes":
             return 2 * (n + 4 * math.ceil(n / BNB_BLOCK)) if n >= self.min_8bit_size else 8 * n
         block = TORCHAO_BLOCK[self.bits]
@@ -87,15 +94,23 @@ class Optimizer8bit(Technique):
         if n >= 4096 and n % block == 0:
             codes = n if self.bits == 8 else n // 2
             return step + 2 * (codes + 4 * (n // block) + 4 * TORCHAO_QMAP[self.bits])
-        return step + 2 * n * p.element_size()
+        return step + 2 * n * elem_bytes
+
+    def total_bytes(self, numels: list[int], elem_bytes: float = 4) -> int:
+        """Optimizer-state bytes over the trainable tensors of `numels` elements (only those carry state)."""
+        total = sum(self.state_bytes(n, elem_bytes) for n in numels)
+        if self.backend == "bitsandbytes" and any(n >= self.min_8bit_size for n in numels):
+            total += 2 * BNB_QMAP * 4  # one signed and one unsigned code table, shared by all parameters
+        return total
+
+    def states(self, s: States) -> None:
+        s.optimizer = self.total_bytes(s.trainable, s.param_rate)  # after a quantized base: its adapters only
+        s.rule.append(f"{self.bits}-bit {self.backend} states")
 
     def predict(self, pred: Prediction, ctx: Context) -> None:
         params = [p for p in ctx.workload.model.parameters() if p.requires_grad]
-        total = sum(self.state_bytes(p) for p in params)
         quantized = [p for p in params if p.numel() >= self.min_8bit_size]
-        if self.backend == "bitsandbytes" and quantized:
-            total += 2 * BNB_QMAP * 4  # one signed and one unsigned code table, shared by all parameters
-        pred.optimizer_total = total
+        pred.optimizer_total = self.total_bytes([p.numel() for p in params], params[0].element_size() if params else 4)
         pred.notes.append(
             f"optimizer_8bit: {len(quantized)}/{len(params)} tensors (>= {self.min_8bit_size} elements) "
             f"hold {self.bits}-bit states; the rest fp32"

@@ -14,46 +14,67 @@ from typing import ClassVar
 
 import torch
 
-from membench.techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Autocast(Technique):
     dtype: ClassVar[torch.dtype]
+    # Autocast only contributes a step context, so its position is free; it sits with precision, after the
+    # blocks are wrapped and before the optimizer and sharding (which read the dtype in force).
+    order: ClassVar[float] = 7
     loss_rtol: ClassVar[float] = 0.05
+    family: ClassVar[str] = "precision"
+    half_precision: ClassVar[bool] = True
 
     def _context(self, ctx: Context):
         return functools.partial(torch.autocast, device_type=ctx.device.type, dtype=self.dtype)
 
-    def predict(self, pred: Prediction, ctx: Context) -> None:
+    def activation_terms(self, pred: Prediction) -> None:
         pred.act_elem_bytes = 2
         pred.autocast_dtype = self.dtype
 
+    def states(self, s: States) -> None:
+        s.autocast = self.dtype  # fp32 master weights: the states keep their rates unless a wrapper says otherwise
 
-@dataclass
+
+@dataclass(frozen=True)
 class BF16(_Autocast):
     kind: ClassVar[str] = "bf16"
     dtype: ClassVar[torch.dtype] = torch.bfloat16
+    incompatible: ClassVar[dict[str, str]] = {
+        "fp16": "two autocast dtypes in one step",
+        "bf16_pure": "bf16_pure already runs everything in bf16; drop bf16",
+    }
 
     def apply(self, model, ctx: Context) -> Patch:
-        return Patch(step_context=self._context(ctx))
+        return Patch(step_context=self._context(ctx), applied={"autocast_dtype": self.dtype})
 
 
-@dataclass
+@dataclass(frozen=True)
 class FP16(_Autocast):
     kind: ClassVar[str] = "fp16"
+    order: ClassVar[float] = 8
     dtype: ClassVar[torch.dtype] = torch.float16
     init_scale: float = 65536.0  # GradScaler's starting loss scale
 
     def apply(self, model, ctx: Context) -> Patch:
         scaler = torch.amp.GradScaler(ctx.device.type, init_scale=self.init_scale)
-        return Patch(step_context=self._context(ctx), grad_scaler=scaler)
+        return Patch(step_context=self._context(ctx), grad_scaler=scaler, applied={"autocast_dtype": self.dtype})
+
+    def simulated(self) -> Technique:
+        return BF16()  # same bytes on fake tensors; GradScaler reads `found_inf` with .item(), which fake ones lack
 
 
-@dataclass
+@dataclass(frozen=True)
 class BF16Pure(Technique):
     kind: ClassVar[str] = "bf16_pure"
+    # After structural changes (it casts the pruned dense weights), before any quantizer reads them.
+    order: ClassVar[float] = 3
     loss_rtol: ClassVar[float] = 0.1
+    family: ClassVar[str] = "precision"
+    half_precision: ClassVar[bool] = True
+    incompatible: ClassVar[dict[str, str]] = {"fp16": "fp16 autocast over bf16 parameters mixes two 16-bit formats"}
 
     def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
         model.to(torch.bfloat16)  # params (and hence grads and Adam states) become bf16
@@ -64,7 +85,29 @@ class BF16Pure(Technique):
         pred.param_bytes = 2
         pred.grad_bytes = 2
         pred.optimizer_bytes = 4  # AdamW exp_avg + exp_avg_sq in the parameter dtype
+        self.activation_terms(pred)
+
+    def activation_terms(self, pred: Prediction) -> None:
         pred.act_elem_bytes = 2
+
+    def states(self, s: States) -> None:
+        s.param_rate, s.grad_rate, s.opt_rate = 2, 2, 4
+        s.rule = ["bf16_pure 2+2+4"]
+
+    def simulated(self) -> Technique:
+        return _BuiltInBF16()
+
+
+@dataclass(frozen=True)
+class _BuiltInBF16(BF16Pure):
+    """bf16_pure on fake tensors: Module.to() cannot swap fake parameters, so the model is built in bf16 instead
+    (same bytes) and only the input cast is applied."""
+
+    fake_build_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
+
+    def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
+        model.register_forward_pre_hook(_cast_float_inputs)
+        return Patch()
 
 
 def _cast_float_inputs(module, args):

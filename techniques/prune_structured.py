@@ -26,7 +26,7 @@ from torch import nn
 
 from membench.errors import ConfigError
 from membench.techniques.base import Context, Patch, Technique
-from membench.techniques.pruning import check_fraction, check_not_negative, param_bytes, pretrain, quality, reject_both
+from membench.techniques.pruning import BOTH, check_fraction, check_not_negative, param_bytes, pretrain, quality
 
 KEY = "technique.prune_structured"
 PRUNABLE = (nn.Linear, nn.Conv2d)
@@ -38,9 +38,13 @@ SEARCH_TOL = 0.01  # stop the bisection once the achieved parameter fraction is 
 SEARCH_STEPS = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneStructured(Technique):
     kind: ClassVar[str] = "prune_structured"
+    # Structural changes first: pruning shrinks the dense model that every other technique then sees.
+    order: ClassVar[float] = 1
+    incompatible: ClassVar[dict[str, str]] = {"prune_unstructured": BOTH}
+    not_simulated: ClassVar[str] = "torch-pruning traces and edits real weights"
     loss_rtol: ClassVar[float] = 0.1
     ratio: float = 0.3  # fraction removed, of what `amount_of` says
     amount_of: str = "params"  # params: of the model's parameters | channels: of channels/MLP neurons per layer
@@ -56,9 +60,6 @@ class PruneStructured(Technique):
         if not 0.0 <= self.head_ratio < 1.0:
             raise ConfigError(f"{KEY}.head_ratio={self.head_ratio}: must be in [0, 1) (0 keeps every head)")
         check_not_negative(f"{KEY}.pretrain_steps", self.pretrain_steps)
-
-    def check(self, kinds: set[str], device_type: str) -> None:
-        reject_both(kinds)
 
     def apply(self, model: nn.Module, ctx: Context) -> Patch:
         info = pretrain(model, ctx, self.pretrain_steps, self.pretrain_cache)

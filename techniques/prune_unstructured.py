@@ -22,14 +22,7 @@ from torch.nn.utils import prune
 
 from membench.errors import ConfigError
 from membench.techniques.base import Context, Patch, Prediction, Technique
-from membench.techniques.pruning import (
-    check_fraction,
-    check_not_negative,
-    cubic_sparsity,
-    pretrain,
-    quality,
-    reject_both,
-)
+from membench.techniques.pruning import check_fraction, check_not_negative, cubic_sparsity, pretrain, quality
 
 SCOPES = ("global", "layer")
 SCHEDULES = ("oneshot", "gradual")
@@ -37,9 +30,15 @@ PATTERNS = ("unstructured", "2:4")
 KEY = "technique.prune_unstructured"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneUnstructured(Technique):
     kind: ClassVar[str] = "prune_unstructured"
+    # Structural changes first: the masks sit on the dense weights every later technique sees.
+    order: ClassVar[float] = 2
+    not_simulated: ClassVar[str] = "magnitude thresholds read real weight values"
+    incompatible: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("quantized_base", "weight_quant"), "the quantizer replaces the nn.Linear modules that hold the masks"
+    )
     loss_rtol: ClassVar[float] = 0.1
     sparsity: float = 0.8  # fraction of the blocks' Linear/Conv weights set to zero
     scope: str = "global"  # global: one magnitude threshold over all pruned layers; layer: per layer
@@ -65,15 +64,8 @@ class PruneUnstructured(Technique):
         check_not_negative(f"{KEY}.pretrain_steps", self.pretrain_steps)
 
     def check(self, kinds: set[str], device_type: str) -> None:
-        reject_both(kinds)
         if self.pattern == "2:4" and device_type != "cuda":
             raise ConfigError(f"{KEY}.pattern=2:4: torch's semi-structured sparsity is CUDA-only; use unstructured")
-        for k in ("quantized_base", "weight_quant"):
-            if k in kinds:
-                raise ConfigError(
-                    f"technique=[prune_unstructured,{k}]: incompatible: the quantizer replaces the "
-                    "nn.Linear modules that hold the masks"
-                )
 
     def targets(self, ctx: Context) -> list[nn.Module]:
         kinds = (nn.Linear,) if self.pattern == "2:4" else (nn.Linear, nn.Conv2d)

@@ -35,12 +35,7 @@ def check_not_negative(key: str, value: int) -> None:
         raise ConfigError(f"{key}={value}: must be >= 0")
 
 
-def reject_both(kinds: set[str]) -> None:
-    if {"prune_structured", "prune_unstructured"} <= kinds:
-        raise ConfigError(
-            "technique=[prune_structured,prune_unstructured]: incompatible: each pretrains and reports its own "
-            "before/after quality; run them as separate cells"
-        )
+BOTH = "each pretrains and reports its own before/after quality; run them as separate cells"
 
 
 def quality(model: torch.nn.Module, ctx: Context) -> dict:

@@ -18,7 +18,7 @@ from torch import nn
 
 from membench.errors import ConfigError
 from membench.techniques import quantization as q
-from membench.techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 
 
 class LoRALinear(nn.Module):
@@ -45,10 +45,19 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_b(self.lora_a(self.drop(x))) * self.scale
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizedBase(Technique):
     kind: ClassVar[str] = "quantized_base"
+    # Quantization swaps linear layers inside blocks: after pruning and bf16_pure's cast (it reads their weights),
+    # before activation checkpointing wraps the blocks.
+    order: ClassVar[float] = 4
     loss_rtol: ClassVar[float] = 0.5  # a frozen quantized base trains differently from full fine-tuning
+    incompatible: ClassVar[dict[str, str]] = {"weight_quant": "both quantize the same linear layers"}
+    not_simulated: ClassVar[str] = "bitsandbytes 4/8-bit matmuls have no fake-tensor implementation"
+    family: ClassVar[str] = "quantized_base"
+    # bitsandbytes' LoRA path allocates what neither the simulation nor the state rules see (dequantized weights,
+    # adapter intermediates; docs/plan.md): a hybrid prediction must fit with this margin.
+    hybrid_margin: ClassVar[float] = 0.10
     quant_type: str = "nf4"
     double_quant: bool = False
     blocksize: int = 64
@@ -74,9 +83,15 @@ class QuantizedBase(Technique):
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{key}.dropout={self.dropout}: must be in [0, 1)")
 
+    def time_prior(self) -> float:
+        return 1.3
+
+    def check_model(self, model: nn.Module, blocks) -> str | None:
+        if not q.linear_targets(model, blocks, self.quantize_outside_blocks):
+            return "technique.quantized_base: no nn.Linear in the blocks"
+        return None
+
     def check(self, kinds: set[str], device_type: str) -> None:
-        if "weight_quant" in kinds:
-            raise ConfigError("technique=[quantized_base,weight_quant]: both quantize the same linear layers")
         if device_type not in ("cpu", "cuda"):
             raise ConfigError(f"technique.quantized_base on {device_type}: bitsandbytes runs on cpu and cuda only")
 
@@ -89,29 +104,30 @@ class QuantizedBase(Technique):
             )
         if self.freeze_rest:
             model.requires_grad_(False)
-        self._shapes, self._layers = [], []
+        shapes, layers = [], []
         for parent, name in targets:
             lin = getattr(parent, name)
             base = q.to_bnb(lin, self.quant_type, self.blocksize, self.double_quant, q.DTYPES[self.compute_dtype],
                             ctx.device)  # fmt: skip
-            self._shapes.append((lin.out_features, lin.in_features))
-            self._layers.append(base)
+            shapes.append((lin.out_features, lin.in_features))
+            layers.append(base)
             setattr(parent, name, LoRALinear(base, self.rank, self.alpha, self.dropout, lin.weight.dtype, ctx.device))
-        return Patch(extra_state=q.extra_state_fn(model, self._layers), info=self._info(model))
+        return Patch(extra_state=q.extra_state_fn(model, layers), info=self._info(model, shapes, layers),
+                     applied={"shapes": shapes, "layers": layers})  # fmt: skip
 
-    def _info(self, model: nn.Module) -> dict:
-        n_q = sum(o * i for o, i in self._shapes)
-        stored = sum(q.storage_bytes([b.weight, *q.side_tensors(b)]) for b in self._layers)
+    def _info(self, model: nn.Module, shapes: list, layers: list) -> dict:
+        n_q = sum(o * i for o, i in shapes)
+        stored = sum(q.storage_bytes([b.weight, *q.side_tensors(b)]) for b in layers)
         adapters = [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a.weight, m.lora_b.weight)]
         return {
-            "quantized_layers": len(self._layers),
+            "quantized_layers": len(layers),
             "quantized_params": n_q,
             "quantized_fraction_of_model": n_q
             / (n_q + sum(p.numel() for p in model.parameters() if p.is_floating_point())),
             "weight_bytes_stored": stored,
             "bits_per_param_measured": 8 * stored / n_q,
             "bits_per_param_formula": sum(
-                o * i * q.formula_bits(self.quant_type, self.blocksize, self.double_quant, i) for o, i in self._shapes
+                o * i * q.formula_bits(self.quant_type, self.blocksize, self.double_quant, i) for o, i in shapes
             )
             / n_q,  # fmt: skip
             "adapter_params": sum(p.numel() for p in adapters),
@@ -120,11 +136,26 @@ class QuantizedBase(Technique):
             "flop_formulas_added": q.register_bnb_flop_formulas(),
         }
 
+    def states(self, s: States) -> None:
+        """Quantized bases at bitsandbytes' layout plus LoRA adapters; only adapters (and, unless freeze_rest, the
+        layers left alone) train."""
+        targets = [getattr(p, n) for p, n in q.linear_targets(s.model, s.blocks, self.quantize_outside_blocks)]
+        dense = sum(lin.weight.numel() for lin in targets)
+        adapters = [n for lin in targets for n in (self.rank * lin.in_features, self.rank * lin.out_features)]
+        s.param_extra += sum(q.layout_bytes(lin.out_features, lin.in_features, self.quant_type, self.blocksize,
+                                            self.double_quant) for lin in targets)  # fmt: skip
+        s.dense += sum(adapters) - dense
+        frozen = {id(p) for lin in targets for p in lin.parameters()}  # the quantized base keeps its bias frozen
+        rest = [p.numel() for p in s.model.parameters() if id(p) not in frozen]
+        s.trainable = adapters if self.freeze_rest else adapters + rest
+        s.rule.append(f"{len(targets)} {self.quant_type} bases + rank-{self.rank} LoRA")
+
     def predict(self, pred: Prediction, ctx: Context) -> None:
         model = ctx.workload.model
-        quantized = {id(b.weight) for b in self._layers}
+        shapes, layers = ctx.applied[self.kind]["shapes"], ctx.applied[self.kind]["layers"]
+        quantized = {id(b.weight) for b in layers}
         rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-        layout = sum(q.layout_bytes(o, i, self.quant_type, self.blocksize, self.double_quant) for o, i in self._shapes)
+        layout = sum(q.layout_bytes(o, i, self.quant_type, self.blocksize, self.double_quant) for o, i in shapes)
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         pred.params_total = layout + rest * pred.param_bytes + buffers
@@ -132,6 +163,6 @@ class QuantizedBase(Technique):
         tensors = sum(1 for p in model.parameters() if p.requires_grad)
         pred.optimizer_total = trainable * pred.optimizer_bytes + 4 * tensors  # + torch AdamW's fp32 step scalars
         pred.notes.append(
-            f"quantized_base: {len(self._layers)} {self.quant_type} layers at their layout bytes; "
+            f"quantized_base: {len(layers)} {self.quant_type} layers at their layout bytes; "
             f"{trainable:,} trainable params (adapters + unfrozen) carry grads and optimizer state"
         )

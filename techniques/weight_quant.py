@@ -23,9 +23,12 @@ from membench.techniques.base import Context, Patch, Technique
 BACKENDS = ("bitsandbytes", "torchao")
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightQuant(Technique):
     kind: ClassVar[str] = "weight_quant"
+    # Acts after training (before the final evaluation); it sits with quantization, after pruning and casts and
+    # before activation checkpointing, so its before-eval hook sees the linear layers the blocks hold.
+    order: ClassVar[float] = 5
     loss_rtol: ClassVar[float] = 0.0  # the training loss is untouched; only the final evaluation sees int weights
     backend: str = "bitsandbytes"
     bits: int = 8
@@ -47,9 +50,8 @@ class WeightQuant(Technique):
         if self.double_quant and (self.bits != 4 or self.backend != "bitsandbytes"):
             raise ConfigError(f"{key}.double_quant=true: needs backend=bitsandbytes and bits=4")
 
-    def check(self, kinds: set[str], device_type: str) -> None:
-        if "quantized_base" in kinds:
-            raise ConfigError("technique=[quantized_base,weight_quant]: both quantize the same linear layers")
+    def simulated(self) -> None:
+        return None  # post-training only: a training step is the baseline's
 
     @property
     def fmt(self) -> str:

@@ -20,13 +20,13 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 
 BACKENDS = ("deepspeed", "torch")
 OFFLOAD = ("none", "cpu")
 STAGE3_KNOBS = ("paper", "deepspeed")
 # Techniques whose parameters or optimizer these wrappers cannot shard or rebuild.
-_CANNOT = {
+CANNOT = {
     "optimizer_8bit": "zero builds its own (sharded) optimizer from the workload's AdamW",
     "quantized_base": "FSDP/DeepSpeed shard floating-point parameters only",
     "weight_quant": "FSDP/DeepSpeed shard floating-point parameters only",
@@ -46,11 +46,18 @@ FSDP_CATEGORIES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Zero(Technique):
     kind: ClassVar[str] = "zero"
+    # ZeRO/FSDP wrap last, over the finished model and optimizer.
+    order: ClassVar[float] = 10
     exact: ClassVar[bool] = True
     loss_rtol: ClassVar[float] = 1e-5  # sharded reductions reorder float sums
+    incompatible: ClassVar[dict[str, str]] = CANNOT
+    not_simulated: ClassVar[str] = "DeepSpeed engines and process groups do not run on fake tensors here"
+    family: ClassVar[str] = "zero"
+    label_opts: ClassVar[tuple[str, ...]] = ("stage", "offload_optimizer", "offload_params")
+    distributed: ClassVar[bool] = True
     stage: int = 2
     backend: str = "deepspeed"
     offload_optimizer: str = "none"
@@ -80,10 +87,23 @@ class Zero(Technique):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"technique.zero.{key}={getattr(self, key)}: must be > 0")
 
+    @classmethod
+    def plan_values(cls, world_size: int, device_type: str) -> list[dict]:
+        """Stages over N > 1 ranks; offload (CUDA only) at any N."""
+        out = []
+        if world_size > 1:
+            out += [{"stage": s, "offload_optimizer": "none", "offload_params": "none"} for s in range(4)]
+        if device_type == "cuda":
+            out += [{"stage": s, "offload_optimizer": "cpu", "offload_params": "none"} for s in (1, 2, 3)]
+            out += [{"stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}]
+        return out
+
+    def time_prior(self) -> float:
+        if self.offload_optimizer != "none":
+            return 1.5
+        return 1.15 if self.stage == 3 else 1.0
+
     def check(self, kinds: set[str], device_type: str) -> None:
-        self._kinds = set(kinds)  # apply() reads the precision technique in force from here
-        for k in sorted(kinds & set(_CANNOT)):
-            raise ConfigError(f"technique=[zero,{k}]: incompatible: {_CANNOT[k]}")
         offload = self.offload_optimizer != "none" or self.offload_params != "none"
         if offload and device_type != "cuda":
             raise ConfigError("technique.zero.offload_*=cpu: the run is already on CPU; offload needs run.device=cuda")
@@ -100,21 +120,66 @@ class Zero(Technique):
 
     # ---- apply -------------------------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
-        self._psi = sum(p.numel() for p in model.parameters())
-        self._buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        self._largest = max(p.numel() for p in model.parameters())
-        self._n = distributed.world_size()
-        patch = _apply_deepspeed(self, model, ctx) if self.backend == "deepspeed" else _apply_torch(self, model, ctx)
-        patch.info.update(psi=self._psi, world_size=self._n, stage=self.stage, backend=self.backend)
+        # sizes before wrapping (stage 3 partitions parameters to empty tensors) and the precision in force
+        dtype = next((a["autocast_dtype"] for a in ctx.applied.values() if "autocast_dtype" in a), torch.float32)
+        facts = {
+            "psi": sum(p.numel() for p in model.parameters()),
+            "buffers": sum(b.numel() * b.element_size() for b in model.buffers()),
+            "largest": max(p.numel() for p in model.parameters()),
+            "n": distributed.world_size(),
+            "dtype": dtype,
+        }
+        patch = (_apply_deepspeed(self, facts, model, ctx) if self.backend == "deepspeed"
+                 else _apply_torch(self, model, ctx))  # fmt: skip
+        patch.info.update(psi=facts["psi"], world_size=facts["n"], stage=self.stage, backend=self.backend)
+        patch.applied = facts
         return patch
 
     # ---- predict (per rank) ------------------------------------------------------------------------------
+    def bucket_bytes(self, psi: int, elem_bytes: float) -> float:
+        """DeepSpeed stages 1-2 reduce gradients through a bucket of reduce_bucket_size elements (no more than the
+        model has) in the gradient dtype, allocated during the step (docs/zero.md)."""
+        if self.backend != "deepspeed" or self.stage not in (1, 2):
+            return 0.0
+        return float(min(self.reduce_bucket_size, psi) * elem_bytes)
+
+    def states(self, s: States) -> None:
+        """ZeRO paper (Rajbhandari et al. 2020, sec. 5): stage s divides optimizer (s >= 1), grads (s >= 2),
+        params (s = 3) by N; offload moves them to the host. DeepSpeed mixed precision: 2 + 2 + K=12."""
+        if self.backend == "deepspeed" and s.autocast is not None:
+            s.param_rate, s.grad_rate, s.opt_rate = 2, 2, 12
+            s.rule = ["DeepSpeed mixed precision 2+2+12"]
+        s.step_bytes = 0  # the wrappers' optimizers are counted by the paper's K alone
+        bucket = self.bucket_bytes(s.psi, s.grad_rate)
+        if bucket:
+            s.other["deepspeed_reduce_bucket"] = bucket
+        n, buffers = s.world_size, s.buffers
+
+        def shard(device: dict, host: dict) -> None:
+            if self.stage >= 1:
+                device["optimizer"] /= n
+            if self.stage >= 2:
+                device["grads"] /= n
+            if self.stage >= 3:
+                device["params"] = (device["params"] - buffers) / n + buffers
+            if self.offload_optimizer == "cpu":
+                host["optimizer"], device["optimizer"] = device["optimizer"], 0.0
+            if self.offload_params == "cpu":
+                host["params"], device["params"] = device["params"] - buffers, float(buffers)
+
+        s.post.append(shard)
+        s.rule.append(f"ZeRO stage {self.stage} over N={n}")
+
     def predict(self, pred: Prediction, ctx: Context) -> None:
         """ZeRO paper (Rajbhandari et al. 2020, sec. 5): per-rank model states with stage s over N ranks."""
-        n, psi = self._n, self._psi
-        if self.backend == "deepspeed" and getattr(self, "_ds_dtype", torch.float32) != torch.float32:
+        facts = ctx.applied[self.kind]
+        n, psi = facts["n"], facts["psi"]
+        if self.backend == "deepspeed" and facts["dtype"] != torch.float32:
             pred.param_bytes, pred.grad_bytes, pred.optimizer_bytes = 2, 2, 12  # mixed precision: 2 + 2 + K=12
-        pred.params_total = psi * pred.param_bytes / (n if self.stage >= 3 else 1) + self._buffers
+        bucket = self.bucket_bytes(psi, pred.grad_bytes)
+        if bucket:
+            pred.other["deepspeed_reduce_bucket"] = bucket
+        pred.params_total = psi * pred.param_bytes / (n if self.stage >= 3 else 1) + facts["buffers"]
         pred.grads_total = psi * pred.grad_bytes / (n if self.stage >= 2 else 1)
         pred.optimizer_total = psi * pred.optimizer_bytes / (n if self.stage >= 1 else 1)
         pred.notes.append(
@@ -123,10 +188,11 @@ class Zero(Technique):
             "fp32_master and is part of K=12 only in mixed precision"
         )
 
-    def expected_comm(self) -> dict:
-        """ZeRO paper sec. 7: 2 Psi elements per rank per step for DP and stages 1-2, 3 Psi for stage 3."""
+    def expected_comm(self, facts: dict) -> dict:
+        """ZeRO paper sec. 7: 2 Psi elements per rank per step for DP and stages 1-2, 3 Psi for stage 3.
+        `facts`: what apply learned (Patch.applied)."""
         factor = 3 if self.stage == 3 else 2
-        return {"paper_elements": factor * self._psi, "factor_of_psi": factor, "psi": self._psi}
+        return {"paper_elements": factor * facts["psi"], "factor_of_psi": factor, "psi": facts["psi"]}
 
 
 # ---- torch backend -----------------------------------------------------------------------------------------
@@ -249,17 +315,16 @@ def _ds_state(engine, stage: int) -> dict[str, list[torch.Tensor]]:
     return {"fp32_master": list(opt.single_partition_of_fp32_groups), "grads": grads}
 
 
-def _apply_deepspeed(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
+def _apply_deepspeed(z: Zero, facts: dict, model: torch.nn.Module, ctx: Context) -> Patch:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    dtype = _autocast_dtype(getattr(z, "_kinds", set()))
-    z._ds_dtype = dtype
+    dtype = facts["dtype"]
     cls, kw = _optimizer_spec(ctx, list(model.parameters()))
     config = _ds_config(z, ctx, cls, kw, dtype)
     _forget_destroyed_groups()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    info = {"deepspeed_config": config, **_ds_estimate(z)}
+    info = {"deepspeed_config": config, **_ds_estimate(z, facts)}
 
     def tracker(model, optimizer):  # MemTracker takes torch optimizers only: track DeepSpeed's inner one
         mt = MemTracker()
@@ -295,15 +360,7 @@ def _forget_destroyed_groups() -> None:
         groups._release_process_group_references(group=None)
 
 
-def _autocast_dtype(kinds: set[str]) -> torch.dtype:
-    """bf16/fp16 from the precision technique in force (DeepSpeed then runs its own mixed precision)."""
-    for kind, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if kind in kinds:
-            return dtype
-    return torch.float32
-
-
-def _ds_estimate(z: Zero) -> dict:
+def _ds_estimate(z: Zero, facts: dict) -> dict:
     """DeepSpeed's own estimator (per rank, 'gpu' = device bytes); it assumes 16-bit params and grads
     (2 + 2 + 12 + 2 bytes/param at stage 2), so it differs from the paper's formula and from fp32 runs."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -311,10 +368,19 @@ def _ds_estimate(z: Zero) -> dict:
 
     off = z.offload_optimizer == "cpu"
     if z.stage == 2:
-        cpu, dev = estimate_zero2_model_states_mem_needs(z._psi, z._n, 1, cpu_offload=off, additional_buffer_factor=1)
+        cpu, dev = estimate_zero2_model_states_mem_needs(
+            facts["psi"], facts["n"], 1, cpu_offload=off, additional_buffer_factor=1
+        )
     elif z.stage == 3:
         cpu, dev, _ = estimate_zero3_model_states_mem_needs(
-            z._psi, z._largest, z._n, 1, off, z.offload_params == "cpu", zero_init=False, additional_buffer_factor=1
+            facts["psi"],
+            facts["largest"],
+            facts["n"],
+            1,
+            off,
+            z.offload_params == "cpu",
+            zero_init=False,
+            additional_buffer_factor=1,
         )
     else:
         return {"deepspeed_estimator": None}

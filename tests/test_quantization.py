@@ -106,10 +106,12 @@ def test_quantized_base_prediction_equals_measured_state_bytes():
 
     wl = _gpt()
     t = QuantizedBase(quant_type="nf4", double_quant=True)
-    patch = t.apply(wl.model, _ctx(wl))
+    ctx = _ctx(wl)
+    patch = t.apply(wl.model, ctx)
+    ctx.applied[t.kind] = patch.applied  # what apply_all does
     extra = patch.extra_state()
     pred = __import__("membench.techniques.base", fromlist=["Prediction"]).Prediction(4, 4, 8)
-    t.predict(pred, _ctx(wl))
+    t.predict(pred, ctx)
     opt = wl.make_optimizer([p for p in wl.model.parameters() if p.requires_grad])
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     opt.step()
@@ -121,10 +123,10 @@ def test_adapters_train_and_the_quantized_base_stays_bit_identical():
     torch.manual_seed(0)
     wl = _gpt()
     t = QuantizedBase(quant_type="nf4", freeze_rest=True)
-    t.apply(wl.model, _ctx(wl))
+    info = t.apply(wl.model, _ctx(wl)).info
     frozen = {n: p.detach().clone() for n, p in wl.model.named_parameters() if not p.requires_grad}
     trainable = [p for p in wl.model.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in trainable) == t._info(wl.model)["adapter_params"]
+    assert sum(p.numel() for p in trainable) == info["adapter_params"]
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     losses = _fit_one_batch(wl, opt, CPU, steps=8)
     assert losses[-1] < losses[0]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from membench.readme import files, render
+from membench.readme import ROOT, files, render
 
 
 @pytest.mark.parametrize("path", files(), ids=lambda p: p.name)
@@ -11,12 +11,23 @@ def test_tables_match_the_records(path):
     assert render(text) == text, f"run `python -m membench.readme` to regenerate the tables in {path.name}"
 
 
-def test_every_study_has_a_table_in_the_readme():
-    text = files()[0].read_text()
-    for marker in (
-        "table:checkpointing",
-        "table:zero_stages:zero",
-        "table:quantization:quantization",
-        "table:pruning:pruning",
+def test_every_study_has_its_page_with_its_table():
+    studies = ROOT / "docs" / "studies"
+    for page, marker in (
+        ("checkpointing", "table:checkpointing"),
+        ("zero_stages", "table:zero_stages:zero"),
+        ("quantization", "table:quantization:quantization"),
+        ("pruning", "table:pruning:pruning"),
+        ("llama", "table:llama"),
+        ("plan", "table:plan:plan"),
+        ("gpu", "table:gpu:device"),
     ):
-        assert f"<!-- {marker}" in text, marker
+        text = (studies / f"{page}.md").read_text()
+        assert text.count(f"<!-- {marker} -->") == 1, (page, marker)
+        assert f"(docs/studies/{page}.md)" in files()[0].read_text(), page
+
+
+def test_study_tables_are_not_repeated_outside_their_page():
+    for path in files():
+        if path.parent.name != "studies":
+            assert "<!-- table:" not in path.read_text(), path.name

@@ -8,6 +8,22 @@ from typing import Any
 import torch
 from torch import nn
 
+# Workload config schemas by name: a preset YAML extends one (`- /schema/workload/NAME@_here_`); register_schema
+# (membench/config.py) stores every entry. Filled by `@schema(...)` on each workload's config class.
+SCHEMAS: dict[str, type] = {}
+
+
+def schema(name: str, depth: str | None = None):
+    """Register a workload config class under `name`. `depth`: the field counting its identical blocks (GPT:
+    n_layer), which the fake-tensor simulation varies to extrapolate per layer; None where there is none."""
+
+    def register(cls: type) -> type:
+        cls.schema_name, cls.depth_knob = name, depth
+        SCHEMAS[name] = cls
+        return cls
+
+    return register
+
 
 @dataclass
 class Quality:

@@ -142,6 +142,20 @@ class CorpusTraining:
     eval_batches: int = 8
     data_path: str | None = None  # a user's own text file instead of the stdlib corpus
 
+    @staticmethod
+    def check_inputs(node: dict) -> None:
+        """Before any run starts (membench run/plan): the user's own data file must exist and hold data."""
+        if node.get("data_path") is None:
+            return
+        path = str(node["data_path"])
+        if not path.strip():
+            raise ConfigError("workload.data_path='': empty; give a text file, or null for the built-in corpus")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"workload.data_path={path}: no such file")
+        if p.stat().st_size == 0:
+            raise ConfigError(f"workload.data_path={path}: the file is empty")
+
     def check_corpus(self) -> None:
         for key in ("batch_size", "max_corpus_bytes", "eval_batches"):
             if getattr(self, key) <= 0:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload, schema
 
 HELD_OUT_STEP = 10_000_000  # batch indices the run's own steps never reach: the default quality's batches
 
@@ -37,6 +37,7 @@ class CustomParts:
     tokens_per_sample: int = 1
 
 
+@schema("custom", depth=None)
 @dataclass
 class CustomConfig:
     preset: str = "custom"

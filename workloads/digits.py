@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload, schema
 
 
+@schema("digits", depth=None)
 @dataclass
 class DigitsConfig:
     preset: str = "digits_cnn"

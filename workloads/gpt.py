@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 
+@schema("gpt", depth="n_layer")
 @dataclass
 class GPTConfig(CorpusTraining):
     preset: str = "gpt_tiny"
@@ -183,7 +184,8 @@ class GPTWorkload(Workload):
         return {"layers": layers, "embedding_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:
-        """6 N T for the matmul parameters plus causal-free attention 12 L s^2 h per sequence (Kaplan et al.)."""
+        """6 N T for the matmul parameters (Kaplan et al. 2020) plus attention, 12 L s^2 h per sequence (Narayanan et al.
+        2021)."""
         c = self.c
         n_matmul = c.n_layer * 12 * c.d_model**2 + c.d_model * c.vocab_size
         tokens = batch_size * c.seq_len

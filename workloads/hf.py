@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.workloads.base import schema
 from membench.workloads.corpus import CorpusTraining
 from membench.workloads.llama import TokenLMWorkload
 
@@ -37,6 +38,7 @@ def _transformers():
     return transformers
 
 
+@schema("hf", depth=None)
 @dataclass
 class HFConfig(CorpusTraining):
     preset: str = "hf"

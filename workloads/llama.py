@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload
+from membench.workloads.base import Quality, Workload, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 BYTE_VOCAB = 256
@@ -46,6 +46,7 @@ def tokens(data: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ((code * _HASH) % vocab_size).to(torch.int32)
 
 
+@schema("llama", depth="n_layer")
 @dataclass
 class LlamaConfig(CorpusTraining):
     preset: str = "llama_tiny"

@@ -1,0 +1,56 @@
+"""The pure model-state pipeline (Technique.states) against independent counts: bitsandbytes' real 8-bit state
+bytes under a quantized base, and DeepSpeed's reduce bucket in closed form from the technique's config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from membench.technique import Context, apply_all, model_states
+from membench.techniques.optim8bit import Optimizer8bit
+from membench.techniques.precision import BF16
+from membench.techniques.quantized_base import QuantizedBase
+from membench.techniques.zero import Zero
+from membench.workloads.gpt import GPT, GPTConfig
+
+CPU = torch.device("cpu")
+TINY = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab_size": 256}
+
+
+@pytest.mark.parametrize("freeze_rest", [True, False])
+def test_8bit_states_under_a_quantized_base_are_sized_over_the_trainable_parameters(freeze_rest):
+    """The planner prices 8-bit states on the model as built (every parameter trainable there); under a quantized
+    base only adapters (and, unless freeze_rest, the layers left alone) carry state. Measured: bitsandbytes'
+    AdamW8bit state tensors after one step over the model that QuantizedBase really made."""
+    from membench.execute import state_bytes
+
+    techs = [QuantizedBase(freeze_rest=freeze_rest), Optimizer8bit()]
+    wcfg = GPTConfig(**TINY)
+    wl = wcfg.build(0)
+    fresh = wcfg.build(0).model
+    planned = model_states(fresh, fresh.blocks, techs, world_size=1)
+    model, patch = apply_all(techs, wl.model, Context(workload=wl, device=CPU, run=None))
+    opt = patch.optimizer_factory(model)
+    wl.loss(model, wl.batch(0, 2, CPU)).backward()
+    opt.step()
+    measured = state_bytes(model, opt, {})["cpu"]["optimizer"]
+    assert planned["device"]["optimizer"] == measured
+    everything = Optimizer8bit().total_bytes([p.numel() for p in fresh.parameters()])
+    assert measured < everything  # what the planner used to predict: states over the whole model
+
+
+@pytest.mark.parametrize(("stage", "bucket"), [(0, 0), (1, 5_000_000), (2, 5_000_000), (3, 0)])
+def test_deepspeed_reduce_bucket_is_predicted_at_stages_1_and_2(stage, bucket):
+    """docs/zero.md: stages 1-2 reduce gradients through a bucket of reduce_bucket_size elements in the gradient
+    dtype (fp32: 4 bytes; DeepSpeed mixed precision: 2), no larger than the model's gradients."""
+    with torch.device("meta"):  # 4 x 12 x 4096^2 + embeddings: far more than one bucket
+        model = GPT(GPTConfig(n_layer=4, n_head=32, d_model=4096, seq_len=1024, vocab_size=5000))
+    fp32 = model_states(model, model.blocks, [Zero(stage=stage)], world_size=8)
+    mixed = model_states(model, model.blocks, [Zero(stage=stage), BF16()], world_size=8)
+    torch_backend = model_states(model, model.blocks, [Zero(stage=stage, backend="torch")], world_size=8)
+    assert sum(fp32["other"].values()) == 5_000_000 * 4 * (bucket > 0)
+    assert sum(mixed["other"].values()) == 5_000_000 * 2 * (bucket > 0)
+    assert torch_backend["other"] == {}
+    small = GPTConfig(**TINY).build(0).model  # fewer parameters than one bucket: the bucket holds them all
+    tiny = model_states(small, small.blocks, [Zero(stage=2, reduce_bucket_size=10**9)], world_size=2)
+    assert tiny["other"] == {"deepspeed_reduce_bucket": 4 * sum(p.numel() for p in small.parameters())}
