@@ -113,15 +113,27 @@ def _query(cmd: list[str]) -> str | None:
     return p.stdout if p.returncode == 0 else None
 
 
+class SlurmUnreachable(RuntimeError):
+    """squeue failed for another reason than an unknown job (the controller is down or unreachable)."""
+
+
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
     """Slurm's state of each array task ('123_4'): squeue first (it keeps ended jobs for MinJobAge, accounting or
-    not), then sacct for the ones it no longer holds. A task neither knows is left out."""
+    not), then sacct for the ones it no longer holds. A task neither knows is left out; SlurmUnreachable when squeue
+    cannot answer at all (a task must not count as gone because the controller did not reply)."""
     arrays = sorted({j.split("_")[0] for j in job_ids})
     if not arrays:
         return {}
     states: dict[str, str] = {}
     for array in arrays:  # one call per array: squeue fails outright when one of several ids is gone
-        out = _query(["squeue", "-h", "-r", "--states=all", "-j", array, "-o", "%i|%T"]) or ""
+        try:
+            p = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", array, "-o", "%i|%T"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SlurmUnreachable(f"squeue: {e}") from None
+        if p.returncode != 0 and "Invalid job id" not in p.stderr:
+            raise SlurmUnreachable(f"squeue: {p.stderr.strip()[:200]}")
+        out = p.stdout if p.returncode == 0 else ""
         for line in out.splitlines():
             jid, _, state = line.strip().partition("|")
             states[jid] = state
@@ -348,7 +360,10 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
     if ex.cluster == "slurm":
         from submitit import SlurmJob
 
-        live = live_jobs(cells[0].config["run"]["results_dir"])
+        try:
+            live = live_jobs(cells[0].config["run"]["results_dir"])
+        except SlurmUnreachable as e:
+            raise ConfigError(f"slurm: the cluster does not answer ({e}); nothing was submitted") from None
         adopted = [
             (c, SlurmJob(live[c.chash][2], live[c.chash][0]), live[c.chash][1]) for c in cells if c.chash in live
         ]
@@ -409,7 +424,12 @@ def _follow(left: list, display: Display, records: list[dict], cluster: str) -> 
     ended: dict[str, int] = {}  # Slurm says ended but no result yet: polls since (a shared file system may lag)
     while left:
         if cluster == "slurm" and time.monotonic() - polled >= POLL_S:
-            states, polled = slurm_states([j.job_id for _, j in left]), time.monotonic()
+            polled = time.monotonic()
+            try:
+                states = slurm_states([j.job_id for _, j in left])
+            except SlurmUnreachable as e:  # keep following; tasks end on their results or once Slurm answers
+                display.line(f"membench: {e}; asking again in {POLL_S:g} s")
+                continue
             for _, j in left:
                 st = states.get(j.job_id)
                 ended[j.job_id] = ended.get(j.job_id, 0) + 1 if st not in QUEUED + RUNNING else 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from membench.errors import ConfigError
 from membench.launch import sweeps_dir
 from membench.launch.progress import FAILED
-from membench.launch.slurm import slurm_states, task_state
+from membench.launch.slurm import SlurmUnreachable, slurm_states, task_state
 from membench.records import load_records
 from membench.runner import _alive, lock_is_live, locks_dir, read_lock
 
@@ -34,7 +34,10 @@ def cell_states(results_dir: str | Path, sweep: dict) -> list[tuple[str, str, st
         latest[r["config_hash"]] = r
     job_ids = sweep.get("job_ids") if isinstance(sweep.get("job_ids"), dict) else {}
     on_slurm = sweep.get("cluster") == "slurm"
-    states = slurm_states(list(job_ids.values())) if on_slurm else {}
+    try:
+        states = slurm_states(list(job_ids.values())) if on_slurm else {}
+    except SlurmUnreachable as e:
+        raise ConfigError(f"status: Slurm does not answer here ({e}); run it where squeue works") from None
     rows = []
     for c in sweep["cells"]:
         r = latest.get(c["config_hash"])
