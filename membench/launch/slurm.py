@@ -30,6 +30,7 @@ from membench.errors import ConfigError
 from membench.launch import Planned
 from membench.launch.progress import Display
 
+JOB_NAME = "membench"  # squeue/sacct look only at jobs of this name (a reset cluster reuses job ids)
 POLL_S = 3.0  # squeue/sacct at most this often while following (submitit's own watcher backs off to minutes)
 MARGIN_S = 120  # task start (interpreter, imports), the cell's child start-up and its record, beyond run.timeout_s
 QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED")
@@ -127,7 +128,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     for array in arrays:  # one call per array: squeue fails outright when one of several ids is gone
         try:
-            p = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", array, "-o", "%i|%T"],
+            p = subprocess.run(["squeue", "-h", "-r", "--states=all", "-n", JOB_NAME, "-j", array, "-o", "%i|%T"],
                                capture_output=True, text=True, timeout=60)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as e:
             raise SlurmUnreachable(f"squeue: {e}") from None
@@ -139,7 +140,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
             states[jid] = state
     missing = [a for a in arrays if not any(j.startswith(a + "_") and j in states for j in job_ids)]
     if missing:
-        out = _query(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State"]) or ""
+        out = _query(["sacct", "-n", "-X", "-P", f"--name={JOB_NAME}", "-j", ",".join(missing), "-o", "JobID,State"])
+        out = out or ""
         for line in out.splitlines():
             jid, _, state = line.strip().partition("|")
             states.setdefault(jid, state.split()[0] if state else "")
@@ -343,7 +345,7 @@ def executor(slurm: dict, cells: list[Planned], folder: Path):
         params["slurm_setup"] = [
             f"export PYTHONPATH={Path(__file__).resolve().parents[2]}${{PYTHONPATH:+:$PYTHONPATH}}"
         ]
-    ex.update_parameters(name="membench", **params)
+    ex.update_parameters(name=JOB_NAME, **params)
     return ex, note
 
 
