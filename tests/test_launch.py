@@ -1,5 +1,7 @@
 """Where cells run and how they end: kill -9 of a sweep leaves no process and resumes cleanly, a cancel leaves no
-record, a cell locked elsewhere is not started twice, and submitit's local executor runs the Slurm code path."""
+record, a cell locked elsewhere is not started twice, and submitit's local executor runs the Slurm code path. The
+Slurm launcher's decisions (resources, sbatch rejections, the state of a task without a record) are checked here
+without a cluster; tests/test_slurm_real.py runs it against a real one."""
 
 from __future__ import annotations
 
