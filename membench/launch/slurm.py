@@ -138,7 +138,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
         for line in out.splitlines():
             jid, _, state = line.strip().partition("|")
             states[jid] = state
-    missing = [a for a in arrays if not any(j.startswith(a + "_") and j in states for j in job_ids)]
+    missing = [a for a in arrays if not any(j in states for j in job_ids if j.split("_")[0] == a)]
     if missing:
         out = _query(["sacct", "-n", "-X", "-P", f"--name={JOB_NAME}", "-j", ",".join(missing), "-o", "JobID,State"])
         out = out or ""
