@@ -201,7 +201,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             folder = Path(sweep.slurm.get("folder") or Path(results_dir) / "slurm" / sweep_file.stem)
             display.jobs = len(todo)
-            run_slurm(todo, sweep.slurm, folder, display, lambda ids, f: update_sweep_file(sweep_file, job_ids=ids))
+            try:
+                run_slurm(todo, sweep.slurm, folder, display, lambda fields: update_sweep_file(sweep_file, **fields))
+            except ConfigError:  # the cluster refused the array: nothing was submitted, so no sweep either
+                sweep_file.unlink()
+                for d in (sweep_file.parent, folder.parent):
+                    if d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
+                raise
         else:
             from membench.launch.local import parallelism, run_local, visible_gpus
 
@@ -210,6 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         display.close()
     print("membench: done: " + ", ".join(f"{n} {s}" for s, n in sorted(display.statuses.items())), flush=True)
+    if display.statuses.get("cancelled"):
+        return 143  # cells cancelled in Slurm (scancel): like a SIGTERM of the sweep
     return 1 if display.failed else 0
 
 

@@ -157,6 +157,23 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def _slurm() -> dict[str, Any] | None:
+    """Where Slurm ran the record: the task's own job id, its array task (what squeue shows), node and CPUs."""
+    e = os.environ
+    if "SLURM_JOB_ID" not in e:
+        return None
+    array = f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in e else None
+    cpus = e.get("SLURM_CPUS_PER_TASK") or e.get("SLURM_JOB_CPUS_PER_NODE", "").split("(")[0]
+    return {
+        "job_id": e["SLURM_JOB_ID"],
+        "array_task": array,
+        "node": e.get("SLURMD_NODENAME"),
+        "partition": e.get("SLURM_JOB_PARTITION"),
+        "cpus": int(cpus) if cpus.isdigit() else None,
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+    }
+
+
 def environment(device: str | None = None) -> dict[str, Any]:
     versions = {}
     for lib in _LIBS:
@@ -173,6 +190,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "device": device,
+        "slurm": _slurm(),
     }
     try:
         import torch
