@@ -4,6 +4,7 @@ And the matrix of every technique on every new workload, each pair with its expe
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_a_bad_config_json_is_one_line(tmp_path, capsys):
     assert "not a transformers causal LM type" in capsys.readouterr().err
 
 
-# Every technique x every new workload: what applying it, one training step and the before-eval hooks do (zero:
+# Every technique x every new workload: what applying it, one training step, the before-eval hooks and the evaluation do (zero:
 # composition only, it needs a process group; tests/test_zero.py runs it). "ok" or the start of the one-line rejection.
 TECHNIQUES = sorted(p.stem for p in (CONF_DIR / "technique").glob("*.yaml"))
 NO_LINEAR = "has no nn.Linear in its blocks"
@@ -129,6 +130,9 @@ def test_every_technique_on_the_new_workloads(workload, technique):
         loss.backward()
         for hook in patch.before_eval:  # post-training quantizers reject here
             hook(model)
+        with torch.no_grad():  # the run's quality section, as membench/execute.py evaluates it
+            quality = wl.evaluate(model, device)
+        assert math.isfinite(quality.value), quality
         outcome = "ok"
     except ConfigError as e:
         outcome = str(e)
