@@ -88,8 +88,9 @@ def test_a_bad_config_json_is_one_line(tmp_path, capsys):
     assert "not a transformers causal LM type" in capsys.readouterr().err
 
 
-# Every technique x every new workload: what applying it, one training step, the before-eval hooks and the evaluation do (zero:
-# composition only, it needs a process group; tests/test_zero.py runs it). "ok" or the start of the one-line rejection.
+# Every technique x every new workload: what applying it, one training step, the before-eval hooks and the evaluation
+# do (zero: composition only, it needs a process group; tests/test_zero.py runs it). "ok" or the start of the one-line
+# rejection.
 TECHNIQUES = sorted(p.stem for p in (CONF_DIR / "technique").glob("*.yaml"))
 NO_LINEAR = "has no nn.Linear in its blocks"
 NOT_A_TENSOR = "technique.prune_structured: the model's output is not produced by a Linear/Conv2d layer"  # ModelOutput
