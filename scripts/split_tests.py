@@ -12,7 +12,8 @@ runs `-m 'slow or not slow'`, gpu tests are skipped without a device. Usage, fro
     python scripts/split_tests.py --dry-run  # print the table only
 
 Then check: `pytest --collect-only -q -m 'slow or not slow' | tail -1` is unchanged, and -m unit / runs / e2e
-partition it. A tests/test_*.py this table does not name stops the script before anything moves.
+partition it (a -m on the command line replaces pyproject's `-m 'not slow'`: `pytest -m unit` includes slow unit tests;
+`-m 'unit and not slow'` is the quick set). A tests/test_*.py this table does not name stops the script before anything moves.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = {
-    "unit": "no training step (configs, records, reports, plots, planning on fake tensors, CLI input errors)",
-    "runs": "real training steps in-process (a bare `pytest` runs them; they dominate its time)",
+    "unit": "no training step: configs, records, reports, planning on fake tensors, CLI input errors",
+    "runs": "real training steps in this process",
     "e2e": "subprocesses: the CLI in a child process, sweeps, multi-rank process groups",
 }
 
