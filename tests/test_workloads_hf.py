@@ -107,6 +107,8 @@ EXPECTED = {
     "custom": {},
 }
 PAIRS = [pytest.param(w, t, id=f"{w}-{t}") for w in EXPECTED for t in TECHNIQUES]
+# full checkpointing (the default mode) over a quantized base: the review's plan row whose run failed in evaluate
+PAIRS.append(pytest.param("llama_tiny", "activation_checkpointing,quantized_base", id="llama_tiny-ckpt+quantized_base"))
 
 
 @pytest.mark.parametrize("workload,technique", PAIRS)
