@@ -13,7 +13,8 @@ runs `-m 'slow or not slow'`, gpu tests are skipped without a device. Usage, fro
 
 Then check: `pytest --collect-only -q -m 'slow or not slow' | tail -1` is unchanged, and -m unit / runs / e2e
 partition it (a -m on the command line replaces pyproject's `-m 'not slow'`: `pytest -m unit` includes slow unit tests;
-`-m 'unit and not slow'` is the quick set). A tests/test_*.py this table does not name stops the script before anything moves.
+`-m 'unit and not slow'` is the quick set). A tests/test_*.py this table does not name stops the script before
+anything moves.
 """
 
 from __future__ import annotations
