@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from membench.workloads.custom import CustomParts
+from torch import nn
 
 
 class ResidualBlock(nn.Module):

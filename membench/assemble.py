@@ -19,6 +19,7 @@ import torch
 
 from membench import distributed, measure
 from membench.predict import relative_error
+from membench.records import cpu_flags
 
 
 def device_name(device: torch.device) -> str:
@@ -84,8 +85,6 @@ def _precision_note(device: torch.device, techs) -> str | None:
     """16-bit speed on a CPU depends on its bf16 instructions; say which case this run measured."""
     if device.type != "cpu" or not any(t.kind in ("bf16", "fp16", "bf16_pure") for t in techs):
         return None
-    from membench.records import cpu_flags
-
     if "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags():
         return "CPU has bf16 instructions (avx512_bf16/amx): 16-bit step times are native, not emulated"
     return "CPU lacks bf16 instructions: 16-bit autocast is emulated (20-40x slower); memory figures hold, times do not"

@@ -10,16 +10,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import membench
 from membench import mlflow_log
 from membench.errors import ConfigError
 
+CONF_DIR = Path(os.environ.get("MEMBENCH_CONF", membench.CONF_DIR))  # the Hydra config tree (MEMBENCH_CONF: another)
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCHERS = ("local", "slurm")
 
@@ -72,11 +76,25 @@ class RunConfig:
 
 
 @dataclass
-class ExperimentConfig:
-    name: str = "adhoc"
-    description: str = ""
-    # cells: each a list of Hydra override strings; the user's command-line overrides apply to every cell
-    cells: list[Any] = field(default_factory=list)
+class SlurmConfig:
+    """The `slurm` group: how run.launcher=slurm submits a sweep (membench/launch/slurm.py)."""
+
+    partition: str | None = None  # Slurm partition (sbatch --partition); null: the cluster's default
+    account: str | None = None  # sbatch --account; null: the user's default
+    gpus_per_node: int | None = None  # null: the largest run.world_size among CUDA cells, 0 on CPU
+    cpus_per_task: int | None = None  # null: the cluster's default
+    time_min: int = 60  # wall-clock limit of each task, minutes
+    mem_gb: float | None = None  # host memory per task; null: the cluster's default
+    array_parallelism: int = 32  # tasks of the array running at once
+    cluster: str | None = None  # null: Slurm when sbatch is found; `local` runs tasks as local processes
+    folder: str | None = None  # submitit's logs and pickles; null: RESULTS_DIR/slurm/SWEEP_ID
+
+    def __post_init__(self) -> None:
+        for key in ("time_min", "array_parallelism"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"slurm.{key}={getattr(self, key)}: must be >= 1")
+        if self.cluster not in (None, "slurm", "local", "debug"):
+            raise ConfigError(f"slurm.cluster={self.cluster}: allowed: null (auto), slurm, local, debug")
 
 
 @functools.cache
@@ -84,7 +102,6 @@ def register_schema() -> None:
     """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
     wrong type fails at composition. Once per process: Hydra's ConfigStore is a process-wide singleton."""
-    from membench.launch.slurm import SlurmConfig
     from membench.workloads.custom import CustomConfig
     from membench.workloads.digits import DigitsConfig
     from membench.workloads.gpt import GPTConfig

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 import sys
@@ -25,7 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from membench import gpuinfo
+from membench.cells import configs
 from membench.errors import ConfigError
+from membench.records import config_hash, new_run_id
 
 # How each collective's "full" tensor counts in the ZeRO paper's volume (sec. 7): an all-reduce is a
 # reduce-scatter plus an all-gather (2x its size); the others move their full size once.
@@ -218,12 +221,7 @@ def merge_ranks(out: dict) -> dict:
 def write_spec(path: str, overrides: list[str]) -> dict:
     """Compose one cell and write the spec `membench.child` runs (the runner's format): for a multi-node cell
     started by srun + torchrun, where no membench runner is in the loop (docs/multigpu.md)."""
-    import json
-
-    from membench.cli import plan
-    from membench.records import config_hash, new_run_id
-
-    (config,) = plan(overrides, multirun=False)
+    (config,) = configs(overrides, multirun=False)
     chash = config_hash(config)
     spec = {
         "config": config,

@@ -20,32 +20,12 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from membench import assemble, distributed, gpuinfo, measure
-from membench.child import report_progress
-from membench.config import build, build_run
-from membench.errors import ConfigError, MemoryBudgetExceeded
+from membench.cell_progress import report_progress
+from membench.cells import build_all
+from membench.errors import MemoryBudgetExceeded
 from membench.predict import predict
 from membench.techniques import compose
 from membench.techniques.base import Context
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda: no CUDA device is visible; allowed here: auto, cpu")
-    return torch.device(name)
-
-
-def build_all(config: dict):
-    """Config dict -> (run, workload config, techniques), validating everything. No model is built."""
-    run = build_run(config["run"])
-    wcfg = build(config["workload"], "workload")
-    techs = [build(node, f"technique.{name}") for name, node in (config.get("technique") or {}).items()]
-    device = resolve_device(run.device)
-    compose.validate(techs, device.type)
-    if run.world_size > 1 and not any(t.kind == "zero" for t in techs):
-        raise ConfigError(f"run.world_size={run.world_size}: needs technique zero (stage 0 is plain DDP)")
-    return run, wcfg, techs, device
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from membench import gpuinfo
+
 T = TypeVar("T")
 # The tracker's split. optimizer = the optimizer's persistent state; optimizer_temp = what the optimizer step
 # allocates and frees (foreach temporaries, DeepSpeed's flattened buffers); temporaries = backward's own
@@ -157,8 +159,6 @@ class PhaseMeter:
     def sample(self) -> None:
         """Read NVML's used bytes now (call between steps: the allocator's peak needs no sampling)."""
         if self._current is not None and self.nvml is not None:
-            from membench import gpuinfo
-
             used = gpuinfo.used_bytes(self.nvml)
             if used is not None:
                 self._current["nvml_used_max_bytes"] = max(self._current.get("nvml_used_max_bytes") or 0, used)
@@ -181,8 +181,6 @@ class _Phase:
             torch.cuda.reset_peak_memory_stats(dev)
             rec["cuda_allocated_start_bytes"] = torch.cuda.memory_allocated(dev)
         if m.nvml is not None:
-            from membench import gpuinfo
-
             self._energy0 = gpuinfo.energy_mj(m.nvml)
         self._rss_reset = rss_reset
         rec["load_start"] = machine_load()
@@ -202,8 +200,6 @@ class _Phase:
             rec["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
             rec["cuda_allocated_end_bytes"] = torch.cuda.memory_allocated(dev)
         if m.nvml is not None:
-            from membench import gpuinfo
-
             m.sample()
             e1 = gpuinfo.energy_mj(m.nvml)
             rec["energy_j"] = (e1 - self._energy0) / 1e3 if e1 is not None and self._energy0 is not None else None

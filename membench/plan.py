@@ -26,8 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from membench import simulate as sim
 from membench.calibrate import Calibration, key, label
 from membench.calibrate import load as load_records
+from membench.config import build, build_run, register_schema
 from membench.errors import ConfigError
 from membench.predict import model_states
+from membench.records import cpu_flags, write_record
 from membench.techniques import quantization as quant
 
 FAMILIES = ("activation_checkpointing", "precision", "zero", "optimizer_8bit", "quantized_base")
@@ -114,7 +116,6 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[s
 
 def validated(cfg: dict, device_type: str):
     """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
-    from membench.config import build, build_run
     from membench.techniques import compose
 
     run = build_run(cfg["run"])
@@ -130,8 +131,8 @@ def compose_cells(user: list[str], extra: list[list[str]]) -> list[dict | Config
     """Compose user overrides + each candidate's; a ConfigError in place of a cell that fails composition."""
     from hydra import initialize_config_dir
 
-    from membench.cli import CONF_DIR, _compose
-    from membench.config import register_schema
+    from membench.cells import CONF_DIR
+    from membench.cells import compose as _compose
 
     register_schema()
     out: list = []
@@ -218,8 +219,6 @@ def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family
             if device_type == "cuda":
                 r *= HALF_SPEED["cuda"]
             else:
-                from membench.records import cpu_flags
-
                 native = {"avx512_bf16", "amx_bf16"} & set(cpu_flags())
                 r *= HALF_SPEED["cpu_native" if native else "cpu_emulated"]
         elif t.kind == "zero":
@@ -254,7 +253,6 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
     base = compose_cells(user, [[]])[0]
     if isinstance(base, ConfigError):
         raise base
-    from membench.config import build, build_run
 
     run, wcfg = build_run(base["run"]), build(base["workload"], "workload")
     dev = device_type_of(run)
@@ -428,7 +426,6 @@ def _measured(record: dict) -> dict:
 
 def _attach(record: dict, results_dir: str, check: dict) -> None:
     """Keep prediction and error in the run's own record (same file, rewritten atomically)."""
-    from membench.records import write_record
 
     record["plan_check"] = check
     write_record(results_dir, record)
@@ -436,7 +433,7 @@ def _attach(record: dict, results_dir: str, check: dict) -> None:
 
 def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
     """Run the top `k` plans predicted to fit; compare predicted and measured peak (and step time)."""
-    from membench.runner import run_cell
+    from membench.sweep import run_cell
 
     cal = Calibration(load_records(result["plan"]["records"], result["device"]))
     base_step = cal.baseline_step_s(result["workload"], result["batch_size"])
@@ -515,7 +512,7 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
 
 def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
     """Largest batch under run.memory_budget_mib: predicted, then a short search of real runs."""
-    from membench.runner import run_cell
+    from membench.sweep import run_cell
 
     runner = runner or (lambda c: run_cell(c, c["run"]["results_dir"], c["run"]["timeout_s"]))
     budget_mib = cfg["run"].get("memory_budget_mib")

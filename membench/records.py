@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from membench import SCHEMA_VERSION
+from membench import SCHEMA_VERSION, gpuinfo
 
 STATUSES = ("ok", "oom", "error", "timeout")
 # Keys that do not change what a run measures, left out of the cell identity.
@@ -39,12 +39,18 @@ def short_target(target: str) -> str:
     """A `_target_` without the installed package's prefix: `membench.techniques.zero.Zero` and the pre-install
     `techniques.zero.Zero` of older records name the same class (cell identity and workload families compare
     these)."""
-    return target.removeprefix("membench.") if target.startswith(("membench.techniques.", "membench.workloads.")) else target
+    return (
+        target.removeprefix("membench.")
+        if target.startswith(("membench.techniques.", "membench.workloads."))
+        else target
+    )
 
 
 def _short_targets(node):
     if isinstance(node, dict):
-        return {k: short_target(v) if k == "_target_" and isinstance(v, str) else _short_targets(v) for k, v in node.items()}
+        return {
+            k: short_target(v) if k == "_target_" and isinstance(v, str) else _short_targets(v) for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_short_targets(v) for v in node]
     return node
@@ -118,7 +124,7 @@ def _git() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -155,7 +161,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "device": device,
@@ -168,8 +174,6 @@ def environment(device: str | None = None) -> dict[str, Any]:
             env["gpu"] = torch.cuda.get_device_name(0)
             env["cuda"] = torch.version.cuda
         if device and device.startswith("cuda"):  # driver, clocks, power limit, ECC, UUID (None without NVML)
-            from membench import gpuinfo
-
             env["gpu_nvml"] = gpuinfo.provenance(gpuinfo.handle(device))
     except ImportError:
         pass

@@ -6,18 +6,18 @@ the same record set: peak and activation bytes, median step time, counted FLOPs.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import statistics
 from pathlib import Path
 
-from membench.records import latest_by_cell, load_records
+from membench.config import locate
+from membench.records import config_hash, latest_by_cell, load_records
 
 MiB = 2**20
 
 
 def _defaults(target: str) -> dict:
-    import dataclasses
-
-    from membench.config import locate
-
     try:
         cls = locate(target)
     except (ImportError, AttributeError):
@@ -57,10 +57,6 @@ def _ratio(a, b) -> str:
 
 def seed_group(r: dict) -> str:
     """The cell without its seed: records of one group differ only by run.seed."""
-    import json
-
-    from membench.records import config_hash
-
     cfg = json.loads(json.dumps(r["config"]))
     cfg.get("run", {}).pop("seed", None)
     return config_hash(cfg)
@@ -68,8 +64,6 @@ def seed_group(r: dict) -> str:
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% Student-t interval (None for a single value)."""
-    import statistics
-
     if len(values) < 2:
         return values[0], None
     from scipy.stats import t

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
 from membench.techniques.base import Context, Patch, Prediction, Technique
 
 

@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 
-from membench.cli import plan
+from membench.cells import configs as plan
 
 torch.set_num_threads(2)
 

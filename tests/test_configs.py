@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from membench.cli import CONF_DIR, main, plan
+from membench.cells import configs as plan
+from membench.cli import main
+from membench.config import CONF_DIR
 from membench.errors import ConfigError
 from tests.helpers import compose, experiment_cells
 
@@ -85,8 +87,9 @@ def test_every_experiment_composes(experiment):
 
 
 def test_technique_order_follows_the_fixed_order_not_the_users():
-    from membench.execute import build_all
     from membench.techniques.compose import ordered
+
+    from membench.execute import build_all
 
     cfg = compose("technique=[bf16,activation_checkpointing]")
     _, _, techs, _ = build_all(cfg)

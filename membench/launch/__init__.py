@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from membench.errors import ConfigError
+from membench.records import config_hash
 
 SWEEP_RUN_KEYS = ("jobs", "launcher")  # per-sweep knobs in the run group
 # keys a label leaves out: where results go and how the sweep runs say nothing about what a cell measures
@@ -60,8 +61,6 @@ def label(config: dict, overrides: list[str]) -> str:
 
 def split_sweep(planned: list[tuple[dict, list[str]]]) -> Sweep:
     """Pull the sweep knobs off every cell; they must agree across cells (a sweep over run.jobs makes no sense)."""
-    from membench.records import config_hash
-
     seen: dict[str, object] = {}
     cells: list[Planned] = []
     for cfg, overrides in planned:

@@ -10,41 +10,20 @@ jobs and can be left (Ctrl-C detaches, the jobs go on); `membench status RESULTS
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from membench.config import SlurmConfig
 from membench.launch import Planned
 from membench.launch.progress import Display
+from membench.report import summary_line
+from membench.runner import Cell
 
 
-@dataclass
-class SlurmConfig:
-    partition: str | None = None  # Slurm partition (sbatch --partition); null: the cluster's default
-    account: str | None = None  # sbatch --account; null: the user's default
-    gpus_per_node: int | None = None  # null: the largest run.world_size among CUDA cells, 0 on CPU
-    cpus_per_task: int | None = None  # null: the cluster's default
-    time_min: int = 60  # wall-clock limit of each task, minutes
-    mem_gb: float | None = None  # host memory per task; null: the cluster's default
-    array_parallelism: int = 32  # tasks of the array running at once
-    cluster: str | None = None  # null: Slurm when sbatch is found; `local` runs tasks as local processes
-    folder: str | None = None  # submitit's logs and pickles; null: RESULTS_DIR/slurm/SWEEP_ID
-
-    def __post_init__(self) -> None:
-        from membench.errors import ConfigError
-
-        for key in ("time_min", "array_parallelism"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"slurm.{key}={getattr(self, key)}: must be >= 1")
-        if self.cluster not in (None, "slurm", "local", "debug"):
-            raise ConfigError(f"slurm.cluster={self.cluster}: allowed: null (auto), slurm, local, debug")
-
-
-def run_task(config: dict, label: str) -> dict:
+def run_task(config: dict, label: str, worker: Callable[[dict], dict]) -> dict:
     """One array task: run the cell here (a fresh interpreter per cell; no forkserver for a single cell)."""
-    from membench.runner import Cell
-
     run = config["run"]
-    cell = Cell(config, run["results_dir"], run["timeout_s"], label=label, start_method="exec")
+    cell = Cell(config, run["results_dir"], run["timeout_s"], label=label, worker=worker, start_method="exec")
     holder = cell.lock()
     if holder is not None:
         return {"status": "skipped", "error": f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})"}
@@ -72,9 +51,17 @@ def executor(slurm: dict, cells: list[Planned], folder: Path):
     return ex
 
 
-def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display, on_submit=None) -> list[dict]:
+def run_slurm(
+    cells: list[Planned],
+    slurm: dict,
+    folder: Path,
+    display: Display,
+    worker: Callable[[dict], dict],
+    on_submit=None,
+) -> list[dict]:
+    """Submit one array task per cell (each runs `worker(config)` in its own child) and follow them to the end."""
     ex = executor(slurm, cells, folder)
-    jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells])
+    jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells], [worker] * len(cells))
     if on_submit is not None:
         on_submit([j.job_id for j in jobs], str(folder))
     for c, j in zip(cells, jobs, strict=True):
@@ -95,8 +82,6 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
 
 
 def _follow(left: list, display: Display, records: list[dict], t0: float) -> None:
-    from membench.report import summary_line
-
     while left:
         for entry in list(left):
             c, j = entry
