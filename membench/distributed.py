@@ -90,11 +90,6 @@ def run_ranks(n: int, argv: list[str]) -> int:
     return 0
 
 
-def launch_argv(n: int, argv: list[str]) -> list[str]:
-    """The command the runner starts for an n-rank cell whose one-rank command is `argv`."""
-    return [sys.executable, "-m", "membench.distributed", str(n), *argv]
-
-
 @contextlib.contextmanager
 def process_group(device: torch.device, timeout_s: float, needed: bool):
     """Initialise torch.distributed from the env (a launched rank) or as a world of one (a zero run in a single

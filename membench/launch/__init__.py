@@ -20,7 +20,6 @@ from membench.records import config_hash
 
 SWEEP_RUN_KEYS = ("jobs", "launcher")  # per-sweep knobs in the run group
 # keys a label leaves out: where results go and how the sweep runs say nothing about what a cell measures
-_LABEL_SKIP = ("workload", "technique", "experiment", "hydra", "slurm")
 _LABEL_SKIP_RUN = ("results_dir", "force", "timeout_s", *SWEEP_RUN_KEYS)
 
 
