@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from membench.errors import MemoryBudgetExceeded
 from membench.records import environment, skeleton, write_record
+from membench.sections import OomMemory
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -72,12 +73,12 @@ def _oom_memory(e: BaseException, run: dict) -> dict:
     """What an oom run reached: the budget's own check carries its figure; a CUDA OOM has the allocator's peak."""
     import torch
 
-    out = {"budget_mib": run.get("memory_budget_mib"), "peak_bytes": None, "peak_source": None}
+    out = OomMemory(budget_mib=run.get("memory_budget_mib"))
     if isinstance(e, MemoryBudgetExceeded):
-        out.update(peak_bytes=e.peak_bytes, peak_source=e.source)
+        out.peak_bytes, out.peak_source = e.peak_bytes, e.source
     elif isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-        out.update(peak_bytes=torch.cuda.max_memory_allocated(), peak_source="cuda allocator at the OOM")
-    return out
+        out.peak_bytes, out.peak_source = torch.cuda.max_memory_allocated(), "cuda allocator at the OOM"
+    return out.to_dict()
 
 
 def main(spec_path: str) -> int:

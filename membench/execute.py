@@ -24,6 +24,7 @@ from membench.cell_progress import report_progress
 from membench.cells import build_all
 from membench.errors import MemoryBudgetExceeded
 from membench.predict import predict
+from membench.sections import MODEL_STATES, PLAIN_PHASES
 from membench.techniques import compose
 from membench.techniques.base import Context
 
@@ -181,7 +182,7 @@ def state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[
     add("grads", [p.grad for p in model.parameters() if p.grad is not None] + extra.get("grads", []))
     add("optimizer", [v for s in optimizer.state.values() for v in s.values()] + extra.get("optimizer", []))
     for cat, ts in extra.items():  # named extra copies a technique holds (DeepSpeed's fp32 master partition)
-        if cat not in ("params", "grads", "optimizer"):
+        if cat not in MODEL_STATES:
             add(cat, ts)
     return out
 
@@ -289,7 +290,7 @@ def _schedule(run, wcfg, techs, device: torch.device) -> dict:
         for i in sched.rest:
             tr.step(i)
     if device.type == "cuda":
-        plain = max(meter.phases[p]["cuda_max_allocated_bytes"] for p in ("timed", "rest"))
+        plain = max(meter.phases[p]["cuda_max_allocated_bytes"] for p in PLAIN_PHASES)
         _check_budget(plain, run.memory_budget_mib, f"allocator peak on {device}")
     with meter.phase("eval"):
         quality = tr.evaluate()

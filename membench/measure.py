@@ -32,12 +32,9 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from membench import gpuinfo
+from membench.sections import CATEGORIES
 
 T = TypeVar("T")
-# The tracker's split. optimizer = the optimizer's persistent state; optimizer_temp = what the optimizer step
-# allocates and frees (foreach temporaries, DeepSpeed's flattened buffers); temporaries = backward's own
-# (activation gradients); untracked (CUDA only) = the allocator's peak of the same step minus the tracker's total.
-CATEGORIES = ("params", "grads", "optimizer", "optimizer_temp", "activations", "temporaries", "other")
 # MemTracker reference types -> record categories. Buffers (BN running stats) count as parameters' kin.
 _MT_MAP = {
     "PARAM": "params",
