@@ -281,6 +281,25 @@ def measure_memory(
     (DDP's gradient buckets, which it otherwise counts as activations). `tracker_factory(model, optimizer)` and
     `category_map` (its reference names -> ours) replace MemTracker for wrappers whose tracker knows more
     (FSDPMemTracker's unsharded parameters and all-gather buffers; DeepSpeed's inner optimizer)."""
+    mt = _tracker(model, optimizer, tracker_factory)
+    owned: dict[tuple[str, int], tuple[str, torch.UntypedStorage]] = {}  # extra storages -> (category, storage)
+    _collect_extra(mt, extra, owned, register=True)
+    held: dict = {}
+
+    def after_forward():
+        held.update(mt.get_tracker_snapshot("current"))
+
+    with _mod_tracker_grad_hooks_removed(), mt:
+        result = step(after_forward)
+    _collect_extra(mt, extra, owned, register=False)
+    peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
+    moved = _reattribute(mt, owned, peak, after)
+    cmap = {**_MT_MAP, **(category_map or {})}
+    return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result
+
+
+def _tracker(model, optimizer, tracker_factory: Callable | None):
+    """MemTracker over the model and optimizer, or the wrapper's own tracker."""
     if tracker_factory is not None:
         mt = tracker_factory(model, optimizer)
     else:
@@ -294,29 +313,24 @@ def measure_memory(
     for p in model.parameters():
         if not p.requires_grad:
             mt._param_to_grad_hook_handles.setdefault(p, (_NoHook, _NoHook))
-    # Extra storages not already known as params/optimizer state: registered now (MemTracker's "other"), so they
-    # count from the first op of the step; their final reference type says where the tracker put their bytes.
-    owned: dict[tuple[str, int], tuple[str, torch.UntypedStorage]] = {}
+    return mt
 
-    def collect(register: bool) -> None:
-        for cat, ts in (extra() if extra else {}).items():
-            for t in ts:
-                st = t.untyped_storage()
-                if st.nbytes() > 0 and storage_key(t) not in owned:
-                    owned[storage_key(t)] = (cat, st)
-                    if register and st not in mt._WINFO:
-                        mt.track_external(t)
 
-    collect(register=True)
-    held: dict = {}
+def _collect_extra(mt, extra: Callable | None, owned: dict, register: bool) -> None:
+    """Extra storages not already known as params/optimizer state: registered before the step (MemTracker's
+    "other"), so they count from its first op; their final reference type says where the tracker put their bytes."""
+    for cat, ts in (extra() if extra else {}).items():
+        for t in ts:
+            st = t.untyped_storage()
+            if st.nbytes() > 0 and storage_key(t) not in owned:
+                owned[storage_key(t)] = (cat, st)
+                if register and st not in mt._WINFO:
+                    mt.track_external(t)
 
-    def after_forward():
-        held.update(mt.get_tracker_snapshot("current"))
 
-    with _mod_tracker_grad_hooks_removed(), mt:
-        result = step(after_forward)
-    collect(register=False)
-    peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
+def _reattribute(mt, owned: dict, peak: dict, after: dict) -> dict[str, dict[str, int]]:
+    """Move each extra storage's bytes from the reference type the tracker gave it to the technique's category, in
+    both snapshots; returns what moved at the peak, by device and category."""
     moved: dict[str, dict[str, int]] = {}
     for (dev, _), (cat, st) in owned.items():
         winfo = mt._WINFO.get(st, (None, None))[0]
@@ -331,8 +345,7 @@ def measure_memory(
                 if snap is peak:
                     moved.setdefault(dev, {})
                     moved[dev][cat] = moved[dev].get(cat, 0) + n
-    cmap = {**_MT_MAP, **(category_map or {})}
-    return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result
+    return moved
 
 
 def with_tracker(tracker_factory: Callable, category_map: dict[str, str]) -> Callable:

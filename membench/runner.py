@@ -175,6 +175,7 @@ class Cell:
         return holder
 
     def start(self) -> None:
+        """Start the child: forked from the sweep's forkserver, or a fresh interpreter (CUDA, multi-rank, exec)."""
         self.started = time.monotonic()
         visible = ",".join(self.devices) if self.devices is not None else None
         busy = gpuinfo.wait_until_free(self.config["run"], visible=visible)  # another process on its GPUs
@@ -183,20 +184,7 @@ class Cell:
             return
         self._tmp = tempfile.TemporaryDirectory(prefix="membench-")
         tmp = Path(self._tmp.name)
-        spec = tmp / "spec.json"
-        spec.write_text(
-            json.dumps(
-                {
-                    "config": self.config,
-                    "run_id": self.run_id,
-                    "config_hash": self.chash,
-                    "worker": worker_path(self.worker),
-                    # absolute: a forked child works in the forkserver's directory, not the sweep's current one
-                    "results_dir": str(Path(self.results_dir).resolve()),
-                    "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
-                }
-            )
-        )
+        spec = self._write_spec(tmp / "spec.json")
         self.log = tmp / "child.log"
         self.progress_file = tmp / "progress.json"
         env = {
@@ -211,13 +199,30 @@ class Cell:
             )
             p.start()
             self._proc = p
-            return
+        else:
+            self._proc = self._exec(spec, env)
+
+    def _write_spec(self, path: Path) -> Path:
+        """The spec the child runs (membench/child.py): the config, the record's identity, the worker's name."""
+        spec = {
+            "config": self.config,
+            "run_id": self.run_id,
+            "config_hash": self.chash,
+            "worker": worker_path(self.worker),
+            # absolute: a forked child works in the forkserver's directory, not the sweep's current one
+            "results_dir": str(Path(self.results_dir).resolve()),
+            "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
+        }
+        path.write_text(json.dumps(spec))
+        return path
+
+    def _exec(self, spec: Path, env: dict[str, str]) -> subprocess.Popen:
         argv = [sys.executable, "-m", "membench.child", str(spec)]
         world = int(self.config["run"].get("world_size", 1))
         if world > 1:  # a launcher starts the N ranks in the child's process group (membench/distributed.py)
             argv = [sys.executable, "-m", "membench.distributed", str(world), *argv]
         with open(self.log, "w") as logf:
-            self._proc = subprocess.Popen(
+            return subprocess.Popen(
                 argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, **env)
             )
 

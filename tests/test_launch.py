@@ -174,7 +174,7 @@ def test_jobs_auto_hands_each_cuda_cell_its_own_device(tmp_path, capsys):
 
 
 def test_a_long_cell_shows_its_step_count_and_time_left(tmp_path, monkeypatch):
-    """The child's progress reports reach the parent (the step loop calls child.report_progress)."""
+    """The child's progress reports reach the parent (the step loop calls cell_progress.report_progress)."""
     from membench.cell_progress import report_progress
     from membench.cells import configs as plan
     from membench.runner import Cell

@@ -1,7 +1,7 @@
 """Where a sweep's cells run: `local` (a pool over this machine's cores or GPUs) or `slurm` (submitit).
 
-The sweep itself (membench/cli.py `run`) plans every cell first; a launcher then runs the cells that have no ok
-record yet and returns their records. Sweep-level knobs (run.jobs, run.launcher, the slurm group) are split off the
+The sweep itself (membench/sweep.py, `membench run`) plans every cell first; a launcher then runs the cells that
+have no ok record yet, each `worker(config)` in its own child (the sweep passes the worker), and returns their records. Sweep-level knobs (run.jobs, run.launcher, the slurm group) are split off the
 cells here, so they are neither part of a cell's identity (config_hash) nor of its record's config.
 A sweep file (RESULTS_DIR/sweeps/ID.json) lists the cells and their labels, so `membench status` can re-attach.
 """
