@@ -30,6 +30,9 @@ from membench.cells import configs
 from membench.errors import ConfigError
 from membench.records import config_hash, new_run_id
 
+# What the ranks of a multi-node cell run: the worker `membench run` passes (membench.sweep.WORKER), as the spec
+# names it. Named, not imported: membench.execute imports this module.
+WORKER = "membench.execute:execute"
 # How each collective's "full" tensor counts in the ZeRO paper's volume (sec. 7): an all-reduce is a
 # reduce-scatter plus an all-gather (2x its size); the others move their full size once.
 _PAPER_WEIGHT = {"allreduce": 2}
@@ -222,6 +225,7 @@ def write_spec(path: str, overrides: list[str]) -> dict:
         "config": config,
         "run_id": new_run_id(chash),
         "config_hash": chash,
+        "worker": WORKER,
         "results_dir": config["run"]["results_dir"],
     }
     with open(path, "w") as f:
