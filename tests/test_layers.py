@@ -175,3 +175,20 @@ def test_workloads_import_nothing_from_techniques():
         if module.startswith("membench.techniques")
     ]
     assert bad == []
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def test_the_runner_and_launchers_get_the_worker_passed_in():
+    """What a cell runs is the worker the sweep passes (membench/sweep.py); the runner and the launchers reach the
+    step loop through no import, function-local ones included."""
+    graph = edges()
+    for m in ("membench.runner", "membench.child", "membench.launch.local", "membench.launch.slurm"):
+        assert "membench.execute" not in _reach(graph, m), m
