@@ -13,6 +13,7 @@ from pathlib import Path
 
 from membench.config import locate
 from membench.records import config_hash, latest_by_cell, load_records
+from membench.sections import CATEGORIES, PREDICTED_CATEGORIES, UNTRACKED
 
 MiB = 2**20
 
@@ -149,7 +150,7 @@ COLUMNS = [
     ("optim", _cat("optimizer")),
     ("act@peak", _cat("activations")),
     # temporaries of backward and of the optimizer step, anything else the tracker saw, and on CUDA `untracked`
-    ("temp+other", _cat("temporaries", "optimizer_temp", "other", "untracked")),
+    ("temp+other", _cat(*(c for c in (*CATEGORIES, UNTRACKED) if c not in PREDICTED_CATEGORIES))),
     ("act held MiB", lambda rs, b: _num([_act_held(r) for r in rs], ".1f", MiB)),
     ("act pred MiB (err)", _pred),
     ("act ratio", _ratio_of(_act_held)),
