@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from membench.workloads.custom import CustomParts
 from torch import nn
+
+from membench.workloads.custom import CustomParts
 
 
 class ResidualBlock(nn.Module):

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from membench.techniques.base import Context, Patch, Prediction, Technique
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 MODES = ("full", "every_k", "selective")
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
-from membench.techniques.base import Context, Patch, Technique
-
 from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Technique
 
 # Application order, and why:
 # 1. structural changes first (pruning shrinks/masks the dense model that everything else then sees);

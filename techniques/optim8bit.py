@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from membench.techniques.base import Context, Patch, Prediction, Technique
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 BACKENDS = ("bitsandbytes", "torchao")
 PAGED = ("auto", "on", "off")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from membench.techniques.base import Context, Patch, Prediction, Technique
 
 

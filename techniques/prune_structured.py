@@ -22,11 +22,11 @@ from typing import ClassVar
 
 import torch
 import torch_pruning as tp
-from membench.techniques.base import Context, Patch, Technique
-from membench.techniques.pruning import check_fraction, check_not_negative, param_bytes, pretrain, quality, reject_both
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Technique
+from membench.techniques.pruning import check_fraction, check_not_negative, param_bytes, pretrain, quality, reject_both
 
 KEY = "technique.prune_structured"
 PRUNABLE = (nn.Linear, nn.Conv2d)

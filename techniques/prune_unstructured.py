@@ -17,19 +17,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from membench.techniques.base import Context, Patch, Prediction, Technique
-from membench.techniques.pruning import (
-    check_fraction,
-    check_not_negative,
-    cubic_sparsity,
-    pretrain,
-    quality,
-    reject_both,
-)
 from torch import nn
 from torch.nn.utils import prune
 
 from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.pruning import check_fraction, check_not_negative, cubic_sparsity, pretrain, quality, reject_both
 
 SCOPES = ("global", "layer")
 SCHEDULES = ("oneshot", "gradual")

@@ -17,9 +17,9 @@ import math
 from pathlib import Path
 
 import torch
-from membench.techniques.base import Context
 
 from membench.errors import ConfigError
+from membench.techniques.base import Context
 
 PRETRAIN_BATCH_OFFSET = 1_000_000  # pretraining batches use indices the run's own steps never reach
 CACHE_DIR = Path("~/.cache/membench/pretrain").expanduser()

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from membench.techniques import quantization as q
-from membench.techniques.base import Context, Patch, Prediction, Technique
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.techniques import quantization as q
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 
 class LoRALinear(nn.Module):

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from membench.techniques.base import Context, Patch, Prediction, Technique
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Prediction, Technique
 
 BACKENDS = ("deepspeed", "torch")
 OFFLOAD = ("none", "cpu")

@@ -87,9 +87,8 @@ def test_every_experiment_composes(experiment):
 
 
 def test_technique_order_follows_the_fixed_order_not_the_users():
-    from membench.techniques.compose import ordered
-
     from membench.execute import build_all
+    from membench.techniques.compose import ordered
 
     cfg = compose("technique=[bf16,activation_checkpointing]")
     _, _, techs, _ = build_all(cfg)

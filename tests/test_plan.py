@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from membench.techniques.precision import BF16
-from membench.techniques.zero import Zero
-from membench.workloads.gpt import GPT, GPTConfig
 
 from membench import plan as pl
 from membench.cli import main
 from membench.errors import MemoryBudgetExceeded
 from membench.predict import model_states
+from membench.techniques.precision import BF16
+from membench.techniques.zero import Zero
+from membench.workloads.gpt import GPT, GPTConfig
 
 GB = 1e9
 

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+
+from membench.errors import ConfigError
 from membench.techniques import pruning
 from membench.techniques.base import Context
 from membench.techniques.prune_structured import PruneStructured
 from membench.techniques.prune_unstructured import PruneUnstructured, csr_nbytes, effective
-
-from membench.errors import ConfigError
 from tests.helpers import compose, experiment_cells, run_inprocess
 
 STEPS = ("run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2")

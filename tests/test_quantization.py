@@ -8,17 +8,17 @@ import math
 import bitsandbytes as bnb
 import pytest
 import torch
+from torch import nn
+
+from membench.errors import ConfigError
 from membench.techniques import quantization as q
 from membench.techniques.base import Context
 from membench.techniques.optim8bit import Optimizer8bit
 from membench.techniques.quantized_base import LoRALinear, QuantizedBase
 from membench.techniques.weight_quant import WeightQuant
+from tests.helpers import compose
 from membench.workloads.digits import DigitsConfig
 from membench.workloads.gpt import GPTConfig
-from torch import nn
-
-from membench.errors import ConfigError
-from tests.helpers import compose
 
 CPU = torch.device("cpu")
 TINY_GPT = dict(n_layer=2, n_head=2, d_model=64, seq_len=32, max_corpus_bytes=200_000)
@@ -194,9 +194,8 @@ def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
 
 
 def test_optimizer_8bit_prediction_matches_measured():
-    from membench.techniques.base import Prediction
-
     from membench.execute import state_bytes
+    from membench.techniques.base import Prediction
 
     wl = _gpt()
     t = Optimizer8bit()
@@ -209,9 +208,8 @@ def test_optimizer_8bit_prediction_matches_measured():
 
 
 def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
-    from membench.techniques.base import Prediction
-
     from membench.execute import state_bytes
+    from membench.techniques.base import Prediction
 
     wl = _gpt()
     t = Optimizer8bit(backend="torchao", bits=4)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from membench.workloads.custom import CustomParts
 from torch import nn
 
 from membench.cli import main
 from membench.config import build
 from membench.errors import ConfigError
 from tests.helpers import compose, run_inprocess
+from membench.workloads.custom import CustomParts
 
 STEPS = ("workload=custom", "run.train_steps=5", "run.warmup_steps=1", "run.measure_steps=2")
 

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from membench.techniques import compose as tcompose
-from membench.techniques.base import Context
 
 from membench.cli import main
 from membench.config import CONF_DIR, build
 from membench.errors import ConfigError
 from membench.predict import predict
+from membench.techniques import compose as tcompose
+from membench.techniques.base import Context
 from tests.helpers import compose, run_inprocess
 
 pytest.importorskip("transformers")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from membench.workloads.llama import Llama, tokens
 
 from membench.config import build
 from tests.helpers import compose, run_inprocess
+from membench.workloads.llama import Llama, tokens
 
 STEPS = (
     "run.train_steps=4",

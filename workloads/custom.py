@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from membench.workloads.base import Quality, Workload
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.workloads.base import Quality, Workload
 
 HELD_OUT_STEP = 10_000_000  # batch indices the run's own steps never reach: the default quality's batches
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from membench.workloads.base import Quality, Workload
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.workloads.base import Quality, Workload
 
 
 @dataclass

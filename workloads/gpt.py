@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from membench.workloads.base import Quality, Workload
-from membench.workloads.corpus import CorpusTraining, load_corpus
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.workloads.base import Quality, Workload
+from membench.workloads.corpus import CorpusTraining, load_corpus
 
 
 @dataclass

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from membench.workloads.corpus import CorpusTraining
-from membench.workloads.llama import TokenLMWorkload
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.workloads.corpus import CorpusTraining
+from membench.workloads.llama import TokenLMWorkload
 
 
 def _some(names) -> str:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from membench.workloads.base import Quality, Workload
-from membench.workloads.corpus import CorpusTraining, load_corpus
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
+from membench.workloads.base import Quality, Workload
+from membench.workloads.corpus import CorpusTraining, load_corpus
 
 BYTE_VOCAB = 256
 ATTENTION_KERNELS = ("auto", "grouped", "expand", "math")
