@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from membench.errors import ConfigError
@@ -324,29 +325,23 @@ def exit_code(counts: dict[str, int]) -> int:
     return EXIT_INCONCLUSIVE if counts["inconclusive"] else EXIT_OK
 
 
-def rerun_cell(record: dict, results_dir: str) -> dict:
-    """The record's cell again, same config, a fresh record into results_dir (one child process)."""
-    from membench.runner import run_cell
-
-    cfg = json.loads(json.dumps(record["config"]))
-    cfg["run"]["results_dir"] = str(results_dir)
-    threads = (record.get("env") or {}).get("torch_threads") or 0
-    return run_cell(cfg, str(results_dir), cfg["run"]["timeout_s"], threads=threads)
-
-
 def compare_dirs(
-    baseline_dir: str, candidate_dir: str, tol: Tolerances, experiment: str | None = None, confirm: bool = False
+    baseline_dir: str,
+    candidate_dir: str,
+    tol: Tolerances,
+    experiment: str | None = None,
+    rerun: Callable[[dict, str], dict] | None = None,
 ) -> dict:
-    """compare_once; with `confirm`, the candidate's regressed cells are re-run (fresh records into
+    """compare_once; with `rerun` (--confirm: membench.sweep.rerun_cell), the candidate's regressed cells are re-run (fresh records into
     candidate_dir, which the second pass reads as the latest) and a cell counts as regressed only when it
     regresses in both passes."""
     first = compare_once(baseline_dir, candidate_dir, tol, experiment)
     flagged = {r["cell"]: r for r in first["rows"] if r["verdict"] == "regressed"}
-    if not confirm or not flagged:
+    if rerun is None or not flagged:
         return first
     cand = _cells(candidate_dir, experiment)
     for h in flagged:
-        rerun_cell(cand[h], candidate_dir)
+        rerun(cand[h], candidate_dir)
     second = compare_once(baseline_dir, candidate_dir, tol, experiment)
     for r in second["rows"]:
         was = flagged.get(r["cell"])
@@ -427,9 +422,9 @@ def compare(
     tol: Tolerances,
     experiment: str | None = None,
     fmt: str = "markdown",
-    confirm: bool = False,
+    rerun: Callable[[dict, str], dict] | None = None,
 ):
     """(text, exit code): the text is markdown or JSON."""
-    result = compare_dirs(baseline_dir, candidate_dir, tol, experiment, confirm)
+    result = compare_dirs(baseline_dir, candidate_dir, tol, experiment, rerun)
     text = json.dumps(result, indent=1) if fmt == "json" else markdown(result)
     return text, result["exit_code"]

@@ -10,7 +10,7 @@ import gc
 
 import torch
 
-from membench.cli import plan
+from membench.cells import configs as plan
 
 # A run long enough for every phase of the schedule (warm-up, memory step, FLOP step, one timed step).
 SHORT_RUN = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from membench import compare as compare_module
+from membench import sweep as sweep_module
 from membench.cli import main
 from membench.compare import Tolerances, time_verdict
 from membench.records import config_hash
@@ -238,7 +238,7 @@ def test_confirm_reruns_flagged_cells_and_counts_only_those_still_regressed(tmp_
         r["timing"]["step_times_s"] = [t / 1.30 * slow for t in r["timing"]["step_times_s"]]
         (Path(results_dir) / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
 
-    monkeypatch.setattr(compare_module, "rerun_cell", rerun)
+    monkeypatch.setattr(sweep_module, "rerun_cell", rerun)
     assert _compare(tmp_path / "a", tmp_path / "b") == 1
     assert "8 regressed" in capsys.readouterr().out and reruns == []
     assert _compare(tmp_path / "a", tmp_path / "b", "--confirm") == 1

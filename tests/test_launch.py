@@ -130,7 +130,7 @@ def test_a_cell_locked_by_a_live_process_is_not_started_and_a_stale_lock_is_take
         holder.wait()
 
     # the sweep skips a cell whose lock a live process holds, and runs it once the holder is gone
-    from membench.cli import plan
+    from membench.cells import configs as plan
     from membench.records import config_hash
 
     cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
@@ -176,9 +176,9 @@ def test_jobs_auto_hands_each_cuda_cell_its_own_device(tmp_path, capsys):
 
 
 def test_a_long_cell_shows_its_step_count_and_time_left(tmp_path, monkeypatch):
-    """The child's progress reports reach the parent (the step loop calls child.report_progress)."""
-    from membench.child import report_progress
-    from membench.cli import plan
+    """The child's progress reports reach the parent (the step loop calls cell_progress.report_progress)."""
+    from membench.cell_progress import report_progress
+    from membench.cells import configs as plan
     from membench.runner import Cell
 
     cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]

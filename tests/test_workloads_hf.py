@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from membench.cli import CONF_DIR, main
-from membench.config import build
+from membench.cli import main
+from membench.config import CONF_DIR, build
 from membench.errors import ConfigError
 from membench.predict import predict
 from membench.techniques import compose as tcompose

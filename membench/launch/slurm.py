@@ -23,39 +23,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from membench.config import SlurmConfig
 from membench.errors import ConfigError
-from membench.launch import Planned
+from membench.launch import Planned, sweeps_dir
 from membench.launch.progress import Display
+from membench.records import ok_hashes
+from membench.report import summary_line
+from membench.runner import Cell
 
 JOB_NAME = "membench"  # squeue/sacct look only at jobs of this name (a reset cluster reuses job ids)
 POLL_S = 3.0  # squeue/sacct at most this often while following (submitit's own watcher backs off to minutes)
 MARGIN_S = 120  # task start (interpreter, imports), the cell's child start-up and its record, beyond run.timeout_s
 QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED")
 RUNNING = ("RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING")
-
-
-@dataclass
-class SlurmConfig:
-    partition: str | None = None  # Slurm partition (sbatch --partition); null: the cluster's default
-    account: str | None = None  # sbatch --account; null: the user's default
-    qos: str | None = None  # sbatch --qos; null: the account's default
-    gpus_per_node: int | None = None  # null: run.world_size on CUDA (auto: where the partition has GPUs)
-    cpus_per_task: int | None = None  # null: one per rank of the widest CPU cell (the cluster's default for one rank)
-    time_min: int | None = None  # limit of each task, minutes; null: the longest run.timeout_s + 2 min, rounded up
-    mem_gb: float | None = None  # host memory per task; null: the cluster's default
-    array_parallelism: int = 32  # tasks of the array running at once
-    cluster: str | None = None  # null: Slurm when sbatch is found; `local` runs tasks as local processes
-    folder: str | None = None  # submitit's logs and pickles; null: RESULTS_DIR/slurm/SWEEP_ID
-
-    def __post_init__(self) -> None:
-        for key in ("time_min", "array_parallelism", "cpus_per_task"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"slurm.{key}={getattr(self, key)}: must be >= 1")
-        if self.cluster not in (None, "slurm", "local", "debug"):
-            raise ConfigError(f"slurm.cluster={self.cluster}: allowed: null (auto), slurm, local, debug")
 
 
 # ----------------------------------------------------------------------------------------------- the task side
@@ -68,21 +51,19 @@ def allocated_cpus() -> int:
     return min(int(given), mask) if given.isdigit() else mask
 
 
-def run_task(config: dict, label: str) -> dict:
+def run_task(config: dict, label: str, worker: Callable[[dict], dict]) -> dict:
     """One array task: run the cell here (a fresh interpreter; no forkserver for a single cell).
 
     Slurm's SIGTERM (scancel, or the limit) ends the cell without a record: a cancelled run has no result. Its USR2
     warning is ignored, by the child too (an ignored signal stays ignored across exec): the cell has its own
     timeout and the time limit leaves room for it (`resources`), so neither is a reason to end it early."""
-    from membench.records import ok_hashes
-    from membench.runner import Cell
-
     term: list[int] = []
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # first: submitit's own handler would requeue or end the task
     signal.signal(signal.SIGTERM, lambda *_: term.append(1))
     run = config["run"]
     threads = 0 if run.get("num_threads") else max(1, allocated_cpus() // int(run.get("world_size", 1)))
-    cell = Cell(config, run["results_dir"], run["timeout_s"], threads=threads, label=label, start_method="exec")
+    cell = Cell(config, run["results_dir"], run["timeout_s"], threads=threads, label=label, worker=worker,
+                start_method="exec")  # fmt: skip
     holder = cell.lock()
     if holder is not None:
         return {"status": "skipped", "error": f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})"}
@@ -196,8 +177,6 @@ def live_jobs(results_dir: str | Path) -> dict[str, tuple[str, str, str]]:
     """Cells of earlier sweeps into RESULTS_DIR whose task is still queued or running: hash -> (job id, state,
     submitit folder)."""
     import json
-
-    from membench.launch import sweeps_dir
 
     ids: dict[str, tuple[str, str]] = {}
     for p in sorted(sweeps_dir(results_dir).glob("*.json")):
@@ -349,9 +328,11 @@ def executor(slurm: dict, cells: list[Planned], folder: Path):
     return ex, note
 
 
-def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display, on_submit=None) -> list[dict]:
+def run_slurm(
+    cells: list[Planned], slurm: dict, folder: Path, display: Display, worker: Callable[[dict], dict], on_submit=None
+) -> list[dict]:
     """Submit the cells that no live task of an earlier sweep holds, follow them; Ctrl-C/SIGTERM detach.
-    on_submit gets the sweep file's Slurm fields: job_ids (cell hash -> task id), cluster, slurm_folder."""
+    Each task runs `worker(config)` in its own child. on_submit gets the sweep file's Slurm fields: job_ids (cell hash -> task id), cluster, slurm_folder."""
     from submitit.core.utils import FailedJobError
 
     existed = folder.exists()
@@ -372,7 +353,11 @@ def run_slurm(cells: list[Planned], slurm: dict, folder: Path, display: Display,
         cells = [c for c in cells if c.chash not in live]
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error; the one line below says it
-            jobs = ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells]) if cells else []
+            jobs = (
+                ex.map_array(run_task, [c.config for c in cells], [c.label for c in cells], [worker] * len(cells))
+                if cells
+                else []
+            )
         if jobs and ex.cluster == "slurm":
             _refuse_if_never_runs(jobs[0].job_id.split("_")[0], SlurmConfig(**slurm))
     except (FailedJobError, ConfigError) as e:
@@ -418,7 +403,6 @@ def _detach_on_term(signum, frame) -> None:
 
 def _follow(left: list, display: Display, records: list[dict], cluster: str) -> None:
     """Until every task has ended: its result once submitit wrote it, else its Slurm state (polled every POLL_S)."""
-    from membench.report import summary_line
 
     t0 = time.monotonic()
     states: dict[str, str] = {}
