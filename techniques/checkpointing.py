@@ -100,7 +100,7 @@ class ActivationCheckpointing(Technique):
     order: ClassVar[float] = 6
     exact: ClassVar[bool] = True
     family: ClassVar[str] = "activation_checkpointing"
-    label_opts: ClassVar[tuple[str, ...]] = ("mode",)  # policy: see the reply to issue 18 (labels)
+    label_opts: ClassVar[tuple[str, ...]] = ("mode",)  # not policy yet: records and docs name ac:selective
     mode: str = "full"
     every_k: int = 2  # with mode=every_k: checkpoint blocks 0, k, 2k, ...
     policy: str = "matmul"  # with mode=selective: what is saved (see the module docstring)
