@@ -21,12 +21,6 @@ import torch
 from membench.errors import ConfigError
 from membench.techniques.base import Context, Patch, States, Technique
 
-# What owns the whole gradient before the step, and so cannot run with a per-parameter step in backward.
-_NEEDS_WHOLE_GRADIENT = {
-    "zero": "DeepSpeed/DDP/FSDP own the backward and the step (reduction buckets, sharded step)",
-    "fp16": "the GradScaler unscales and checks every gradient for inf/NaN before any step",
-}
-
 
 class InBackwardOptimizer(torch.optim.Optimizer):
     """Facade over per-parameter optimizers that step in backward: step() is a no-op (the hooks stepped),
@@ -58,14 +52,12 @@ class OptimizerInBackward(Technique):
     order: ClassVar[float] = 9.1
     exact: ClassVar[bool] = True
     family: ClassVar[str] = "optimizer_in_backward"
+    # what needs the whole gradient before any step, or owns the step
     incompatible: ClassVar[dict[str, str]] = {
         "optimizer_8bit": "both replace the optimizer (per-parameter 8-bit optimizers are not built)",
+        "zero": "DeepSpeed/DDP/FSDP own the backward and the step (reduction buckets, sharded step)",
+        "fp16": "the GradScaler unscales and checks every gradient for inf/NaN before any step",
     }
-
-    def check(self, kinds: set[str], device_type: str) -> None:
-        for kind, why in _NEEDS_WHOLE_GRADIENT.items():
-            if kind in kinds:
-                raise ConfigError(f"technique=[optimizer_in_backward,{kind}]: incompatible: {why}")
 
     def check_run(self, run) -> None:
         if getattr(run, "grad_accum_steps", 1) > 1:

@@ -49,6 +49,7 @@ class OptimizerLowmem(Technique):
     incompatible: ClassVar[dict[str, str]] = {
         "optimizer_8bit": "both replace the optimizer",
         "optimizer_in_backward": "both replace the optimizer (per-parameter low-memory optimizers are not built)",
+        "zero": "zero builds its own (sharded) optimizer",
     }
     algo: str = "adafactor"
     rank: int = 16  # galore/apollo: projected rank (smaller: smaller m, v)
