@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, States, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 
 
 class InBackwardOptimizer(torch.optim.Optimizer):
@@ -52,6 +52,8 @@ class OptimizerInBackward(Technique):
     order: ClassVar[float] = 9.1
     exact: ClassVar[bool] = True
     family: ClassVar[str] = "optimizer_in_backward"
+    # its hooks step on fake tensors, but the simulation builds the workload's own optimizer
+    not_simulated: ClassVar[str] = "the simulation builds the workload's AdamW, not Patch.optimizer_factory"
     # what needs the whole gradient before any step, or owns the step
     incompatible: ClassVar[dict[str, str]] = {
         "optimizer_8bit": "both replace the optimizer (per-parameter 8-bit optimizers are not built)",
@@ -77,6 +79,11 @@ class OptimizerInBackward(Technique):
         # at the peak at most one parameter's gradient is alive (the one being stepped): the largest bounds it
         s.grad_rate = s.grad_rate * max(s.trainable, default=0) / max(1, sum(s.trainable))
         s.rule.append("grads: the largest parameter's only (step in backward)")
+
+    def predict(self, pred: Prediction, ctx: Context) -> None:
+        trainable = [p.numel() for p in ctx.workload.model.parameters() if p.requires_grad]
+        pred.grads_total = max(trainable, default=0) * pred.grad_bytes
+        pred.notes.append("optimizer_in_backward: grads at the peak are the largest parameter's only")
 
     def time_prior(self) -> float:
         return 1.02  # per-parameter for-loop steps instead of one foreach step

@@ -12,8 +12,9 @@ update rule (approximate: the loss curve is not AdamW's).
   apollo     apollo-torch's APOLLOAdamW on the same tensors: m, v of a random projection to `rank`, the (rank x n or
              m x rank) Gaussian projection, and a scalar norm for its limiter.
 States the libraries keep outside optimizer.state tensors (the projections inside projector objects) are handed to
-the harness as optimizer extra state. Fake tensors: adafactor runs on them; adam_mini (.item() on a numel tensor),
-galore (LAPACK SVD) and apollo (seeded torch.Generator) do not, and the simulation leaves their step out.
+the harness as optimizer extra state. Fake tensors: adam_mini and galore (its SVD too) step on them; torch's
+Adafactor and apollo read a tensor on the host (aten._local_scalar_dense) and do not. The planner's simulation
+builds the workload's own optimizer anyway, so all four are left out of it and priced by their `states` step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, States, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 
 ALGOS = ("adafactor", "adam_mini", "galore", "apollo")
 SCALE_TYPES = ("channel", "tensor")
@@ -46,6 +47,10 @@ class OptimizerLowmem(Technique):
     loss_rtol: ClassVar[float] = 0.1
     family: ClassVar[str] = "optimizer_lowmem"
     label_opts: ClassVar[tuple[str, ...]] = ("algo",)
+    not_simulated: ClassVar[str] = (
+        "the simulation builds the workload's AdamW, not Patch.optimizer_factory (and on fake tensors torch's "
+        "Adafactor and apollo read tensors on the host)"
+    )
     incompatible: ClassVar[dict[str, str]] = {
         "optimizer_8bit": "both replace the optimizer",
         "optimizer_in_backward": "both replace the optimizer (per-parameter low-memory optimizers are not built)",
@@ -134,8 +139,11 @@ class OptimizerLowmem(Technique):
         s.optimizer = self.total_bytes(s.model, s.blocks, _Dims.of(s.model), int(s.param_rate))
         s.rule.append(f"{self.algo} states")
 
-    def simulated(self) -> Technique | None:
-        return self if self.algo == "adafactor" else None
+    def predict(self, pred: Prediction, ctx: Context) -> None:
+        model = ctx.workload.model
+        e = next(p.element_size() for p in model.parameters())
+        pred.optimizer_total = self.total_bytes(model, ctx.workload.blocks(), _Dims.of(model), e)
+        pred.notes.append(f"optimizer_lowmem: {self.algo} states from the parameter shapes")
 
     @classmethod
     def plan_values(cls, world_size: int, device_type: str) -> list[dict]:

@@ -62,3 +62,14 @@ def test_declared_incompatible_with_other_optimizer_replacements():
 def test_unknown_algo_is_rejected():
     with pytest.raises(ConfigError, match="algo"):
         compose("workload=gpt_tiny", "technique=[optimizer_lowmem]", "technique.optimizer_lowmem.algo=lion")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_a_run_records_the_predicted_state_bytes(algo):
+    from tests.helpers import run_inprocess
+
+    r = run_inprocess("workload=gpt_tiny", "run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1",
+                      "technique=[optimizer_lowmem]", f"technique.optimizer_lowmem.algo={algo}")  # fmt: skip
+    m = r["memory"]
+    assert m["predicted_by_category"]["optimizer"] == m["model_states"]["optimizer"]
+    assert m["by_device"]["cpu"]["by_category"]["optimizer"] == m["model_states"]["optimizer"]  # tracked as such

@@ -57,3 +57,9 @@ def test_pure_states_predict_one_parameter_of_gradients():
 def test_rejects_what_needs_the_whole_gradient(other):
     with pytest.raises(ConfigError, match="optimizer_in_backward"):
         compose("workload=gpt_tiny", f"technique=[optimizer_in_backward,{other}]")
+
+
+
+def test_record_predicts_the_gradients_at_the_peak(runs):
+    r = runs["in_backward"]
+    assert r["memory"]["predicted_by_category"]["grads"] == _peak(r)["grads"]
