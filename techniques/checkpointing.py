@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from membench.errors import ConfigError
@@ -51,13 +52,28 @@ def _matmul(ctx, op, *args, **kwargs):
 
 class _RecomputeAttention(torch.overrides.TorchFunctionMode):
     """Runs every F.scaled_dot_product_attention under a non-reentrant checkpoint (the mode is off inside its own
-    handler, so the checkpointed call and its recompute in backward run the plain function)."""
+    handler, so the checkpointed call and its recompute in backward run the plain function). The SDPA backends
+    enabled at the call (a workload's `sdpa_kernel(MATH)`) are enabled again for the recompute, which runs in
+    backward outside that context: another kernel would save other tensors and fail checkpoint's check."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(func, *args, use_reentrant=False, **kwargs)
-        return func(*args, **kwargs)
+        if func is not torch.nn.functional.scaled_dot_product_attention or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        enabled = [b for b, on in _sdpa_backends() if on]
+
+        def attention(*a, **k):
+            with sdpa_kernel(enabled):
+                return func(*a, **k)
+
+        return torch.utils.checkpoint.checkpoint(attention, *args, use_reentrant=False, **kwargs)
+
+
+def _sdpa_backends():
+    cuda = torch.backends.cuda
+    return ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+            (SDPBackend.MATH, cuda.math_sdp_enabled()), (SDPBackend.CUDNN_ATTENTION, cuda.cudnn_sdp_enabled()))  # fmt: skip
 
 
 class AttentionRecomputed(torch.nn.Module):

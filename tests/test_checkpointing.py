@@ -133,3 +133,17 @@ def test_recompute_costs_follow_the_policy(policy_runs):
     flops = {p: r["flops"]["counted_per_step"] for p, r in rs.items()}
     assert flops["none"] == flops["matmul"] < flops["megatron"] < flops["full"]  # matmul redoes no counted op
     assert flops["matmul"] < flops["op"] < flops["full"]
+
+
+def test_megatron_on_the_math_path_drops_the_attention_matrices():
+    # SDPA's math path saves the b x h x s x s softmax probabilities (Korthikanti's 5as^2b terms): megatron drops them,
+    # and what it holds equals what it holds with the fused kernel (the attention core keeps nothing either way)
+    llama = ("workload=llama_tiny", "workload.n_layer=4", *STEPS)
+    math = (*llama, "workload.attention_kernel=math")
+    rs = {"none": run_inprocess(*math), "megatron": run_inprocess(*math, *_selective("megatron")),
+          "fused": run_inprocess(*llama, *_selective("megatron"))}  # fmt: skip
+    assert rs["megatron"]["quality"]["loss_curve"] == rs["none"]["quality"]["loss_curve"]
+    c = compose(*llama)
+    b, h, s = c["run"]["batch_size"], c["workload"]["n_head"], c["workload"]["seq_len"]
+    assert _held(rs["none"]) - _held(rs["megatron"]) >= 4 * b * h * s * s * 4
+    assert _held(rs["megatron"]) == _held(rs["fused"])
