@@ -161,7 +161,10 @@ def projected(params: list[torch.Tensor], blocks) -> list[torch.Tensor]:
 
 def _adam_mini_v(name: str, shape: tuple[int, ...], n: int, c) -> int:
     """Elements of Adam-mini's second moment for one tensor, by its name partition (adam_mini 1.1.1's step)."""
-    has = lambda attr, default: any(k in name for k in default | ADAM_MINI_NAMES.get(attr, set()))  # noqa: E731
+
+    def has(attr: str, default: set[str]) -> bool:  # the library's own names, then those added in build()
+        return any(k in name for k in default | ADAM_MINI_NAMES[attr])
+
     if "bias" in name:
         return n
     if has("wqk_names", {"k_proj", "q_proj", "wq", "wk", "query", "key"}):
