@@ -59,7 +59,6 @@ def test_rejects_what_needs_the_whole_gradient(other):
         compose("workload=gpt_tiny", f"technique=[optimizer_in_backward,{other}]")
 
 
-
 def test_record_predicts_the_gradients_at_the_peak(runs):
     r = runs["in_backward"]
     assert r["memory"]["predicted_by_category"]["grads"] == _peak(r)["grads"]
