@@ -199,3 +199,7 @@ class GPTWorkload(Workload):
             "train_bytes": len(self.corpus.train),
             "eval_bytes": len(self.corpus.eval),
         }
+
+    def linear_roles(self) -> dict[str, str]:
+        roles = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "o", "fc": "mlp", "fc_out": "mlp"}
+        return {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in roles.items()} | {"head": "head"}

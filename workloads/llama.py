@@ -341,3 +341,7 @@ class LlamaWorkload(TokenLMWorkload):
         n_matmul = c.n_layer * per_layer + c.d_model * c.vocab_size
         tokens_ = batch_size * c.seq_len
         return 6 * n_matmul * tokens_ + 12 * c.n_layer * c.seq_len * c.d_model * tokens_
+
+    def linear_roles(self) -> dict[str, str]:
+        roles = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.o": "o", "gate": "mlp", "up": "mlp", "down": "mlp"}
+        return {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in roles.items()} | {"head": "head"}
