@@ -63,8 +63,9 @@ def inject(model: nn.Module, paths: list[str], rank: int, alpha: float, dropout:
     # The whole path as a regex: PEFT full-matches a string target_modules, so no other module can match.
     pattern = "|".join(p.replace(".", r"\.") for p in paths)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"^(?:{pattern})$")
-    # autocast_adapter_dtype=False: adapters take the base's dtype (bf16 under bf16_pure), as its state rates say
-    inject_adapter_in_model(config, model, autocast_adapter_dtype=False)
+    # Adapters take the base's float dtype (bf16 under bf16_pure, as its state rates say): unlike get_peft_model,
+    # inject_adapter_in_model does not upcast them to fp32.
+    inject_adapter_in_model(config, model)
     return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
 

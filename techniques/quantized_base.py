@@ -83,7 +83,8 @@ class QuantizedBase(Technique):
             )
         names = {id(m): n for n, m in model.named_modules()}
         paths = [f"{names[id(parent)]}.{name}".lstrip(".") for parent, name in targets]
-        keep = set() if self.freeze_rest else {id(p) for p in model.parameters() if p.requires_grad}
+        swapped = {id(p) for parent, name in targets for p in getattr(parent, name).parameters()}
+        keep = [] if self.freeze_rest else [p for p in model.parameters() if p.requires_grad and id(p) not in swapped]
         shapes, layers = [], []
         for parent, name in targets:
             lin = getattr(parent, name)
@@ -95,9 +96,8 @@ class QuantizedBase(Technique):
         # transformers sets these on a model it loaded quantized; PEFT picks its bitsandbytes LoRA layers by them
         model.is_loaded_in_4bit, model.is_loaded_in_8bit = self.quant_type != "int8", self.quant_type == "int8"
         adapters = lora.inject(model, paths, self.rank, self.alpha, self.dropout)  # PEFT freezes all but these
-        for p in model.parameters():
-            if id(p) in keep:  # left alone (and not quantized): trains as before, unless freeze_rest
-                p.requires_grad_(True)
+        for p in keep:  # left alone (not quantized): trains as before, unless freeze_rest
+            p.requires_grad_(True)
         return Patch(extra_state=q.extra_state_fn(model, layers), info=self._info(model, shapes, layers, adapters),
                      applied={"shapes": shapes, "layers": layers, "adapters": len(adapters)})  # fmt: skip
 

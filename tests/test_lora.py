@@ -115,7 +115,8 @@ def test_optimizer_state_is_the_adapters_only_and_the_base_does_not_move():
     assert measured["optimizer"] == 8 * n + 4 * len(adapters) == 8 * 2 * _per_block_gpt(4) + 4 * 24
     assert measured["grads"] == 4 * n
     # the pure states step (planner) and the record prediction say the same
-    s = model_states(_gpt().model, _gpt().blocks(), [t], 1)
+    fresh = _gpt()
+    s = model_states(fresh.model, fresh.blocks(), [t], 1)
     assert {k: s["device"][k] for k in ("grads", "optimizer")} == {k: measured[k] for k in ("grads", "optimizer")}
     assert s["device"]["params"] == measured["params"]
     from membench.techniques.base import Prediction
@@ -132,23 +133,23 @@ def test_qlora_is_peft_bitsandbytes_and_replaces_quantized_base_adapters(quant_t
     from membench.execute import state_bytes
 
     wl = _gpt()
-    qb, t = QuantizedBase(quant_type=quant_type), Lora(rank=4, targets=["attention"])
+    qb, t = QuantizedBase(quant_type=quant_type), Lora(rank=4)
     ctx = Context(workload=wl, device=CPU, run=None)
-    ctx.applied[qb.kind] = qb.apply(wl.model, ctx).applied
+    qb_patch = qb.apply(wl.model, ctx)
+    ctx.applied[qb.kind] = qb_patch.applied
     patch = t.apply(wl.model, ctx)
-    ctx.applied[t.kind] = patch.applied
     layer = peft_bnb.Linear8bitLt if quant_type == "int8" else peft_bnb.Linear4bit
-    assert sum(isinstance(m, layer) for m in wl.model.modules()) == 8  # attention only; mlp keeps a bare base
-    assert patch.info["replaced_quantized_base_adapters"] == 12
-    assert patch.info["trainable_params"] == patch.info["adapter_params"] == 2 * 4 * 4 * (64 + 64)
+    assert sum(isinstance(m, layer) for m in wl.model.modules()) == 12
+    assert patch.info["replaced_quantized_base_adapters"] == 12  # quantized_base's rank-8 ones, gone
+    assert patch.info["trainable_params"] == patch.info["adapter_params"] == 2 * _per_block_gpt(4)
     opt = torch.optim.AdamW([p for p in wl.model.parameters() if p.requires_grad], lr=1e-2)
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     opt.step()
-    measured = state_bytes(wl.model, opt, {})["cpu"]
-    m = _gpt().model
-    s = model_states(m, _gpt().blocks(), [qb, t], 1)
-    assert s["device"]["optimizer"] == measured["optimizer"] == 8 * patch.info["adapter_params"] + 4 * 16
-    assert s["device"]["grads"] == measured["grads"]
+    measured = state_bytes(wl.model, opt, qb_patch.extra_state())["cpu"]
+    fresh = _gpt()
+    s = model_states(fresh.model, fresh.blocks(), [qb, t], 1)["device"]
+    assert s == measured
+    assert s["optimizer"] == 8 * patch.info["adapter_params"] + 4 * 24
 
 
 def test_quantized_base_alone_keeps_its_adapters_and_trainable_rest():
