@@ -169,9 +169,11 @@ def test_real_short_run(workload, techs):
 
     rec = run_inprocess(f"workload={workload}", f"technique={techs}", "run.warmup_steps=1", "run.measure_steps=1",
                         "run.train_steps=4")  # fmt: skip
-    assert rec["status"] == "ok"
-    assert rec["quality"]["value"] == rec["quality"]["value"]  # present and not NaN
+    # run_inprocess raises where the child would record status error/oom; the measured sections are all there
+    assert rec["quality"]["metric"] == "eval_loss" and rec["quality"]["value"] == rec["quality"]["value"]  # not NaN
     assert rec["technique_info"]["lora.adapters"] > 0
+    states, pred = rec["memory"]["model_states"], rec["memory"]["predicted_by_category"]
+    assert {k: pred[k] for k in states} == states  # the record's prediction equals the measured model states
 
 
 def test_fake_tensor_stand_in_has_the_same_trainable_shapes():
@@ -184,7 +186,8 @@ def test_fake_tensor_stand_in_has_the_same_trainable_shapes():
     out = simulate.simulate_once(wl_cfg, sim, batch_size=2)
     n = 2 * _per_block_gpt(4)
     assert out["by_category"]["optimizer"] == 8 * n + 4 * 24
-    assert out["by_category"]["grads"] == 4 * n
+    wl = wl_cfg.build(0)
+    assert out["by_category"]["params"] == model_states(wl.model, wl.blocks(), [t], 1)["device"]["params"]
 
 
 def test_bad_knobs_raise_naming_the_key():
