@@ -32,17 +32,15 @@ def select(roles: dict[str, str], targets: tuple[str, ...], model: nn.Module, bl
     blocks, found by identity), in model order."""
     wanted = {r for t in targets for r in GROUPS.get(t, (t,))}
     inside = {id(m) for m in blocks.modules()}
-    return [p for p, r in roles.items() if r in wanted or ("blocks" in targets and id(model.get_submodule(p)) in inside)]
+    every = "blocks" in targets
+    return [p for p, r in roles.items() if r in wanted or (every and id(model.get_submodule(p)) in inside)]
 
 
 def default_roles(model: nn.Module, blocks: nn.Module) -> dict[str, str]:
-    """Every nn.Linear (bitsandbytes layers included) inside the blocks: role "block" (a workload's default)."""
+    """Every nn.Linear (bitsandbytes layers subclass it) inside the blocks: role "block", as the Workload default
+    (workloads/base.py) declares them; for the pure steps, which see the model and its blocks only."""
     inside = {id(m) for m in blocks.modules()}
-    return {n: "block" for n, m in model.named_modules() if id(m) in inside and _is_base_linear(m)}
-
-
-def _is_base_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) and not any(isinstance(c, nn.ModuleDict) for c in m.children())
+    return {n: "block" for n, m in model.named_modules() if id(m) in inside and isinstance(m, nn.Linear)}
 
 
 def unwrap(model: nn.Module) -> int:
@@ -53,6 +51,8 @@ def unwrap(model: nn.Module) -> int:
     for name, m in found:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, m.get_base_layer())
+    if found:
+        del model.peft_config  # what inject_adapter_in_model recorded: the next injection starts afresh
     return len(found)
 
 
@@ -71,7 +71,8 @@ def inject(model: nn.Module, paths: list[str], rank: int, alpha: float, dropout:
 
 def adapter_sizes(model: nn.Module, paths: list[str], rank: int) -> list[int]:
     """Pure: rank * in and rank * out elements per targeted linear (A is [rank, in], B is [out, rank])."""
-    return [n for p in paths for lin in [model.get_submodule(p)] for n in (rank * lin.in_features, rank * lin.out_features)]
+    lins = [model.get_submodule(p) for p in paths]
+    return [n for lin in lins for n in (rank * lin.in_features, rank * lin.out_features)]
 
 
 @dataclass(frozen=True)

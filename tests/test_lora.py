@@ -17,7 +17,6 @@ from membench.techniques.base import Context
 from membench.techniques.lora import Lora
 from membench.techniques.quantized_base import QuantizedBase
 from membench.workloads.gpt import GPTConfig
-from membench.workloads.llama import LlamaConfig
 from tests.helpers import compose
 
 CPU = torch.device("cpu")

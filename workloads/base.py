@@ -82,8 +82,4 @@ class Workload:
         o, mlp, head, or block (a linear inside the blocks with no finer role). Default: every nn.Linear (also a
         bitsandbytes one) inside the blocks is "block"; workloads that know their layers say more."""
         inside = {id(m) for m in self.blocks().modules()}
-        return {
-            n: "block"
-            for n, m in self.model.named_modules()
-            if id(m) in inside and isinstance(m, nn.Linear) and not any(isinstance(c, nn.ModuleDict) for c in m.children())
-        }
+        return {n: "block" for n, m in self.model.named_modules() if id(m) in inside and isinstance(m, nn.Linear)}

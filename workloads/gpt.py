@@ -201,5 +201,7 @@ class GPTWorkload(Workload):
         }
 
     def linear_roles(self) -> dict[str, str]:
-        roles = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "o", "fc": "mlp", "fc_out": "mlp"}
-        return {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in roles.items()} | {"head": "head"}
+        """Attention q/k/v and its output projection, the MLP's two linears, the output head."""
+        per_block = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "o", "fc": "mlp", "fc_out": "mlp"}
+        roles = {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in per_block.items()}
+        return roles | {"head": "head"}

@@ -343,5 +343,7 @@ class LlamaWorkload(TokenLMWorkload):
         return 6 * n_matmul * tokens_ + 12 * c.n_layer * c.seq_len * c.d_model * tokens_
 
     def linear_roles(self) -> dict[str, str]:
-        roles = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.o": "o", "gate": "mlp", "up": "mlp", "down": "mlp"}
-        return {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in roles.items()} | {"head": "head"}
+        """Attention q/k/v/o, the SwiGLU MLP's gate/up/down, the output head."""
+        per_block = {f"attn.{r}": r for r in "qkvo"} | dict.fromkeys(("gate", "up", "down"), "mlp")
+        roles = {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in per_block.items()}
+        return roles | {"head": "head"}
