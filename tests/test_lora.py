@@ -196,3 +196,29 @@ def test_bad_knobs_raise_naming_the_key():
         Lora(targets=["qkv"])
     with pytest.raises(ConfigError, match="lora,weight_quant|weight_quant,lora"):
         compose("technique=[lora,weight_quant]")
+
+
+def test_hf_llama_roles_and_qlora_on_a_transformers_model():
+    """transformers' Llama: q_proj..down_proj give the roles, lm_head the head; PEFT's count on it, and QLoRA
+    through the flags transformers itself would set."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    from membench.config import build
+
+    wl = build(compose("workload=hf")["workload"], "workload").build(0)
+    roles = wl.linear_roles()
+    assert sorted(set(roles.values())) == ["head", "k", "mlp", "o", "q", "v"]
+    assert [p for p, r in roles.items() if r == "head"] == ["lm_head"]
+    t = Lora(rank=4, targets=["attention", "mlp"])
+    truth = _peft_count(wl, t)
+    ctx = Context(workload=wl, device=CPU, run=None)
+    qb = QuantizedBase()
+    ctx.applied[qb.kind] = qb.apply(wl.model, ctx).applied
+    info = t.apply(wl.model, ctx).info
+    assert (
+        info["adapters"] == 7 * len(wl.blocks()) == sum(isinstance(m, peft_bnb.Linear4bit) for m in wl.model.modules())
+    )
+    assert info["trainable_params"] == truth[0]
+    loss = wl.loss(wl.model, wl.batch(0, 2, CPU))
+    loss.backward()
+    assert all(p.grad is not None for p in wl.model.parameters() if p.requires_grad)
