@@ -105,7 +105,7 @@ class Lora(Technique):
         object.__setattr__(self, "targets", tuple(self.targets))  # hashable, like every other frozen knob
 
     def time_prior(self) -> float:
-        return 0.9  # no weight gradients for the base; two thin matmuls per target
+        return 0.9  # no weight gradients for the base (Hu et al. 2021: ~25% faster on GPT-3); two thin matmuls more
 
     def paths(self, model: nn.Module, blocks: nn.Module, roles: dict[str, str]) -> list[str]:
         return select(roles, self.targets, model, blocks)
@@ -145,7 +145,7 @@ class Lora(Technique):
     def activation_terms(self, pred: Prediction) -> None:
         """Modest and left out of the analytic model: per target and token, x @ A (rank values) is saved for B's
         backward (and the dropout mask when dropout > 0); the base's own input is saved anyway (A's backward
-        reuses it). At rank 8 on d_model 64 that is under 1/8 of one linear's input."""
+        reuses it). At rank 8 that is 1/8 of a 64-wide linear's saved input, 1/96 of a 768-wide one's."""
 
     def predict(self, pred: Prediction, ctx: Context) -> None:
         """Stored bytes stay the default rule (every parameter, adapters included, at param_bytes) unless
