@@ -222,3 +222,13 @@ def test_hf_llama_roles_and_qlora_on_a_transformers_model():
     loss = wl.loss(wl.model, wl.batch(0, 2, CPU))
     loss.backward()
     assert all(p.grad is not None for p in wl.model.parameters() if p.requires_grad)
+
+
+def test_digits_cnn_has_no_linear_in_its_blocks_and_says_so():
+    from membench.workloads.digits import DigitsConfig
+
+    wl = DigitsConfig().build(0)
+    assert wl.linear_roles() == {}
+    assert "no nn.Linear inside the blocks" in Lora().check_model(wl.model, wl.blocks())
+    with pytest.raises(ConfigError, match="declares no linear with these roles"):
+        _apply(Lora(), wl)
