@@ -232,3 +232,27 @@ def test_digits_cnn_has_no_linear_in_its_blocks_and_says_so():
     assert "no nn.Linear inside the blocks" in Lora().check_model(wl.model, wl.blocks())
     with pytest.raises(ConfigError, match="declares no linear with these roles"):
         _apply(Lora(), wl)
+
+
+@pytest.mark.gpu
+def test_cuda_qlora_bf16_trains_with_peft_bitsandbytes_layers():
+    """Not run in this task (no GPU machine): PEFT's Linear4bit over a bf16-compute nf4 base on CUDA trains."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    cuda = torch.device("cuda")
+    wl = _gpt()
+    wl.model.to(cuda)
+    ctx = Context(workload=wl, device=cuda, run=None)
+    qb = QuantizedBase(double_quant=True, compute_dtype="bfloat16")
+    ctx.applied[qb.kind] = qb.apply(wl.model, ctx).applied
+    info = Lora(rank=4).apply(wl.model, ctx).info
+    assert sum(isinstance(m, peft_bnb.Linear4bit) for m in wl.model.modules()) == info["adapters"] == 12
+    opt = torch.optim.AdamW([p for p in wl.model.parameters() if p.requires_grad], lr=1e-2)
+    batch, losses = wl.batch(0, 4, cuda), []
+    for _ in range(5):
+        loss = wl.loss(wl.model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
