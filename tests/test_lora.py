@@ -256,3 +256,18 @@ def test_cuda_qlora_bf16_trains_with_peft_bitsandbytes_layers():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("techs", [["bf16_pure", "lora"], ["quantized_base", "lora", "optimizer_8bit"]], ids="+".join)
+def test_pure_states_equal_a_real_run_in_combinations(techs):
+    """bf16_pure: adapters stay bf16 (inject_adapter_in_model does not upcast), 2 + 2 + 4 B; 8-bit AdamW keeps
+    fp32 states for the adapters (each under its 4096-element minimum). The planner's step says the same."""
+    from membench.config import build
+    from tests.helpers import run_inprocess
+
+    overrides = ("workload=gpt_tiny", f"technique=[{','.join(techs)}]")
+    rec = run_inprocess(*overrides, "run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4")
+    cfg = compose(*overrides)
+    wl = build(cfg["workload"], "workload").build(0)
+    t = [build(node, name) for name, node in cfg["technique"].items()]
+    assert model_states(wl.model, wl.blocks(), t, 1)["device"] == rec["memory"]["model_states"]
