@@ -56,9 +56,13 @@ def unwrap(model: nn.Module) -> int:
     return len(found)
 
 
-def inject(model: nn.Module, paths: list[str], rank: int, alpha: float, dropout: float) -> list[nn.Parameter]:
-    """PEFT LoRA adapters on exactly `paths`; only they train afterwards. Returns the adapter parameters."""
+def inject(model: nn.Module, paths: list[str], rank: int, alpha: float, dropout: float,
+           dtype: torch.dtype | None = None) -> list[nn.Parameter]:  # fmt: skip
+    """PEFT LoRA adapters on exactly `paths`; only they train afterwards. Returns the adapter parameters.
+    `dtype`: the adapters' dtype where the base has none PEFT can read (a bitsandbytes base stores uint8 codes, so
+    PEFT leaves its adapters fp32; the callers pass the model's float dtype, bf16 after bf16_pure)."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
 
     # The whole path as a regex: PEFT full-matches a string target_modules, so no other module can match.
     pattern = "|".join(p.replace(".", r"\.") for p in paths)
@@ -66,7 +70,16 @@ def inject(model: nn.Module, paths: list[str], rank: int, alpha: float, dropout:
     # Adapters take the base's float dtype (bf16 under bf16_pure, as its state rates say): unlike get_peft_model,
     # inject_adapter_in_model does not upcast them to fp32.
     inject_adapter_in_model(config, model)
+    if dtype is not None:
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.lora_A.to(dtype), m.lora_B.to(dtype)
     return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's floating-point parameters are stored in (the adapters take it)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def adapter_sizes(model: nn.Module, paths: list[str], rank: int) -> list[int]:
@@ -121,7 +134,7 @@ class Lora(Technique):
         if not paths:
             raise ConfigError(f"technique.lora.targets={list(self.targets)}: workload {ctx.workload.name} declares "
                               f"no linear with these roles ({sorted(set(ctx.workload.linear_roles().values()))})")  # fmt: skip
-        adapters = inject(model, paths, self.rank, self.alpha, self.dropout)
+        adapters = inject(model, paths, self.rank, self.alpha, self.dropout, float_dtype(model))
         n = sum(p.numel() for p in adapters)
         info = {"adapters": len(paths), "adapter_params": n, "trainable_params": _trainable(model),
                 "replaced_quantized_base_adapters": replaced}  # fmt: skip

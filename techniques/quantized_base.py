@@ -95,8 +95,8 @@ class QuantizedBase(Technique):
             setattr(parent, name, base)
         # transformers sets these on a model it loaded quantized; PEFT picks its bitsandbytes LoRA layers by them
         model.is_loaded_in_4bit, model.is_loaded_in_8bit = self.quant_type != "int8", self.quant_type == "int8"
-        adapters = lora.inject(model, paths, self.rank, self.alpha, self.dropout)  # PEFT freezes all but these
-        for p in keep:  # left alone (not quantized): trains as before, unless freeze_rest
+        adapters = lora.inject(model, paths, self.rank, self.alpha, self.dropout, lora.float_dtype(model))
+        for p in keep:  # PEFT froze all but the adapters; what was left alone trains as before, unless freeze_rest
             p.requires_grad_(True)
         return Patch(extra_state=q.extra_state_fn(model, layers), info=self._info(model, shapes, layers, adapters),
                      applied={"shapes": shapes, "layers": layers, "adapters": len(adapters)})  # fmt: skip
