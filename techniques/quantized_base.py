@@ -130,7 +130,10 @@ class QuantizedBase(Technique):
         adapters = [n for lin in targets for n in (self.rank * lin.in_features, self.rank * lin.out_features)]
         s.param_extra += sum(q.layout_bytes(lin.out_features, lin.in_features, self.quant_type, self.blocksize,
                                             self.double_quant) for lin in targets)  # fmt: skip
-        s.dense += sum(adapters) - dense
+        # bitsandbytes casts a base's bias to compute_dtype in place on its first forward (fp32 under bf16_pure)
+        bias = sum(lin.bias.numel() for lin in targets if lin.bias is not None)
+        s.param_extra += bias * q.DTYPES[self.compute_dtype].itemsize
+        s.dense += sum(adapters) - dense - bias
         frozen = {id(p) for lin in targets for p in lin.parameters()}  # the quantized base keeps its bias frozen
         rest = [p.numel() for p in s.model.parameters() if id(p) not in frozen]
         s.trainable = adapters if self.freeze_rest else adapters + rest
@@ -140,12 +143,13 @@ class QuantizedBase(Technique):
     def predict(self, pred: Prediction, ctx: Context) -> None:
         model = ctx.workload.model
         shapes, layers = ctx.applied[self.kind]["shapes"], ctx.applied[self.kind]["layers"]
-        quantized = {id(b.weight) for b in layers}
+        quantized = {id(p) for b in layers for p in b.parameters()}
         rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
         layout = sum(q.layout_bytes(o, i, self.quant_type, self.blocksize, self.double_quant) for o, i in shapes)
+        bias = sum(b.bias.numel() for b in layers if b.bias is not None) * q.DTYPES[self.compute_dtype].itemsize
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        pred.params_total = layout + rest * pred.param_bytes + buffers
+        pred.params_total = layout + bias + rest * pred.param_bytes + buffers
         pred.grads_total = trainable * pred.grad_bytes
         tensors = sum(1 for p in model.parameters() if p.requires_grad)
         pred.optimizer_total = trainable * pred.optimizer_bytes + 4 * tensors  # + torch AdamW's fp32 step scalars
