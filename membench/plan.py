@@ -15,6 +15,7 @@ estimators cover model states of one configuration), so the search is ours.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -93,13 +94,25 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig, fixed: tuple[s
     return out
 
 
-def validated(cfg: dict, device_type: str):
-    """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
+def validated(cfg: dict, device_type: str, cache: dict | None = None):
+    """The same rules as `run` (membench.execute.build_all), for a device that need not be present here. `cache`:
+    built configs by node (the planner's candidates share their run, workload and most technique nodes; building
+    each through OmegaConf was a fifth of a llama_8b plan)."""
     from membench.config import build, build_run
 
-    run = build_run(cfg["run"])
-    wcfg = build(cfg["workload"], "workload")
-    techs = [build(node, f"technique.{name}") for name, node in (cfg.get("technique") or {}).items()]
+    def once(key: str, node: dict, make):
+        if cache is None:
+            return make(node)
+        ck = (key, json.dumps(node, sort_keys=True, default=str))
+        if ck not in cache:
+            cache[ck] = make(node)
+        return cache[ck]
+
+    run = once("run", cfg["run"], build_run)
+    wcfg = once("workload", cfg["workload"], lambda n: build(n, "workload"))
+    techs = [
+        once(k, n, functools.partial(build, key=f"technique.{k}")) for k, n in (cfg.get("technique") or {}).items()
+    ]
     technique.validate(techs, device_type)
     if run.world_size > 1 and not any(t.distributed for t in techs):  # execute.build_all's rule
         need = " or ".join(technique.distributed_kinds())
@@ -260,13 +273,13 @@ def without_list(user: list[str]) -> list[str]:
 
 def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dict]]:
     """Validate each composed candidate; give the valid ones their analytic and calibrated predictions."""
-    rows, rejected = [], []
+    rows, rejected, cache = [], [], {}
     for ov, cell in zip(cands, cells, strict=True):
         if isinstance(cell, ConfigError):
             rejected.append({"reason": str(cell)})
             continue
         try:
-            _, _, techs = validated(cell, dev)
+            _, _, techs = validated(cell, dev, cache)
         except ConfigError as e:
             rejected.append({"techniques": key(cell.get("technique")), "reason": str(e)})
             continue
