@@ -356,6 +356,8 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         raise ConfigError("run.memory_budget_mib=null: plan needs a budget; e.g. run.memory_budget_mib=81920")
     budget = run.memory_budget_mib * 2**20
     fixed = tuple(base.get("technique") or {})
+    # what every candidate contains must be valid on its own: refuse it once rather than reject every candidate
+    technique.validate([build(n, f"technique.{k}") for k, n in (base.get("technique") or {}).items()], dev)
     cands = candidates(run.world_size, dev, pc, fixed)
     cells = fast_cells(without_list(user), base, cands)
     cal = Calibration(load_records(pc.records, dev))
