@@ -144,7 +144,7 @@ def test_max_batch_runs_and_a_third_more_does_not():
     assert "simulation at batch" in row["max_batch_source"]
 
     def status(b: int) -> str:
-        cfg = compose("workload=gpt_tiny", *tech, "run.memory_budget_mib=8", "run.train_steps=2", "run.warmup_steps=1",
+        cfg = compose("workload=gpt_tiny", *tech, "run.memory_budget_mib=8", "run.train_steps=4", "run.warmup_steps=1",
                       "run.measure_steps=1", "run.device=cpu", f"run.batch_size={b}")  # fmt: skip
         try:
             execute(cfg)
