@@ -82,16 +82,15 @@ def test_given_techniques_are_in_every_candidate_with_their_knobs(tmp_path):
     assert row["label"] == "activation_checkpointing:every_k+bf16" and ROW_KEYS <= set(row)
 
 
-def _check_rows(r: dict, wl_overrides: list[str]) -> None:
+def _check_rows(r: dict, user: list[str]) -> None:
     """No prediction negative, none below the candidate's device-resident model states, categories adding up."""
     from membench.config import build
 
-    cfg = compose(*wl_overrides)
-    wl = pl.fake_workload(build(cfg["workload"], "workload"), 0)
-    cells = {x["label"]: x for x in r["rows"]}
+    base = pl.compose_cells(user, [[]])[0]  # no device check: CUDA plans are made on this CPU
+    wl = pl.fake_workload(build(base["workload"], "workload"), 0)
+    cells = pl.compose_cells(pl.without_list(user), [row["overrides"] for row in r["rows"]])
     assert cells
-    for row in r["rows"]:
-        c = compose(*wl_overrides, *row["overrides"])
+    for row, c in zip(r["rows"], cells, strict=True):
         _, _, techs = pl.validated(c, r["device"])
         states = model_states(wl.model, wl.blocks(), techs, r["world_size"])["device"]
         floor = states["params"] + states["grads"] + states["optimizer"]
@@ -107,20 +106,18 @@ def _check_rows(r: dict, wl_overrides: list[str]) -> None:
 
 
 def test_hybrid_never_below_model_states_gpt_tiny():
-    ov = ["workload=gpt_tiny", "run.device=cpu"]
-    r, _ = _plan(*ov, "run.memory_budget_mib=64", "plan.techniques=[precision,quantized_base,optimizer_8bit]",
-                 simulate=99)  # fmt: skip
+    r, user = _plan("workload=gpt_tiny", "run.memory_budget_mib=64",
+                    "plan.techniques=[precision,quantized_base,optimizer_8bit]", simulate=99)  # fmt: skip
     assert {x["best_predictor"] for x in r["rows"]} == {"simulation", "hybrid"}
-    _check_rows(r, ov)
+    _check_rows(r, user)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["gpt_tiny", "llama_tiny", "digits_cnn_tiny"])
 def test_every_candidate_never_below_model_states(preset):
-    ov = [f"workload={preset}", "run.device=cpu"]
-    r, _ = _plan(*ov, "run.memory_budget_mib=64", simulate=99)
+    r, user = _plan(f"workload={preset}", "run.memory_budget_mib=64", simulate=99)
     assert all(x["best_predictor"] in ("simulation", "hybrid") for x in r["rows"])
-    _check_rows(r, ov)
+    _check_rows(r, user)
 
 
 @pytest.mark.slow
@@ -128,10 +125,11 @@ def test_every_candidate_never_below_model_states(preset):
 def test_large_cuda_plans_never_below_model_states(preset):
     """The review's rows: llama_8b QLoRA-like at -2.16 GiB and checkpointing+bf16_pure+quantized_base below its
     own parameters, from subtracting the analytic state difference at the start of backward."""
-    ov = [f"workload={preset}", "run.device=cuda"]
-    r, _ = _plan(*ov, "run.memory_budget_mib=81920", "plan.techniques=[precision,quantized_base,activation_checkpointing]",
-                 simulate=99)  # fmt: skip
-    _check_rows(r, ov)
+    r, user = _plan(f"workload={preset}", "run.device=cuda", "run.memory_budget_mib=81920",
+                    "plan.techniques=[precision,quantized_base,activation_checkpointing]", simulate=99)  # fmt: skip
+    assert r["device"] == "cuda"
+    assert {x["best_predictor"] for x in r["rows"]} == {"simulation", "hybrid"}
+    _check_rows(r, user)
 
 
 def test_max_batch_runs_and_a_third_more_does_not():
