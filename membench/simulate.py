@@ -95,8 +95,8 @@ def _phase_marker(holder: dict, phases: dict):
         now = mt.get_tracker_snapshot("current")
         mt._peak_mem_snap = {d: dict(s) for d, s in now.items()}
         mt._peak_mem = {d: s["Total"] for d, s in now.items()}
-        if name == "backward":  # gradients are all live here: what a gradient of each category weighs in full
-            phases["_end_backward"] = measure._by_name(now)
+        if name in ("forward", "backward"):  # held for backward; at the end of backward every gradient is live
+            phases[f"_end_{name}"] = measure._by_name(now)
 
     return mark
 
@@ -137,22 +137,26 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
     phases = {p: measure.categorise(raw[p].get(dev, {}), state, split.category_map) for p in PHASES}
     end = measure.categorise(raw["_end_backward"].get(dev, {}), state, split.category_map)
     states = {"params": end["params"], "grads": end["grads"], "optimizer": state}
-    return _summary(phases, states)
+    after = measure.categorise(raw["_end_forward"].get(dev, {}), state, split.category_map)
+    return _summary(phases, states, after)
 
 
-def _summary(phases: dict, states: dict) -> dict:
+def _summary(phases: dict, states: dict, after_forward: dict) -> dict:
+    """`after_forward`: what the step holds right after the loss (what forward saved for backward)."""
     top = max(PHASES, key=lambda p: sum(phases[p].values()))
     return {"peak_bytes": sum(phases[top].values()), "by_category": dict(phases[top]), "peak_phase": top,
-            "phases": phases, "states": states}  # fmt: skip
+            "phases": phases, "states": states, "after_forward": after_forward}  # fmt: skip
 
 
 def affine(a: dict, b: dict, f: float) -> dict:
     """a + f (b - a) for every phase category and measured state: two simulations (layer counts or batch sizes)
     extended along the line through them."""
-    phases = {p: {c: a["phases"][p][c] + f * (b["phases"][p][c] - a["phases"][p][c]) for c in a["phases"][p]}
-              for p in PHASES}  # fmt: skip
-    states = {c: a["states"][c] + f * (b["states"][c] - a["states"][c]) for c in a["states"]}
-    return _summary(phases, states)
+
+    def line(x: dict, y: dict) -> dict:
+        return {c: x[c] + f * (y[c] - x[c]) for c in x}
+
+    phases = {p: line(a["phases"][p], b["phases"][p]) for p in PHASES}
+    return _summary(phases, line(a["states"], b["states"]), line(a["after_forward"], b["after_forward"]))
 
 
 def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:
@@ -196,4 +200,4 @@ def replace_states(s: dict, device_states: dict, other: dict) -> dict:
         for name, nbytes in other.items():
             cats[name] = cats.get(name, 0.0) + nbytes
         phases[p] = cats
-    return _summary(phases, dict(device_states))
+    return _summary(phases, dict(device_states), s["after_forward"])

@@ -80,7 +80,7 @@ def test_replaced_states_never_subtract():
     s = {"phases": {"forward": {"params": 4, "grads": 0, "optimizer": 8, "activations": 30},
                     "backward": {"params": 4, "grads": 2, "optimizer": 8, "activations": 10},
                     "optimizer": {"params": 4, "grads": 4, "optimizer": 8, "optimizer_temp": 1}},
-         "states": {"params": 4, "grads": 4, "optimizer": 8}}  # fmt: skip
+         "states": {"params": 4, "grads": 4, "optimizer": 8}, "after_forward": {}}  # fmt: skip
     full = {"params": 1.0, "grads": 40.0, "optimizer": 80.0}
     h = replace_states(s, full, {"bucket": 3.0})
     assert h["phases"]["backward"] == {"params": 1, "grads": 20, "optimizer": 80, "activations": 10, "bucket": 3}
