@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import os
 import shutil
 import tempfile
@@ -68,3 +69,12 @@ def merged_view() -> Path:
                 if not link.exists():
                     link.symlink_to(p)
     return view
+
+
+def locate(target: str) -> type:
+    """The class a `_target_` names; records made before the package move say `techniques.X` for
+    `membench.techniques.X` (same for workloads)."""
+    if target.startswith(("techniques.", "workloads.")):
+        target = f"membench.{target}"
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import compose, run_inprocess
+from tests.helpers import held_activations as _held
 
 STEPS = ("run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=1")
 MODES = {
@@ -22,10 +23,6 @@ def runs(request):
     wl = request.param
     extra = ("workload.n_layer=4",) if wl == "gpt_tiny" else ("workload.num_blocks=4",)
     return wl, {m: run_inprocess(f"workload={wl}", *extra, *STEPS, *ov) for m, ov in MODES.items()}
-
-
-def _held(r):
-    return r["memory"]["held_after_forward"]["activations"]
 
 
 def test_losses_and_quality_are_bit_identical(runs):

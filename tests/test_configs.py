@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from membench.cli import CONF_DIR, main, plan
+from membench.cells import configs as plan
+from membench.cli import main
+from membench.config import CONF_DIR
 from membench.errors import ConfigError
 from tests.helpers import compose, experiment_cells
 

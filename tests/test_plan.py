@@ -113,16 +113,14 @@ def test_fit_finds_the_boundary_on_a_cpu_budget():
 @pytest.mark.gpu
 @pytest.mark.parametrize("tech", [[], ["activation_checkpointing"], ["bf16"]])
 def test_fake_cuda_step_matches_real_tracker_on_gpu(tech):
-    from membench.config import build
     from membench.simulate import simulate
-    from tests.helpers import compose, run_inprocess
+    from tests.helpers import compose, config_parts, run_inprocess
 
     ov = ("workload=gpt_small", f"technique=[{','.join(tech)}]", "run.device=cuda", "run.train_steps=4",
           "run.warmup_steps=1", "run.measure_steps=1")  # fmt: skip
     cfg = compose(*ov)
     mem = run_inprocess(*ov)["memory"]
-    techs = [build(n, f"technique.{k}") for k, n in (cfg.get("technique") or {}).items()]
-    got = simulate(build(cfg["workload"], "workload"), techs, cfg["run"]["batch_size"], device="cuda")
+    got = simulate(*config_parts(cfg), cfg["run"]["batch_size"], device="cuda")
     assert got["device"] == "cuda"
     assert abs(got["peak_bytes"] - mem["peak_bytes"]) / mem["peak_bytes"] < 0.02, (got["peak_bytes"], mem)
 

@@ -11,6 +11,11 @@ import inspect
 import re
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from membench.config import RunConfig, SlurmConfig, locate, register_schema
+
 _FIELD = re.compile(r"^\s*(\w+)\s*(?::\s*[^=#]+?)?\s*[:=]\s*(.*?)\s*(?:#\s*(.*))?$")
 
 
@@ -42,12 +47,6 @@ def _fields(cls, values: dict | None = None, comments: dict | None = None, inden
 
 
 def listing(conf_dir: Path) -> str:
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from membench.config import RunConfig, locate, register_schema
-    from membench.launch.slurm import SlurmConfig
-
     register_schema()
     store = ConfigStore.instance()
     out = ["Workloads (workload=NAME; size knobs as each preset sets them, then the family's other knobs):"]
