@@ -133,7 +133,10 @@ def build(node: DictConfig | dict, key: str) -> Any:
     target = node.get("_target_")
     if target is None:
         raise ConfigError(f"{key}: missing _target_")
-    cls = locate(target)
+    try:
+        cls = locate(target)
+    except confpath.MissingDependency as e:
+        raise ConfigError(f"{key}: {e}") from None
     body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
     try:
         typed = OmegaConf.merge(OmegaConf.structured(cls), body)

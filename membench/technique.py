@@ -24,6 +24,7 @@ from membench import confpath
 from membench.errors import ConfigError
 
 REGISTRY: dict[str, type[Technique]] = {}
+UNAVAILABLE: dict[str, str] = {}  # technique YAML name -> why its module cannot load here (a missing optional package)
 
 
 @dataclass
@@ -221,7 +222,10 @@ def _import_targets(roots: tuple[Path, ...]) -> None:
         for path in sorted(Path(root, "technique").glob("*.yaml")):
             target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
             if target:
-                confpath.locate(target)
+                try:
+                    confpath.locate(target)
+                except confpath.MissingDependency as e:
+                    UNAVAILABLE[path.stem] = str(e)
 
 
 def families() -> dict[str, list[type[Technique]]]:

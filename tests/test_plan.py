@@ -56,7 +56,10 @@ def test_enumeration_and_rejection_follow_run_rules():
 def test_exact_only_and_fast_composition_matches_hydra():
     pc, user = pl.split_overrides(["workload=gpt_tiny", "run.device=cpu", "plan.allow_approximate=false"])
     cands = pl.candidates(1, "cpu", pc)
-    assert [c[0] for c in cands] == ["technique=[]"] + ["technique=[activation_checkpointing]"] * 3
+    kinds = [c[0] for c in cands]
+    assert kinds[:2] == ["technique=[]", "technique=[optimizer_in_backward]"]  # the exact families alone and paired
+    ac, both = "technique=[activation_checkpointing]", "technique=[activation_checkpointing,optimizer_in_backward]"
+    assert kinds.count(ac) == kinds.count(both) == 5 and len(kinds) == 12  # selective x 3 policies, every_k, full
     many = pl.candidates(2, "cuda", pl.PlanConfig())[::37]
     base = pl.compose_cells(user, [[]])[0]
     assert pl.fast_cells(user, base, many) == pl.compose_cells(user, many)
@@ -65,9 +68,9 @@ def test_exact_only_and_fast_composition_matches_hydra():
 def test_plan_ranks_fitting_simulated_plans_first(tmp_path):
     # baseline gpt_tiny b=8 peaks at ~7.3 MiB (MemTracker); 6.5 MiB leaves it out (selective: 6.1, every_k: 5.5, full: 4.5)
     r = _plan("workload=gpt_tiny", "run.memory_budget_mib=6.5", "run.device=cpu",
-              "plan.techniques=[activation_checkpointing]", f"plan.records=[{tmp_path}]", simulate=4)  # fmt: skip
+              "plan.techniques=[activation_checkpointing]", f"plan.records=[{tmp_path}]", simulate=6)  # fmt: skip
     rows = r["rows"]
-    assert [x["best_predictor"] for x in rows] == ["simulation"] * 4
+    assert [x["best_predictor"] for x in rows] == ["simulation"] * 6  # baseline, 3 selective policies, every_k, full
     assert [x["fits"] for x in rows] == sorted((x["fits"] for x in rows), reverse=True)
     assert {x["label"] for x in rows if not x["fits"]} == {"baseline"}
     assert all(x["time_source"] == "prior" for x in rows)  # no records under tmp_path
