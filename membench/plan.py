@@ -226,8 +226,9 @@ def quality(kinds_key: str, techs, cal: Calibration, family: str) -> dict:
 
 
 def sim_key(techs) -> tuple:
+    """Candidates whose simulated techniques are equal configs (frozen dataclasses: every knob) share a simulation."""
     s, _ = sim.split(techs)
-    return tuple(sorted((t.kind, getattr(t, "mode", ""), getattr(t, "every_k", 0)) for t in s))
+    return tuple(sorted((t.kind, repr(t)) for t in s))
 
 
 def simulated(s: dict, techs, states: dict) -> tuple[str, dict]:
