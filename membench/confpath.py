@@ -10,8 +10,10 @@ import atexit
 import functools
 import importlib
 import os
+import re
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from hydra.core.config_search_path import ConfigSearchPath
@@ -71,9 +73,18 @@ def merged_view() -> Path:
     return view
 
 
-# Optional dependencies a module may need, with the pip extra that installs each (pyproject.toml).
-EXTRAS = {"bitsandbytes": "quant", "torchao": "quant", "torch_pruning": "prune", "deepspeed": "zero",
-          "transformers": "hf", "peft": "lora"}  # fmt: skip
+def extra_for(package: str) -> str | None:
+    """The pip extra of membench that installs `package` (an import name), read from the installed metadata
+    (pyproject.toml's optional-dependencies); None where no extra names it or membench is not installed."""
+    try:
+        requires = metadata.requires("membench") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for req in requires:
+        m = re.match(r"([A-Za-z0-9_.-]+).*extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if m and m.group(1).lower().replace("-", "_") == package.lower():
+            return m.group(2)
+    return None
 
 
 class MissingDependency(ImportError):
@@ -93,5 +104,6 @@ def locate(target: str) -> type:
         top = (e.name or "").split(".")[0]
         if not top or module == e.name or module.startswith(f"{e.name}."):
             raise
-        hint = f"pip install 'membench[{EXTRAS[top]}]'" if top in EXTRAS else f"pip install {top}"
+        extra = extra_for(top)
+        hint = f"pip install 'membench[{extra}]'" if extra else f"pip install {top}"
         raise MissingDependency(f"{target} needs the package {top}, which is not installed ({hint})") from None

@@ -100,6 +100,7 @@ EXPECTED = {
     "hf": {"prune_structured": NOT_A_TENSOR},
     "hf_gpt2_tiny": {
         "quantized_base": NO_LINEAR,
+        "lora": "declares no linear",  # GPT-2's blocks are transformers Conv1D layers, not nn.Linear
         "weight_quant": "technique.weight_quant",
         "prune_unstructured": "the workload's blocks have no",
         "prune_structured": NOT_A_TENSOR,
