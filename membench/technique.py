@@ -82,7 +82,7 @@ class Prediction:
     other: dict[str, float] = field(default_factory=dict)  # named device bytes outside the model states
     notes: list[str] = field(default_factory=list)
     # Fused linear-cross-entropy in force: tokens per chunk of logits (0: automatic); the workload's activation
-    # model (its `loss_chunk_tokens` argument) then holds one chunk of logits instead of all of them.
+    # model (its `loss_chunk_tokens` argument) then saves an fp32 logsumexp per token instead of the logits.
     loss_chunk_tokens: int | None = None
 
 

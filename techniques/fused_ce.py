@@ -132,19 +132,22 @@ class FusedCE(Technique):
         if impl == "torch_chunked" and ctx.run is not None:  # the planner's simulation has no run knobs
             tokens = ctx.run.batch_size * ctx.workload.tokens_per_sample
             info["chunk_tokens"] = loss_chunk(tokens, head.out_features, head.in_features, self.chunk_size)
-        return Patch(info=info, applied={"impl": impl})
+        return Patch(info=info, applied={**info, "vocab": head.out_features})
 
     def activation_terms(self, pred: Prediction) -> None:
         pred.loss_chunk_tokens = self.chunk_size  # the workload's activation model drops its full logits
 
     def predict(self, pred: Prediction, ctx: Context) -> None:
-        """The record's prediction: the workload's activation model with and without the full logits (the harness
-        passes it no chunk; this adds the difference as the technique's extra bytes)."""
+        """The record's prediction: the activation model's difference without the full logits (as extra bytes: the
+        harness passes the model no chunk), and backward's temporaries, a chunk of fp32 logits and its softmax."""
         args = (ctx.run.batch_size, pred.act_elem_bytes, pred.checkpoint, pred.autocast_dtype is not None)
         fused = ctx.workload.activation_model(*args, loss_chunk_tokens=self.chunk_size)["total"]
         plain = ctx.workload.activation_model(*args)["total"]
         if fused is not None and plain is not None:
             pred.act_extra_bytes += fused - plain
+        applied = ctx.applied[self.kind]
+        if applied.get("chunk_tokens"):
+            pred.other["fused_ce_chunk_logits"] = 2 * applied["chunk_tokens"] * applied["vocab"] * 4
 
     def time_prior(self) -> float:
         return 1.05  # one more head matmul in backward (the chunks' logits recomputed)

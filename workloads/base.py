@@ -46,12 +46,12 @@ def loss_chunk(tokens: int, vocab: int, d_model: int, chunk_size: int = 0) -> in
     return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / d_model))))))
 
 
-def logits_bytes(tokens: int, vocab: int, d_model: int, autocast: bool, loss_chunk_tokens: int | None) -> float:
-    """What the loss holds of the logits at the end of forward: all of them in fp32 (plus the 16-bit head weight
-    copy under autocast), or, with a fused linear-cross-entropy (`loss_chunk_tokens` not None; 0: automatic), an
-    fp32 logsumexp per token plus one chunk of fp32 logits, the transient its backward adds on top."""
-    if loss_chunk_tokens is not None:
-        return loss_chunk(tokens, vocab, d_model, loss_chunk_tokens) * vocab * 4 + tokens * 4
+def logits_bytes(tokens: int, vocab: int, d_model: int, autocast: bool, fused: bool) -> float:
+    """What the loss saves of the logits for backward: all of them in fp32 (plus the 16-bit head weight copy under
+    autocast), or with a fused linear-cross-entropy (`fused`) an fp32 logsumexp per token; its chunks of logits are
+    backward's temporaries (techniques/fused_ce.py names them in the prediction's other terms)."""
+    if fused:
+        return tokens * 4
     return tokens * vocab * 4 + (2 * d_model * vocab if autocast else 0)
 
 

@@ -172,9 +172,9 @@ class GPTWorkload(Workload):
         ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1), adapted to this model:
         flash attention keeps q, k, v and an fp32 logsumexp instead of the 5as^2b softmax and dropout terms
         (measured with saved_tensors_hooks: the kernel's output is not held apart from the projection input);
-        dropout masks (1 byte/element) only when dropout > 0. `loss_chunk_tokens`: a fused linear-cross-entropy
-        (techniques/fused_ce.py) holds one chunk of fp32 logits and an fp32 logsumexp per token instead of all the
-        logits (and no 16-bit head weight copy). Under autocast the residual stream (LayerNorm
+        dropout masks (1 byte/element) only when dropout > 0. `loss_chunk_tokens` (not None): a fused linear-cross-entropy
+        (techniques/fused_ce.py) saves an fp32 logsumexp per token instead of all the logits (and no 16-bit head
+        weight copy). Under autocast the residual stream (LayerNorm
         inputs) stays fp32, each of q/k/v casts the fp32 LayerNorm output to its own 16-bit copy, and the
         16-bit weight copies of non-checkpointed blocks are held until backward. Widths are read from each
         block's modules, so structurally pruned heads and MLP neurons are followed.
@@ -197,7 +197,7 @@ class GPTWorkload(Workload):
             else:  # ln1 in | ln1 out copies, q,k,v, proj in | ln2 in | ln2 out, fc out, gelu out
                 layers += 2 * r * sb * h + ((in_copies + 1) * h + 4 * hq + 2 * f) * e * sb + lse
                 layers += mask * (2 * h) + (2 * (4 * h * hq + 2 * h * f) if autocast else 0)  # 16-bit weights
-        head = r * sb * h + e * sb * h + logits_bytes(sb, c.vocab_size, h, autocast, loss_chunk_tokens)
+        head = r * sb * h + e * sb * h + logits_bytes(sb, c.vocab_size, h, autocast, loss_chunk_tokens is not None)
         return {"layers": layers, "embedding_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:

@@ -139,7 +139,9 @@ class HFWorkload(TokenLMWorkload):
         hidden = seen[-1]
         return self.loss_fn(hidden.reshape(-1, hidden.shape[-1]), self._head, y.reshape(-1))
 
-    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
+    def activation_model(
+        self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False, loss_chunk_tokens=None
+    ):
         """No analytic model for arbitrary architectures: the prediction is left empty (None), not guessed."""
         return {"total": None}
 

@@ -300,7 +300,7 @@ class LlamaWorkload(TokenLMWorkload):
         checkpointing: the q @ k^T product instead of the softmax). Under autocast the residual stream
         and norm outputs stay fp32, the matmuls each cast their input to 16 bits (q,k,v: 3 copies; gate, up:
         2) and 16-bit weight copies are held until backward. Widths are read from the modules (pruning).
-        `loss_chunk_tokens`: a fused linear-cross-entropy holds one chunk of the logits (workloads/base.py).
+        `loss_chunk_tokens` (not None): a fused linear-cross-entropy saves no logits (workloads/base.py).
         """
         c, b, s, h = self.c, batch_size, self.c.seq_len, self.c.d_model
         sb, e = s * b, elem_bytes
@@ -339,7 +339,11 @@ class LlamaWorkload(TokenLMWorkload):
                 layers += 2 * norm + (r if not autocast else 2) * sb * h * sum(copies) + attn + 4 * f * e * sb
                 if autocast:  # 16-bit copies of the block's weights, cast once per step and kept for backward
                     layers += 2 * (h * (2 * hq + 2 * hkv) + 3 * h * f)
-        head = norm + (2 if autocast else r) * sb * h + logits_bytes(sb, c.vocab_size, h, autocast, loss_chunk_tokens)
+        head = (
+            norm
+            + (2 if autocast else r) * sb * h
+            + logits_bytes(sb, c.vocab_size, h, autocast, loss_chunk_tokens is not None)
+        )
         return {"layers": layers, "norm_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:
