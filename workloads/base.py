@@ -70,9 +70,14 @@ class Workload:
     preset: str
     model: nn.Module
     tokens_per_sample: int = 1
-    # LM workloads compute their loss as loss_fn(hidden, lm_head(), targets) inside the model's forward; a technique
-    # may set another (same signature) on the built workload in its apply (fused_ce: logits never materialised).
+    # LM workloads: a technique may set another loss (same signature) on the built workload in its apply (fused_ce:
+    # logits never materialised); the loss is then loss_fn(hidden, lm_head(), targets), taken inside the model's
+    # forward. With this default the loss is taken on the model's logits as it always was (tracing by hooks, such as
+    # prune_structured's, sees the head's output as the model's).
     loss_fn: LossFn = staticmethod(linear_cross_entropy)
+
+    def plain_loss(self) -> bool:
+        return self.loss_fn is linear_cross_entropy
 
     def blocks(self) -> nn.ModuleList:
         """The repeated blocks; techniques wrap or swap entries of this list, never match names."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.workloads.base import LossFn, Quality, Workload, logits_bytes, schema
+from membench.workloads.base import LossFn, Quality, Workload, linear_cross_entropy, logits_bytes, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 
@@ -104,7 +104,7 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_fn: LossFn | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_fn: LossFn = linear_cross_entropy):
         """Logits, or with `targets` the loss `loss_fn(hidden, head, targets)` over the flattened tokens: the loss is
         taken inside forward, so wrappers (DDP, FSDP, DeepSpeed) see the head used where they expect it."""
         pos = torch.arange(idx.shape[1], device=idx.device)
@@ -145,6 +145,9 @@ class GPTWorkload(Workload):
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
+        if self.plain_loss():
+            logits = model(x)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         return model(x, targets=y, loss_fn=self.loss_fn)
 
     @torch.no_grad()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
@@ -125,11 +124,10 @@ class HFWorkload(TokenLMWorkload):
     def lm_head(self) -> nn.Module | None:
         return self.model.get_output_embeddings() if self._no_logits else None
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        if "loss_fn" not in vars(self):  # the plain loss, on the model's own logits
-            logits = model(input_ids=x, use_cache=False).logits
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=x, use_cache=False).logits
+
+    def fused_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         seen = []
         hook = self._base.register_forward_hook(lambda m, args, out: seen.append(out[0]))
         try:  # through the (possibly wrapped) model's own forward, which computes no logits here

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
-from membench.workloads.base import LossFn, Quality, Workload, logits_bytes, schema
+from membench.workloads.base import LossFn, Quality, Workload, linear_cross_entropy, logits_bytes, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 BYTE_VOCAB = 256
@@ -203,7 +203,7 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_fn: LossFn | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_fn: LossFn = linear_cross_entropy):
         """Logits, or with `targets` the loss `loss_fn(hidden, head, targets)` over the flattened tokens (taken inside
         forward, so wrappers see the head used where they expect it)."""
         t = idx.shape[1]
@@ -241,8 +241,17 @@ class TokenLMWorkload(Workload):
     def lm_head(self) -> nn.Module:
         return self.model.head
 
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
+        if self.plain_loss():
+            logits = self.logits(model, x)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return self.fused_loss(model, x, y)
+
+    def fused_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, targets=y, loss_fn=self.loss_fn)
 
     @torch.no_grad()
