@@ -11,8 +11,10 @@ head without bias; the workload must route its loss through `Workload.loss_fn` (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -114,9 +116,21 @@ class FusedCE(Technique):
         cuda_liger = device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
         return "liger" if cuda_liger else "torch_chunked"
 
+    def simulated(self) -> Technique:
+        """Fake tensors run no Triton kernels: the torch path stands in (same loss; Liger keeps the input and weight
+        gradients from forward instead of recomputing, so its bytes differ by those)."""
+        return dataclasses.replace(self, impl="torch_chunked")
+
     def check(self, kinds: set[str], device_type: str) -> None:
         if self.impl in ("liger", "cce") and device_type != "cuda":
             raise ConfigError(f"{KEY}.impl={self.impl}: Triton kernels need CUDA; on {device_type} use torch_chunked")
+
+    def check_model(self, model: torch.nn.Module, blocks) -> str | None:
+        """The planner's early refusal, from the model alone: an LM workload's model takes the loss in its forward
+        (gpt, llama: `loss_fn`) or can skip its logits (transformers: `logits_to_keep`); apply() asks lm_head()."""
+        if {"loss_fn", "logits_to_keep"} & set(inspect.signature(model.forward).parameters):
+            return None
+        return f"technique=[fused_ce]: {type(model).__name__} has no language-model head to fuse with its loss"
 
     def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
         head = ctx.workload.lm_head()

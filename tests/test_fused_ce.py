@@ -82,5 +82,8 @@ def test_rejections():
     from membench.technique import Context
 
     wl = build(compose("workload=digits_cnn_tiny")["workload"], "workload").build(0)
+    assert "no language-model head" in FusedCE().check_model(wl.model, wl.blocks())
+    lm = build(compose("workload=llama_tiny")["workload"], "workload").build(0)
+    assert FusedCE().check_model(lm.model, lm.blocks()) is None
     with pytest.raises(ConfigError, match="no language-model head"):
         FusedCE().apply(wl.model, Context(workload=wl, device=torch.device("cpu"), run=None))
