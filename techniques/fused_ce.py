@@ -5,8 +5,8 @@ impl: `liger` (liger-kernel's LigerFusedLinearCrossEntropyLoss, Triton, CUDA), `
 Triton, CUDA), `torch_chunked` (written here: an autograd Function over token chunks). The CPU path is our own
 because neither library has one: Liger is Triton only, and cut-cross-entropy's non-Triton impl (`torch_compile`)
 computes `e @ c.T` whole and leaves the saving to torch.compile's fusion, which does not chunk on CPU. `auto`: liger
-on CUDA where installed, else torch_chunked. The plain loss up to rounding (declared: loss_rtol 1e-4). Limits: a plain nn.Linear
-head without bias; the workload must route its loss through `Workload.loss_fn` (gpt, llama, hf).
+on CUDA where installed, else torch_chunked. The plain loss up to rounding (declared: loss_rtol 1e-4). Limits: a
+plain nn.Linear head without bias; the workload must route its loss through `Workload.loss_fn` (gpt, llama, hf).
 """
 
 from __future__ import annotations
