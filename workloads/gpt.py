@@ -175,9 +175,9 @@ class GPTWorkload(Workload):
         ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1), adapted to this model:
         flash attention keeps q, k, v and an fp32 logsumexp instead of the 5as^2b softmax and dropout terms
         (measured with saved_tensors_hooks: the kernel's output is not held apart from the projection input);
-        dropout masks (1 byte/element) only when dropout > 0. `loss_chunk_tokens` (not None): a fused linear-cross-entropy
-        (techniques/fused_ce.py) saves an fp32 logsumexp per token instead of all the logits (and no 16-bit head
-        weight copy). Under autocast the residual stream (LayerNorm
+        dropout masks (1 byte/element) only when dropout > 0. `loss_chunk_tokens` (not None): a fused
+        linear-cross-entropy (techniques/fused_ce.py) saves an fp32 logsumexp per token instead of all the logits
+        (and no 16-bit head weight copy). Under autocast the residual stream (LayerNorm
         inputs) stays fp32, each of q/k/v casts the fp32 LayerNorm output to its own 16-bit copy, and the
         16-bit weight copies of non-checkpointed blocks are held until backward. Widths are read from each
         block's modules, so structurally pruned heads and MLP neurons are followed.
