@@ -103,7 +103,7 @@ class FusedCE(Technique):
     family: ClassVar[str] = "fused_ce"
     label_opts: ClassVar[tuple[str, ...]] = ("impl",)
     impl: str = "auto"
-    chunk_size: int = 0  # tokens per chunk (torch_chunked); 0: logits chunk ~ hidden states (Liger's rule)
+    chunk_size: int = 0  # tokens per chunk (torch_chunked); 0: workloads/base.py::loss_chunk (Liger's rule, >= 256)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:

@@ -38,12 +38,17 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.T
     return F.cross_entropy(head(hidden).float(), targets)
 
 
+MIN_LOSS_CHUNK = 256  # tokens: below this, re-reading the head weight for every chunk dominates the step on CPU
+
+
 def loss_chunk(tokens: int, vocab: int, d_model: int, chunk_size: int = 0) -> int:
     """Tokens per chunk of a fused linear-cross-entropy: `chunk_size`, or for 0 Liger's rule (chunks whose logits
-    are about as large as the hidden states: tokens / ceil(vocab / d_model), rounded up to a power of 2)."""
+    are about as large as the hidden states: tokens / ceil(vocab / d_model), rounded up to a power of 2), but at
+    least MIN_LOSS_CHUNK tokens."""
     if chunk_size:
         return min(chunk_size, tokens)
-    return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / d_model))))))
+    liger = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / d_model)))))
+    return min(tokens, max(liger, MIN_LOSS_CHUNK))
 
 
 def logits_bytes(tokens: int, vocab: int, d_model: int, autocast: bool, fused: bool) -> float:
