@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: `make bench` saves a run, `make bench-compare` fails on a median slowdown.
+"""pytest-benchmark suite: `make bench` saves a run with its raw rounds, `make bench-compare` judges the last two.
 
 Not collected by the default `pytest` (testpaths = tests). Each benchmark times real training steps of one
 cell in this process with `benchmark.pedantic` (one round = one optimizer step); the cell's measured memory

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from benchmarks.trainer import training_step
-from membench.cli import plan
+from membench.cells import configs as plan
 from membench.execute import execute
 
 CPU = ["run.num_threads=1"]  # one thread: on a shared machine two threads stall each other

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from membench import technique
-from membench.records import short_target
+from membench.records import cpu_flags, short_target
+from membench.records import cpu_model as _cpu_model
 
 
 def _profile(record: dict) -> tuple[str, str] | None:
@@ -38,8 +39,6 @@ def _cpu_name(model: str, flags: list[str]) -> str:
 
 def current_profile(device_type: str) -> tuple[str, str | None]:
     """Profile to match: this CPU's model, or this GPU's name (None: any GPU, when none is visible)."""
-    from membench.records import _cpu_model, cpu_flags
-
     if device_type == "cuda":
         return ("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return ("cpu", _cpu_name(_cpu_model(), cpu_flags()))

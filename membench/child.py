@@ -1,8 +1,10 @@
 """Entry point of the child process that executes one run and writes its record.
 
 `python -m membench.child SPEC.json` (CUDA cells, ranks of a multi-rank cell), or `forked_main` in a process forked
-from the sweep's forkserver (CPU cells, membench/runner.py). Whatever happens inside the run, the child writes a
-record with a status; if it dies before that (segfault, SIGKILL), the parent writes one instead.
+from the sweep's forkserver (CPU cells, membench/runner.py). The spec names the worker (`module:function`, a
+function from the cell's config to the record's measured sections; the sweep passes membench.execute.execute), so
+this module knows how a cell's process lives and records, not what it runs. Whatever happens inside the run, the
+child writes a record with a status; if it dies before that (segfault, SIGKILL), the parent writes one instead.
 
 Either way the child asks the kernel to SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG, through ctypes:
 the standard library has no binding), so a killed sweep leaves no cell holding a device or writing a late record.
@@ -11,15 +13,18 @@ the standard library has no binding), so a killed sweep leaves no cell holding a
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 from membench.errors import MemoryBudgetExceeded
 from membench.records import environment, skeleton, write_record
+from membench.sections import OomMemory
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -38,23 +43,14 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-_last_progress = [0.0]
+def worker_path(worker: Callable[[dict], dict]) -> str:
+    """`module:function`, the name a spec gives its worker (a module-level function, importable in the child)."""
+    return f"{worker.__module__}:{worker.__qualname__}"
 
 
-def report_progress(step: int, total: int, every_s: float = 2.0) -> None:
-    """For the step loop (membench/execute.py): tell the sweep how far this cell is, so a cell that runs for
-    minutes shows its step count and time left. At most one small atomic file write every `every_s` seconds;
-    a no-op outside a sweep (no MEMBENCH_PROGRESS_FILE)."""
-    path = os.environ.get("MEMBENCH_PROGRESS_FILE")
-    now = time.monotonic()
-    # ranks of one cell share the file: rank 0 speaks for them (two writers raced on one temp name)
-    if not path or int(os.environ.get("RANK", 0)) != 0 or (now - _last_progress[0] < every_s and step < total):
-        return
-    _last_progress[0] = now
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "total": total, "time": time.time()}, f)
-    os.replace(tmp, path)
+def load_worker(path: str) -> Callable[[dict], dict]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -77,14 +73,12 @@ def _oom_memory(e: BaseException, run: dict) -> dict:
     """What an oom run reached: the budget's own check carries its figure; a CUDA OOM has the allocator's peak."""
     import torch
 
-    from membench.errors import MemoryBudgetExceeded
-
-    out = {"budget_mib": run.get("memory_budget_mib"), "peak_bytes": None, "peak_source": None}
+    out = OomMemory(budget_mib=run.get("memory_budget_mib"))
     if isinstance(e, MemoryBudgetExceeded):
-        out.update(peak_bytes=e.peak_bytes, peak_source=e.source)
+        out.peak_bytes, out.peak_source = e.peak_bytes, e.source
     elif isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-        out.update(peak_bytes=torch.cuda.max_memory_allocated(), peak_source="cuda allocator at the OOM")
-    return out
+        out.peak_bytes, out.peak_source = torch.cuda.max_memory_allocated(), "cuda allocator at the OOM"
+    return out.to_dict()
 
 
 def main(spec_path: str) -> int:
@@ -95,9 +89,7 @@ def main(spec_path: str) -> int:
     t0 = time.perf_counter()
     try:
         _apply_launch(launch)
-        from membench.execute import execute
-
-        out = execute(spec["config"])
+        out = load_worker(spec["worker"])(spec["config"])
         record.update(out)
         record["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - every failure is a recorded result, not a crash

@@ -2,7 +2,8 @@
 
 Cells are matched by config_hash (latest record per cell on each side), and the hardware profile both sides
 ran on is part of the match: a run with `run.device=auto` hashes the same on a laptop and on an H200, so a
-cross-profile comparison is refused (exit 2) unless `--any-hardware`, which labels every time verdict.
+cross-profile comparison is refused (exit 2) unless `--any-hardware`, which makes every time verdict
+inconclusive (memory, FLOPs and quality are still judged).
 
 What counts as a regression, by how each quantity behaves:
 - status falls from ok;
@@ -12,13 +13,25 @@ What counts as a regression, by how each quantity behaves:
 - quality: exact techniques (and the baseline) must reproduce the metric to `--quality-atol-exact` (0 = bit
   identical); approximate ones must stay inside the baseline's seed band (a 95% prediction interval over the
   cell's seeds) when the baseline has several seeds, else within `--quality-atol`;
-- step time: the raw per-step samples of both sides are compared with a one-sided Mann-Whitney U test
-  (scipy.stats.mannwhitneyu) and the Hodges-Lehmann shift (median of pairwise differences) relative to the
-  baseline median. A cell regresses only when both say so: p < `--time-alpha` and shift > `--time-min-effect`.
-  The test alone would flag a 1% change over many steps; the effect size alone would flag noise.
+- step time: the raw per-step samples of both sides, pooled over a cell's seed group (cells that differ only
+  in run.seed), are compared with a one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu) and the
+  Hodges-Lehmann shift (median of pairwise differences) relative to the baseline median. A cell regresses only
+  when both say so: p < `--time-alpha` and shift > max(`--time-min-effect`, `--time-noise-floor`). The test
+  alone would flag a 1% change over many steps; the effect size alone would flag noise; the noise floor is the
+  drift between fresh runs of identical code that a machine shows (scripts/gate_power.py measures it).
 
-Exit codes: 0 every matched cell passes and none is missing; 1 a cell regressed or is missing on the candidate
-side; 2 usage error (missing folder, no cell in common, hardware differs without --any-hardware).
+Verdicts, each row with its why: regressed (any of the above), improved (faster beyond the same thresholds,
+a smaller peak, or a status that became ok), ok (judged, nothing moved), inconclusive (could not be judged:
+fewer than `--time-min-steps` pooled timed steps per side, or so few that the exact test cannot reach alpha,
+no step times, other hardware, a shift beyond the min effect that is not significant, a significant shift
+inside the noise floor, or both sides failed). A cell that could not be judged is never "ok". `--confirm`
+re-runs the candidate's regressed cells (same config, fresh records into the candidate folder) and counts a
+cell as regressed only when it regresses again (TorchBench's re-run before a bisect).
+
+Exit codes: 0 every compared cell judged (ok or improved) and none missing; 1 a cell regressed or is missing
+on the candidate side; 2 usage error (missing folder, no cell in common, hardware differs without
+--any-hardware); 3 nothing regressed or missing, but some cells inconclusive. The summary line counts each
+verdict. `compare_bench` applies the same time verdict to two saved pytest-benchmark runs (make bench-compare).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from membench.errors import ConfigError
@@ -33,6 +47,13 @@ from membench.records import latest_by_cell, load_records
 from membench.report import label, seed_group
 
 MiB = 2**20
+VERDICTS = ("regressed", "improved", "inconclusive", "ok", "missing", "new")
+EXIT_OK, EXIT_REGRESSED, EXIT_USAGE, EXIT_INCONCLUSIVE = 0, 1, 2, 3
+EXIT_MEANING = {
+    EXIT_OK: "every compared cell judged, none regressed",
+    EXIT_REGRESSED: "regressed or missing cells",
+    EXIT_INCONCLUSIVE: "nothing regressed, but some cells inconclusive",
+}
 
 
 @dataclass
@@ -43,6 +64,8 @@ class Tolerances:
     quality_atol_exact: float = 0.0  # exact techniques: identical metric
     time_alpha: float = 0.01  # one-sided Mann-Whitney U significance level
     time_min_effect: float = 0.05  # Hodges-Lehmann shift / baseline median; 0 disables the time check
+    time_min_steps: int = 20  # pooled timed steps per side below which a time verdict is inconclusive
+    time_noise_floor: float = 0.0  # run-to-run drift of identical code: a shift inside it is inconclusive
     any_hardware: bool = False
 
 
@@ -75,22 +98,43 @@ def profile_diff(a: dict, b: dict) -> list[str]:
     return sorted(out)
 
 
+def _min_p(n_base: int, n_cand: int) -> float:
+    """The smallest p the exact one-sided test can give: every candidate sample above every baseline one."""
+    return 1 / math.comb(n_base + n_cand, n_cand)
+
+
 def time_verdict(base: list[float], cand: list[float], tol: Tolerances) -> dict:
-    """Rank test plus effect size on raw step times. `regressed` is None when there are too few samples
-    for the test to ever reach `time_alpha`."""
+    """Verdict on two samples of step times (a cell's, or its seed group's pooled), with why.
+
+    regressed / improved: the one-sided Mann-Whitney U test in that direction gives p < time_alpha AND the
+    Hodges-Lehmann shift (median of pairwise differences, relative to the baseline median) is beyond
+    max(time_min_effect, time_noise_floor). ok: enough steps, and the shift is inside time_min_effect (whether
+    significant or not). inconclusive: too few steps for the measured power (time_min_steps per side) or for the
+    test to reach alpha at all, no step times, a shift beyond time_min_effect that is not significant (a cell
+    the test could not judge is not "ok"), or a significant one that stays inside the noise floor (the drift
+    between two fresh runs of identical code on the machine)."""
     from scipy.stats import mannwhitneyu
 
     if not base or not cand:
-        return {"regressed": None, "why": "no step times"}
-    p = float(mannwhitneyu(cand, base, alternative="greater").pvalue)
+        return {"verdict": "inconclusive", "why": "no step times"}
     shift = statistics.median(c - b for c in cand for b in base)  # Hodges-Lehmann estimate
     rel = shift / statistics.median(base)
-    # smallest p the exact test can give with these sample sizes (all candidate samples above all baseline)
-    floor = 1 / math.comb(len(base) + len(cand), len(cand))
+    worse, better = (float(mannwhitneyu(cand, base, alternative=a).pvalue) for a in ("greater", "less"))
+    p = worse if rel >= 0 else better
     out = {"p_value": p, "shift_rel": rel, "n_base": len(base), "n_cand": len(cand)}
-    if floor >= tol.time_alpha:
-        return {**out, "regressed": None, "why": f"too few steps ({len(base)} vs {len(cand)}) for p<{tol.time_alpha}"}
-    return {**out, "regressed": p < tol.time_alpha and rel > tol.time_min_effect}
+    n = f"{len(base)} vs {len(cand)} steps"
+    if _min_p(len(base), len(cand)) >= tol.time_alpha:
+        return {**out, "verdict": "inconclusive", "why": f"{n}: the test cannot reach p<{tol.time_alpha}"}
+    if min(len(base), len(cand)) < tol.time_min_steps:
+        return {**out, "verdict": "inconclusive", "why": f"{n}: under the {tol.time_min_steps} per side for power"}
+    floor = max(tol.time_min_effect, tol.time_noise_floor)
+    if p < tol.time_alpha and abs(rel) > floor:
+        return {**out, "verdict": "regressed" if rel > 0 else "improved", "why": f"shift beyond ±{floor:.0%}"}
+    if abs(rel) <= tol.time_min_effect:
+        return {**out, "verdict": "ok", "why": f"shift within ±{tol.time_min_effect:.0%}"}
+    if p < tol.time_alpha:
+        return {**out, "verdict": "inconclusive", "why": f"inside the noise floor {tol.time_noise_floor:.0%}"}
+    return {**out, "verdict": "inconclusive", "why": f"shift beyond ±{tol.time_min_effect:.0%} but not significant"}
 
 
 def _band(values: list[float]) -> tuple[float, float]:
@@ -128,18 +172,21 @@ def _grew(new: float, old: float, rtol: float) -> bool:
     return old > 0 and (new - old) / old > rtol
 
 
-def check_cell(
-    b: dict, c: dict, band_values: list[float], tol: Tolerances, other_hardware: bool = False
-) -> tuple[list[str], list[str], dict]:
-    """(problems, notes, time verdict) for one matched cell; `other_hardware` labels the time verdict."""
+def check_cell(b: dict, c: dict, band_values: list[float], tol: Tolerances) -> tuple[list[str], list[str], list[str]]:
+    """(problems, improvements, notes) for one matched cell on everything but step time."""
     if b["status"] == "ok" and c["status"] != "ok":
-        return [f"status ok -> {c['status']}"], [], {}
-    if b["status"] != "ok" or c["status"] != "ok":
-        return [], [f"status {b['status']} -> {c['status']}"], {}
+        return [f"status ok -> {c['status']}"], [], []
+    if b["status"] != "ok" and c["status"] == "ok":
+        return [], [f"status {b['status']} -> ok"], []
+    if b["status"] != "ok":
+        return [], [], [f"status {b['status']} -> {c['status']}: nothing measured to compare"]
     bm, cm = b["memory"], c["memory"]
-    problems, notes = [], []
+    problems, better = [], []
+    peak = f"peak {bm['peak_bytes'] / MiB:.2f} -> {cm['peak_bytes'] / MiB:.2f} MiB"
     if _grew(cm["peak_bytes"], bm["peak_bytes"], tol.peak_rtol):
-        problems.append(f"peak {bm['peak_bytes'] / MiB:.2f} -> {cm['peak_bytes'] / MiB:.2f} MiB")
+        problems.append(peak)
+    elif _grew(bm["peak_bytes"], cm["peak_bytes"], tol.peak_rtol):
+        better.append(peak)
     bs, cs = bm.get("model_states") or {}, cm.get("model_states") or {}
     for k in sorted(bs.keys() | cs.keys()):
         if bs.get(k) != cs.get(k):
@@ -150,21 +197,29 @@ def check_cell(
     q = _quality(b, c, band_values, tol)
     if q:
         problems.append(q)
-    tv: dict = {}
-    if tol.time_min_effect > 0:
-        tv = time_verdict(b["timing"]["step_times_s"], c["timing"]["step_times_s"], tol)
-        bt, ct = b["timing"]["median_step_s"], c["timing"]["median_step_s"]
-        label = " (other hardware)" if other_hardware else ""
-        text = f"step {bt * 1e3:.2f} -> {ct * 1e3:.2f} ms"
-        if "p_value" in tv:
-            text += f" (shift {tv['shift_rel']:+.1%}, p={tv['p_value']:.2g})"
-        if tv["regressed"]:
-            problems.append(text + label)
-        elif tv["regressed"] is None:
-            notes.append(f"{text}: no time verdict, {tv['why']}{label}")
-        else:
-            notes.append(text + label)
-    return problems, notes, tv
+    return problems, better, []
+
+
+def time_text(b: list[dict], c: list[dict], tv: dict) -> str:
+    """`step 7.10 -> 7.81 ms (shift +10.0%, p=1e-05, 60 vs 60 steps, 3 seeds pooled): regressed, why`."""
+    med = [statistics.median(t for r in rs for t in r["timing"]["step_times_s"] or [math.nan]) for rs in (b, c)]
+    text = f"step {med[0] * 1e3:.2f} -> {med[1] * 1e3:.2f} ms"
+    if "p_value" in tv:
+        seeds = f", {len(b)} seeds pooled" if len(b) > 1 else ""
+        text += f" (shift {tv['shift_rel']:+.1%}, p={tv['p_value']:.2g}, {tv['n_base']} vs {tv['n_cand']} steps{seeds})"
+    return f"{text}: time {tv['verdict']}, {tv['why']}"
+
+
+def row_verdict(problems: list[str], better: list[str], notes: list[str], tv: dict) -> str:
+    """regressed > inconclusive > improved > ok: a cell that could not be judged is never ok. `tv` is {} when
+    the time check is off (--time-min-effect 0): the cell is then judged on the rest."""
+    if problems or tv.get("verdict") == "regressed":
+        return "regressed"
+    if notes or tv.get("verdict") == "inconclusive":
+        return "inconclusive"
+    if better or tv.get("verdict") == "improved":
+        return "improved"
+    return "ok"
 
 
 @dataclass
@@ -172,8 +227,10 @@ class Row:
     workload: str
     techniques: str
     seed: int | None
-    verdict: str  # ok | REGRESSED | missing | new
+    verdict: str  # ok | regressed | improved | inconclusive | missing | new
+    cell: str = ""  # config hash
     problems: list[str] = field(default_factory=list)
+    improvements: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     time: dict = field(default_factory=dict)
 
@@ -183,15 +240,7 @@ def _cells(d: str, experiment: str | None) -> dict[str, dict]:
     return {h: r for h, r in rs.items() if experiment is None or r.get("experiment") == experiment}
 
 
-def compare_dirs(baseline_dir: str, candidate_dir: str, tol: Tolerances, experiment: str | None = None) -> dict:
-    """Rows for every cell on either side plus the hardware profiles; raises ConfigError on a usage error."""
-    base, cand = _cells(baseline_dir, experiment), _cells(candidate_dir, experiment)
-    common = base.keys() & cand.keys()
-    if not common:
-        raise ConfigError(
-            f"compare: no cell of {baseline_dir} ({len(base)} cells) matches one of {candidate_dir} "
-            f"({len(cand)} cells); nothing to compare"
-        )
+def _hardware(base: dict, cand: dict, common: set[str], tol: Tolerances) -> dict[str, list[str]]:
     diffs = {h: profile_diff(hardware_profile(base[h]), hardware_profile(cand[h])) for h in common}
     differing = {h: d for h, d in diffs.items() if d}
     if differing and not tol.any_hardware:
@@ -200,36 +249,152 @@ def compare_dirs(baseline_dir: str, candidate_dir: str, tol: Tolerances, experim
             f"compare: {len(differing)} of {len(common)} cells ran on different hardware profiles "
             f"({'; '.join(example[:4])}); --any-hardware compares anyway and labels the times"
         )
-    groups: dict[str, list[float]] = {}
+    return differing
+
+
+def _time_verdicts(base: dict, cand: dict, common: set[str], differing: dict, tol: Tolerances) -> dict[str, dict]:
+    """{cell: time verdict}: cells that differ only in run.seed form one group whose step times are pooled on
+    each side (the matched, ok cells of the group); a run on other hardware gets no time verdict."""
+    groups: dict[str, list[str]] = {}
+    for h in sorted(common, key=lambda h: base[h]["config"]["run"].get("seed") or 0):
+        if base[h]["status"] == "ok" and cand[h]["status"] == "ok":
+            groups.setdefault(seed_group(base[h]), []).append(h)
+    out = {}
+    for hs in groups.values():
+        b, c = [base[h] for h in hs], [cand[h] for h in hs]
+        tv = time_verdict(
+            [t for r in b for t in r["timing"]["step_times_s"] or []],
+            [t for r in c for t in r["timing"]["step_times_s"] or []],
+            tol,
+        )
+        if any(differing.get(h) for h in hs):
+            tv = {**tv, "verdict": "inconclusive", "why": "other hardware"}
+        tv["text"] = time_text(b, c, tv)
+        out.update(dict.fromkeys(hs, tv))
+    return out
+
+
+def compare_once(baseline_dir: str, candidate_dir: str, tol: Tolerances, experiment: str | None = None) -> dict:
+    """Rows for every cell on either side plus the counts; raises ConfigError on a usage error."""
+    base, cand = _cells(baseline_dir, experiment), _cells(candidate_dir, experiment)
+    common = base.keys() & cand.keys()
+    if not common:
+        raise ConfigError(
+            f"compare: no cell of {baseline_dir} ({len(base)} cells) matches one of {candidate_dir} "
+            f"({len(cand)} cells); nothing to compare"
+        )
+    differing = _hardware(base, cand, common, tol)
+    times = _time_verdicts(base, cand, common, differing, tol) if tol.time_min_effect > 0 else {}
+    bands: dict[str, list[float]] = {}
     for r in base.values():
         if r["status"] == "ok":
-            groups.setdefault(seed_group(r), []).append(r["quality"]["value"])
+            bands.setdefault(seed_group(r), []).append(r["quality"]["value"])
     rows = []
     for h in base.keys() | cand.keys():
         r = base.get(h) or cand[h]
         wl = f"{r['config']['workload'].get('preset')} b={r['config']['run']['batch_size']}"
-        row = Row(wl, label(r), r["config"]["run"].get("seed"), "ok")
+        row = Row(wl, label(r), r["config"]["run"].get("seed"), "ok", h)
         if h not in cand:
-            row.verdict = "missing"
-            row.problems = ["only in baseline"]
+            row.verdict, row.problems = "missing", ["only in baseline"]
         elif h not in base:
-            row.verdict = "new"
-            row.notes = ["only in candidate"]
+            row.verdict, row.notes = "new", ["only in candidate"]
         else:
-            band = groups.get(seed_group(r), [])
-            row.problems, row.notes, row.time = check_cell(base[h], cand[h], band, tol, bool(differing.get(h)))
-            row.verdict = "REGRESSED" if row.problems else "ok"
+            row.problems, row.improvements, row.notes = check_cell(base[h], cand[h], bands.get(seed_group(r), []), tol)
+            row.time = {k: v for k, v in times.get(h, {}).items() if k != "text"}
+            row.verdict = row_verdict(row.problems, row.improvements, row.notes, row.time)
+            if h in times:
+                row.notes.append(times[h]["text"])
             if differing.get(h):
                 row.notes.append("other hardware: " + "; ".join(differing[h]))
         rows.append(row)
     rows.sort(key=lambda r: (r.workload, r.techniques, r.seed if r.seed is not None else -1))
-    counts = {v: sum(r.verdict == v for r in rows) for v in ("ok", "REGRESSED", "missing", "new")}
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
     return {
         "baseline": baseline_dir,
         "candidate": candidate_dir,
         "tolerances": asdict(tol),
         "counts": counts,
-        "exit_code": 1 if counts["REGRESSED"] or counts["missing"] else 0,
+        "exit_code": exit_code(counts),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def exit_code(counts: dict[str, int]) -> int:
+    if counts["regressed"] or counts["missing"]:
+        return EXIT_REGRESSED
+    return EXIT_INCONCLUSIVE if counts["inconclusive"] else EXIT_OK
+
+
+def compare_dirs(
+    baseline_dir: str,
+    candidate_dir: str,
+    tol: Tolerances,
+    experiment: str | None = None,
+    rerun: Callable[[dict, str], dict] | None = None,
+) -> dict:
+    """compare_once; with `rerun` (--confirm: membench.sweep.rerun_cell), the candidate's regressed cells are re-run (fresh records into
+    candidate_dir, which the second pass reads as the latest) and a cell counts as regressed only when it
+    regresses in both passes."""
+    first = compare_once(baseline_dir, candidate_dir, tol, experiment)
+    flagged = {r["cell"]: r for r in first["rows"] if r["verdict"] == "regressed"}
+    if rerun is None or not flagged:
+        return first
+    cand = _cells(candidate_dir, experiment)
+    for h in flagged:
+        rerun(cand[h], candidate_dir)
+    second = compare_once(baseline_dir, candidate_dir, tol, experiment)
+    for r in second["rows"]:
+        was = flagged.get(r["cell"])
+        if was and r["verdict"] == "regressed":
+            r["notes"].append("confirmed: regressed again on a re-run")
+        elif was:
+            r["notes"].append("flagged, cleared by a re-run; first pass: " + "; ".join(was["problems"] + was["notes"]))
+        elif r["verdict"] == "regressed":  # only through its seed group's pooled times: not flagged at first
+            r["verdict"] = next(x["verdict"] for x in first["rows"] if x["cell"] == r["cell"])
+    second["counts"] = {v: sum(r["verdict"] == v for r in second["rows"]) for v in VERDICTS}
+    second["exit_code"] = exit_code(second["counts"])
+    second["confirmed"] = sorted(flagged)
+    return second
+
+
+def _bench_machine(doc: dict) -> dict:
+    m = doc.get("machine_info") or {}
+    return {
+        "cpu": (m.get("cpu") or {}).get("brand_raw"),
+        "machine": m.get("machine"),
+        "python": m.get("python_version"),
+    }
+
+
+def compare_bench(old: dict, new: dict, tol: Tolerances) -> dict:
+    """The time verdict on two saved pytest-benchmark runs (JSON documents saved with --benchmark-save-data: each
+    benchmark's raw round times in stats.data), one row per benchmark, counted and exit-coded like compare."""
+    before = {b["fullname"]: b for b in old["benchmarks"]}
+    after = {b["fullname"]: b for b in new["benchmarks"]}
+    if not before.keys() & after.keys():
+        raise ConfigError("bench compare: no benchmark in common between the two saved runs; nothing to compare")
+    other = profile_diff(_bench_machine(old), _bench_machine(new))
+    rows = []
+    for name in sorted(before.keys() | after.keys()):
+        row = Row(name, (before.get(name) or after[name]).get("group") or "-", None, "ok", name)
+        if name not in after:
+            row.verdict, row.problems = "missing", ["only in the older run"]
+        elif name not in before:
+            row.verdict, row.notes = "new", ["only in the newer run"]
+        else:
+            b, c = before[name]["stats"].get("data") or [], after[name]["stats"].get("data") or []
+            tv = time_verdict(b, c, tol)
+            if other:
+                tv = {**tv, "verdict": "inconclusive", "why": "other hardware: " + "; ".join(other)}
+            runs = [{"timing": {"step_times_s": x}} for x in (b, c)]
+            row.time, row.verdict = tv, row_verdict([], [], [], tv)
+            (row.problems if tv["verdict"] == "regressed" else row.notes).append(time_text(runs[:1], runs[1:], tv))
+        rows.append(row)
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
+    return {
+        "tolerances": asdict(tol),
+        "counts": counts,
+        "exit_code": exit_code(counts),
         "rows": [asdict(r) for r in rows],
     }
 
@@ -237,19 +402,29 @@ def compare_dirs(baseline_dir: str, candidate_dir: str, tol: Tolerances, experim
 def markdown(result: dict) -> str:
     lines = ["| workload | techniques | seed | verdict | details |", "|---|---|---|---|---|"]
     for r in result["rows"]:
-        details = "; ".join(r["problems"] + r["notes"]) or "-"
+        details = "; ".join(r["problems"] + r["improvements"] + r["notes"]) or "-"
         lines.append(f"| {r['workload']} | {r['techniques']} | {r['seed']} | {r['verdict']} | {details} |")
-    c = result["counts"]
-    lines.append("")
-    lines.append(
-        f"membench: {c['REGRESSED']} cell(s) regressed, {c['missing']} missing in candidate, {c['new']} new, "
-        f"{c['ok']} ok"
-    )
+    lines += ["", summary(result)]
     return "\n".join(lines)
 
 
-def compare(baseline_dir: str, candidate_dir: str, tol: Tolerances, experiment: str | None = None, fmt="markdown"):
+def summary(result: dict) -> str:
+    c, code = result["counts"], result["exit_code"]
+    counts = ", ".join(f"{c[v]} {v}" for v in VERDICTS if v not in ("missing", "new"))
+    return (
+        f"membench: {counts}; {c['missing']} missing in candidate, {c['new']} new; exit {code} ({EXIT_MEANING[code]})"
+    )
+
+
+def compare(
+    baseline_dir: str,
+    candidate_dir: str,
+    tol: Tolerances,
+    experiment: str | None = None,
+    fmt: str = "markdown",
+    rerun: Callable[[dict, str], dict] | None = None,
+):
     """(text, exit code): the text is markdown or JSON."""
-    result = compare_dirs(baseline_dir, candidate_dir, tol, experiment)
+    result = compare_dirs(baseline_dir, candidate_dir, tol, experiment, rerun)
     text = json.dumps(result, indent=1) if fmt == "json" else markdown(result)
     return text, result["exit_code"]

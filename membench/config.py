@@ -10,16 +10,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from dataclasses import dataclass, field
+import pkgutil
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from membench import mlflow_log
+from membench import confpath, mlflow_log, technique
+from membench import workloads as wl_pkg
+from membench.confpath import locate
 from membench.errors import ConfigError
+from membench.workloads.base import SCHEMAS
 
+CONF_DIR = confpath.main_root()  # MEMBENCH_CONF replaces it; MEMBENCH_CONF_PATH adds roots (membench/confpath.py)
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCHERS = ("local", "slurm")
 
@@ -72,11 +77,26 @@ class RunConfig:
 
 
 @dataclass
-class ExperimentConfig:
-    name: str = "adhoc"
-    description: str = ""
-    # cells: each a list of Hydra override strings; the user's command-line overrides apply to every cell
-    cells: list[Any] = field(default_factory=list)
+class SlurmConfig:
+    """The `slurm` group: how run.launcher=slurm submits a sweep (membench/launch/slurm.py)."""
+
+    partition: str | None = None  # Slurm partition (sbatch --partition); null: the cluster's default
+    account: str | None = None  # sbatch --account; null: the user's default
+    qos: str | None = None  # sbatch --qos; null: the account's default
+    gpus_per_node: int | None = None  # null: run.world_size on CUDA (auto: where the partition has GPUs)
+    cpus_per_task: int | None = None  # null: one per rank of the widest CPU cell (the cluster's default for one rank)
+    time_min: int | None = None  # limit of each task, minutes; null: the longest run.timeout_s + 2 min, rounded up
+    mem_gb: float | None = None  # host memory per task; null: the cluster's default
+    array_parallelism: int = 32  # tasks of the array running at once
+    cluster: str | None = None  # null: Slurm when sbatch is found; `local` runs tasks as local processes
+    folder: str | None = None  # submitit's logs and pickles; null: RESULTS_DIR/slurm/SWEEP_ID
+
+    def __post_init__(self) -> None:
+        for key in ("time_min", "array_parallelism", "cpus_per_task"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"slurm.{key}={getattr(self, key)}: must be >= 1")
+        if self.cluster not in (None, "slurm", "local", "debug"):
+            raise ConfigError(f"slurm.cluster={self.cluster}: allowed: null (auto), slurm, local, debug")
 
 
 @functools.cache
@@ -84,13 +104,6 @@ def register_schema() -> None:
     """Typed schemas: `run`, and one per workload family, which each workload preset YAML extends through its
     defaults list (`- /schema/workload/gpt@_here_`), so every dataclass field can be overridden and a typo or a
     wrong type fails at composition. Once per process: Hydra's ConfigStore is a process-wide singleton."""
-    import pkgutil
-
-    from membench import confpath, technique
-    from membench import workloads as wl_pkg
-    from membench.launch.slurm import SlurmConfig
-    from membench.workloads.base import SCHEMAS
-
     confpath.install()  # MEMBENCH_CONF_PATH's roots join every composition from here on
     for mod in pkgutil.iter_modules(wl_pkg.__path__):  # each workload module registers its schema on import
         importlib.import_module(f"membench.workloads.{mod.name}")
@@ -114,22 +127,16 @@ def register_schema() -> None:
         cs.store(group="schema/workload", name=name, node=node)
 
 
-def locate(target: str) -> type:
-    """The class a `_target_` names; records made before the package move say `techniques.X` for
-    `membench.techniques.X` (same for workloads)."""
-    if target.startswith(("techniques.", "workloads.")):
-        target = f"membench.{target}"
-    module, _, name = target.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def build(node: DictConfig | dict, key: str) -> Any:
     """Type-check a `_target_` node against its dataclass and construct it; errors name `key`."""
     node = OmegaConf.create(node) if isinstance(node, dict) else node
     target = node.get("_target_")
     if target is None:
         raise ConfigError(f"{key}: missing _target_")
-    cls = locate(target)
+    try:
+        cls = locate(target)
+    except confpath.MissingDependency as e:
+        raise ConfigError(f"{key}: {e}") from None
     body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
     try:
         typed = OmegaConf.merge(OmegaConf.structured(cls), body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import os
 import shutil
 import tempfile
@@ -68,3 +69,29 @@ def merged_view() -> Path:
                 if not link.exists():
                     link.symlink_to(p)
     return view
+
+
+# Optional dependencies a module may need, with the pip extra that installs each (pyproject.toml).
+EXTRAS = {"bitsandbytes": "quant", "torchao": "quant", "torch_pruning": "prune", "deepspeed": "zero",
+          "transformers": "hf", "peft": "lora"}  # fmt: skip
+
+
+class MissingDependency(ImportError):
+    """A `_target_`'s module needs a package that is not installed (a plain install has no optional extras)."""
+
+
+def locate(target: str) -> type:
+    """The class a `_target_` names; records made before the package move say `techniques.X` for
+    `membench.techniques.X` (same for workloads). A missing optional package raises MissingDependency with a
+    one-line message naming the package and the extra that installs it."""
+    if target.startswith(("techniques.", "workloads.")):
+        target = f"membench.{target}"
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if not top or module == e.name or module.startswith(f"{e.name}."):
+            raise
+        hint = f"pip install 'membench[{EXTRAS[top]}]'" if top in EXTRAS else f"pip install {top}"
+        raise MissingDependency(f"{target} needs the package {top}, which is not installed ({hint})") from None

@@ -10,9 +10,10 @@ import sys
 
 from membench.records import latest_by_cell, load_records
 from membench.report import label
+from membench.sections import PHASES
 
 MiB = 2**20
-PHASES = ("warmup", "memory_step", "flop_step", "timed", "rest", "eval")
+STEP_PHASES = PHASES[1:]  # the phases that run steps (setup builds the model)
 
 
 def _mib(n) -> str:
@@ -21,7 +22,7 @@ def _mib(n) -> str:
 
 def _phase_peaks(m: dict) -> str:
     key = "cuda_max_allocated_bytes" if "cuda" in m["device_name"] else "rss_peak_bytes"
-    return " / ".join(_mib(m["phases"].get(p, {}).get(key)) for p in PHASES)
+    return " / ".join(_mib(m["phases"].get(p, {}).get(key)) for p in STEP_PHASES)
 
 
 def table(records: list[dict]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 import sys
@@ -25,8 +26,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from membench import gpuinfo
+from membench.cells import configs
 from membench.errors import ConfigError
+from membench.records import config_hash, new_run_id
 
+# What the ranks of a multi-node cell run: the worker `membench run` passes (membench.sweep.WORKER), as the spec
+# names it. Named, not imported: membench.execute imports this module.
+WORKER = "membench.execute:execute"
 # How each collective's "full" tensor counts in the ZeRO paper's volume (sec. 7): an all-reduce is a
 # reduce-scatter plus an all-gather (2x its size); the others move their full size once.
 _PAPER_WEIGHT = {"allreduce": 2}
@@ -85,11 +91,6 @@ def run_ranks(n: int, argv: list[str]) -> int:
         _, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     return 0
-
-
-def launch_argv(n: int, argv: list[str]) -> list[str]:
-    """The command the runner starts for an n-rank cell whose one-rank command is `argv`."""
-    return [sys.executable, "-m", "membench.distributed", str(n), *argv]
 
 
 @contextlib.contextmanager
@@ -218,17 +219,13 @@ def merge_ranks(out: dict) -> dict:
 def write_spec(path: str, overrides: list[str]) -> dict:
     """Compose one cell and write the spec `membench.child` runs (the runner's format): for a multi-node cell
     started by srun + torchrun, where no membench runner is in the loop (docs/multigpu.md)."""
-    import json
-
-    from membench.cli import plan
-    from membench.records import config_hash, new_run_id
-
-    (config,) = plan(overrides, multirun=False)
+    (config,) = configs(overrides, multirun=False)
     chash = config_hash(config)
     spec = {
         "config": config,
         "run_id": new_run_id(chash),
         "config_hash": chash,
+        "worker": WORKER,
         "results_dir": config["run"]["results_dir"],
     }
     with open(path, "w") as f:

@@ -21,31 +21,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from membench import assemble, distributed, gpuinfo, measure
 from membench import technique as compose
-from membench.child import report_progress
-from membench.config import build, build_run
-from membench.errors import ConfigError, MemoryBudgetExceeded
+from membench.cell_progress import report_progress
+from membench.cells import build_all
+from membench.errors import MemoryBudgetExceeded
 from membench.predict import predict
+from membench.sections import MODEL_STATES, PLAIN_PHASES
 from membench.technique import Context
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda: no CUDA device is visible; allowed here: auto, cpu")
-    return torch.device(name)
-
-
-def build_all(config: dict):
-    """Config dict -> (run, workload config, techniques), validating everything. No model is built."""
-    run = build_run(config["run"])
-    wcfg = build(config["workload"], "workload")
-    techs = [build(node, f"technique.{name}") for name, node in (config.get("technique") or {}).items()]
-    device = resolve_device(run.device)
-    compose.validate(techs, device.type)
-    if run.world_size > 1 and not any(t.kind == "zero" for t in techs):
-        raise ConfigError(f"run.world_size={run.world_size}: needs technique zero (stage 0 is plain DDP)")
-    return run, wcfg, techs, device
 
 
 @dataclass(frozen=True)
@@ -201,7 +182,7 @@ def state_bytes(model, optimizer, extra: dict[str, list[torch.Tensor]]) -> dict[
     add("grads", [p.grad for p in model.parameters() if p.grad is not None] + extra.get("grads", []))
     add("optimizer", [v for s in optimizer.state.values() for v in s.values()] + extra.get("optimizer", []))
     for cat, ts in extra.items():  # named extra copies a technique holds (DeepSpeed's fp32 master partition)
-        if cat not in ("params", "grads", "optimizer"):
+        if cat not in MODEL_STATES:
             add(cat, ts)
     return out
 
@@ -222,7 +203,7 @@ def _check_budget(peak_bytes: int, budget_mib: float | None, what: str) -> None:
 
 def execute(config: dict) -> dict:
     run, wcfg, techs, device = build_all(config)
-    needed = any(t.kind == "zero" for t in techs)
+    needed = any(t.distributed for t in techs)
     with distributed.process_group(device, run.timeout_s, needed):
         out = _execute(run, wcfg, techs, distributed.rank_device(device))
         return distributed.merge_ranks(out) if "distributed" in out else out
@@ -309,7 +290,7 @@ def _schedule(run, wcfg, techs, device: torch.device) -> dict:
         for i in sched.rest:
             tr.step(i)
     if device.type == "cuda":
-        plain = max(meter.phases[p]["cuda_max_allocated_bytes"] for p in ("timed", "rest"))
+        plain = max(meter.phases[p]["cuda_max_allocated_bytes"] for p in PLAIN_PHASES)
         _check_budget(plain, run.memory_budget_mib, f"allocator peak on {device}")
     with meter.phase("eval"):
         quality = tr.evaluate()

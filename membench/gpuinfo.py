@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-GPU_BUSY = ("wait", "fail", "ignore")
 _state: dict[str, Any] = {}
 
 

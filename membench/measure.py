@@ -32,11 +32,10 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from membench import gpuinfo
+from membench.sections import CATEGORIES
+
 T = TypeVar("T")
-# The tracker's split. optimizer = the optimizer's persistent state; optimizer_temp = what the optimizer step
-# allocates and frees (foreach temporaries, DeepSpeed's flattened buffers); temporaries = backward's own
-# (activation gradients); untracked (CUDA only) = the allocator's peak of the same step minus the tracker's total.
-CATEGORIES = ("params", "grads", "optimizer", "optimizer_temp", "activations", "temporaries", "other")
 # MemTracker reference types -> record categories. Buffers (BN running stats) count as parameters' kin.
 _MT_MAP = {
     "PARAM": "params",
@@ -158,8 +157,6 @@ class PhaseMeter:
     def sample(self) -> None:
         """Read NVML's used bytes now (call between steps: the allocator's peak needs no sampling)."""
         if self._current is not None and self.nvml is not None:
-            from membench import gpuinfo
-
             used = gpuinfo.used_bytes(self.nvml)
             if used is not None:
                 self._current["nvml_used_max_bytes"] = max(self._current.get("nvml_used_max_bytes") or 0, used)
@@ -182,8 +179,6 @@ class _Phase:
             torch.cuda.reset_peak_memory_stats(dev)
             rec["cuda_allocated_start_bytes"] = torch.cuda.memory_allocated(dev)
         if m.nvml is not None:
-            from membench import gpuinfo
-
             self._energy0 = gpuinfo.energy_mj(m.nvml)
         self._rss_reset = rss_reset
         rec["load_start"] = machine_load()
@@ -203,8 +198,6 @@ class _Phase:
             rec["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
             rec["cuda_allocated_end_bytes"] = torch.cuda.memory_allocated(dev)
         if m.nvml is not None:
-            from membench import gpuinfo
-
             m.sample()
             e1 = gpuinfo.energy_mj(m.nvml)
             rec["energy_j"] = (e1 - self._energy0) / 1e3 if e1 is not None and self._energy0 is not None else None
@@ -289,6 +282,25 @@ def measure_memory(
     (DDP's gradient buckets, which it otherwise counts as activations). `tracker_factory(model, optimizer)` and
     `category_map` (its reference names -> ours) replace MemTracker for wrappers whose tracker knows more
     (FSDPMemTracker's unsharded parameters and all-gather buffers; DeepSpeed's inner optimizer)."""
+    mt = _tracker(model, optimizer, tracker_factory)
+    owned: dict[tuple[str, int], tuple[str, torch.UntypedStorage]] = {}  # extra storages -> (category, storage)
+    _collect_extra(mt, extra, owned, register=True)
+    held: dict = {}
+
+    def after_forward():
+        held.update(mt.get_tracker_snapshot("current"))
+
+    with _mod_tracker_grad_hooks_removed(), mt:
+        result = step(after_forward)
+    _collect_extra(mt, extra, owned, register=False)
+    peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
+    moved = _reattribute(mt, owned, peak, after)
+    cmap = {**_MT_MAP, **(category_map or {})}
+    return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result
+
+
+def _tracker(model, optimizer, tracker_factory: Callable | None):
+    """MemTracker over the model and optimizer, or the wrapper's own tracker."""
     if tracker_factory is not None:
         mt = tracker_factory(model, optimizer)
     else:
@@ -302,29 +314,24 @@ def measure_memory(
     for p in model.parameters():
         if not p.requires_grad:
             mt._param_to_grad_hook_handles.setdefault(p, (_NoHook, _NoHook))
-    # Extra storages not already known as params/optimizer state: registered now (MemTracker's "other"), so they
-    # count from the first op of the step; their final reference type says where the tracker put their bytes.
-    owned: dict[tuple[str, int], tuple[str, torch.UntypedStorage]] = {}
+    return mt
 
-    def collect(register: bool) -> None:
-        for cat, ts in (extra() if extra else {}).items():
-            for t in ts:
-                st = t.untyped_storage()
-                if st.nbytes() > 0 and storage_key(t) not in owned:
-                    owned[storage_key(t)] = (cat, st)
-                    if register and st not in mt._WINFO:
-                        mt.track_external(t)
 
-    collect(register=True)
-    held: dict = {}
+def _collect_extra(mt, extra: Callable | None, owned: dict, register: bool) -> None:
+    """Extra storages not already known as params/optimizer state: registered before the step (MemTracker's
+    "other"), so they count from its first op; their final reference type says where the tracker put their bytes."""
+    for cat, ts in (extra() if extra else {}).items():
+        for t in ts:
+            st = t.untyped_storage()
+            if st.nbytes() > 0 and storage_key(t) not in owned:
+                owned[storage_key(t)] = (cat, st)
+                if register and st not in mt._WINFO:
+                    mt.track_external(t)
 
-    def after_forward():
-        held.update(mt.get_tracker_snapshot("current"))
 
-    with _mod_tracker_grad_hooks_removed(), mt:
-        result = step(after_forward)
-    collect(register=False)
-    peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
+def _reattribute(mt, owned: dict, peak: dict, after: dict) -> dict[str, dict[str, int]]:
+    """Move each extra storage's bytes from the reference type the tracker gave it to the technique's category, in
+    both snapshots; returns what moved at the peak, by device and category."""
     moved: dict[str, dict[str, int]] = {}
     for (dev, _), (cat, st) in owned.items():
         winfo = mt._WINFO.get(st, (None, None))[0]
@@ -339,8 +346,7 @@ def measure_memory(
                 if snap is peak:
                     moved.setdefault(dev, {})
                     moved[dev][cat] = moved[dev].get(cat, 0) + n
-    cmap = {**_MT_MAP, **(category_map or {})}
-    return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result
+    return moved
 
 
 def with_tracker(tracker_factory: Callable, category_map: dict[str, str]) -> Callable:

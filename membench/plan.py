@@ -11,6 +11,7 @@ space (accelerate and DeepSpeed's estimators cover model states of one configura
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -20,15 +21,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from membench import simulate as sim
 from membench import technique
 from membench.calibrate import Calibration, key, label
 from membench.calibrate import load as load_records
+from membench.cells import CONF_DIR
+from membench.cells import compose as _compose
+from membench.config import build, build_run, register_schema
 from membench.errors import ConfigError
 from membench.predict import model_states
+from membench.records import cpu_flags, write_record
+from membench.sweep import run_cell
+from membench.technique import Prediction
 
 # Each technique declares its planner family, knob values, time prior and hybrid margin (membench/technique.py).
 HALF_SPEED = {"cuda": 0.6, "cpu_native": 0.8, "cpu_emulated": 20.0}  # 16-bit step vs fp32
@@ -92,7 +102,6 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[s
 
 def validated(cfg: dict, device_type: str):
     """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
-    from membench.config import build, build_run
 
     run = build_run(cfg["run"])
     wcfg = build(cfg["workload"], "workload")
@@ -106,10 +115,6 @@ def validated(cfg: dict, device_type: str):
 
 def compose_cells(user: list[str], extra: list[list[str]]) -> list[dict | ConfigError]:
     """Compose user overrides + each candidate's; a ConfigError in place of a cell that fails composition."""
-    from hydra import initialize_config_dir
-
-    from membench.cli import CONF_DIR, _compose
-    from membench.config import register_schema
 
     register_schema()
     out: list = []
@@ -126,9 +131,6 @@ def fast_cells(user: list[str], base: dict, extra: list[list[str]]) -> list[dict
     """The same dicts compose_cells would give, from one Hydra composition: technique nodes are independent
     group members, so each candidate copies the ones it names and sets its `technique.K.F=V` overrides.
     (Composing hundreds of candidates through Hydra took minutes on this machine.)"""
-    import copy
-
-    import yaml
 
     kinds = sorted({k for ov in extra for k in ov[0].split("=", 1)[1].strip("[]").split(",") if k})
     nodes = compose_cells(user, [[f"technique=[{','.join(kinds)}]"]])[0]["technique"] if kinds else {}
@@ -152,14 +154,12 @@ def device_type_of(run) -> str:
 
 
 def fake_workload(wcfg, seed: int):
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         return wcfg.build(seed)
 
 
 def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
-    from membench.technique import Prediction
 
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
     for t in techs:
@@ -200,8 +200,6 @@ def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family
             if device_type == "cuda":
                 r *= HALF_SPEED["cuda"]
             else:
-                from membench.records import cpu_flags
-
                 native = {"avx512_bf16", "amx_bf16"} & set(cpu_flags())
                 r *= HALF_SPEED["cpu_native" if native else "cpu_emulated"]
     return r, "prior"
@@ -229,7 +227,6 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
     base = compose_cells(user, [[]])[0]
     if isinstance(base, ConfigError):
         raise base
-    from membench.config import build, build_run
 
     run, wcfg = build_run(base["run"]), build(base["workload"], "workload")
     dev = device_type_of(run)
@@ -401,7 +398,6 @@ def _measured(record: dict) -> dict:
 
 def _attach(record: dict, results_dir: str, check: dict) -> None:
     """Keep prediction and error in the run's own record (same file, rewritten atomically)."""
-    from membench.records import write_record
 
     record["plan_check"] = check
     write_record(results_dir, record)
@@ -409,7 +405,6 @@ def _attach(record: dict, results_dir: str, check: dict) -> None:
 
 def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
     """Run the top `k` plans predicted to fit; compare predicted and measured peak (and step time)."""
-    from membench.runner import run_cell
 
     cal = Calibration(load_records(result["plan"]["records"], result["device"]))
     base_step = cal.baseline_step_s(result["workload"], result["batch_size"])
@@ -486,7 +481,6 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
 
 def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
     """Largest batch under run.memory_budget_mib: predicted, then a short search of real runs."""
-    from membench.runner import run_cell
 
     runner = runner or (lambda c: run_cell(c, c["run"]["results_dir"], c["run"]["timeout_s"]))
     budget_mib = cfg["run"].get("memory_budget_mib")

@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from membench.plots import write_plots
 from membench.records import latest_by_cell, load_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +66,6 @@ def files() -> list[Path]:
 
 def plots() -> list[Path]:
     """The Pareto charts the docs show (results/NAME/pareto-NAME-PRESET.png), redrawn from the same records."""
-    from membench.plots import write_plots
-
     shown = {m.group(1) for path in files() for m in re.finditer(r"results/([\w-]+)/pareto-", path.read_text())}
     return [p for name in sorted(shown) for p in write_plots(ROOT / "results" / name, name)]
 

@@ -18,8 +18,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from membench import SCHEMA_VERSION
-from membench.config import locate
+from membench import SCHEMA_VERSION, gpuinfo
+from membench.confpath import locate
+from membench.sections import OK_SECTIONS, Env, Memory
 
 STATUSES = ("ok", "oom", "error", "timeout")
 # Keys that do not change what a run measures, left out of the cell identity.
@@ -151,7 +152,7 @@ def _git() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -176,6 +177,23 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def _slurm() -> dict[str, Any] | None:
+    """Where Slurm ran the record: the task's own job id, its array task (what squeue shows), node and CPUs."""
+    e = os.environ
+    if "SLURM_JOB_ID" not in e:
+        return None
+    array = f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in e else None
+    cpus = e.get("SLURM_CPUS_PER_TASK") or e.get("SLURM_JOB_CPUS_PER_NODE", "").split("(")[0]
+    return {
+        "job_id": e["SLURM_JOB_ID"],
+        "array_task": array,
+        "node": e.get("SLURMD_NODENAME"),
+        "partition": e.get("SLURM_JOB_PARTITION"),
+        "cpus": int(cpus) if cpus.isdigit() else None,
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+    }
+
+
 def environment(device: str | None = None) -> dict[str, Any]:
     versions = {}
     for lib in _LIBS:
@@ -183,30 +201,29 @@ def environment(device: str | None = None) -> dict[str, Any]:
             versions[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
             versions[lib] = None
-    env: dict[str, Any] = {
-        "git": _git(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "cpu": _cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-    }
+    env = Env(
+        git=_git(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        versions=versions,
+        cpu=cpu_model(),
+        cpu_flags=cpu_flags(),
+        cpu_count=os.cpu_count(),
+        device=device,
+        slurm=_slurm(),
+    )
     try:
         import torch
 
-        env["torch_threads"] = torch.get_num_threads()
+        env.torch_threads = torch.get_num_threads()
         if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-            env["cuda"] = torch.version.cuda
+            env.gpu = torch.cuda.get_device_name(0)
+            env.cuda = torch.version.cuda
         if device and device.startswith("cuda"):  # driver, clocks, power limit, ECC, UUID (None without NVML)
-            from membench import gpuinfo
-
-            env["gpu_nvml"] = gpuinfo.provenance(gpuinfo.handle(device))
+            env.gpu_nvml = gpuinfo.provenance(gpuinfo.handle(device))
     except ImportError:
         pass
-    return env
+    return env.to_dict()
 
 
 def skeleton(run_id: str, chash: str, config: dict, status: str) -> dict[str, Any]:
@@ -230,33 +247,6 @@ def skeleton(run_id: str, chash: str, config: dict, status: str) -> dict[str, An
     }
 
 
-# Schema v2: the keys every ok record carries (tests and `membench report` rely on them).
-REQUIRED_OK = {
-    "memory": (
-        "peak_bytes",
-        "peak_source",
-        "device_name",
-        "by_category",
-        "by_device",
-        "predicted_by_category",
-        "held_after_forward",
-        "model_states",
-        "model_states_by_device",
-        "phases",
-        "device",
-    ),
-    "timing": ("step_times_s", "median_step_s", "iqr_step_s", "samples_per_s", "tokens_per_s", "wall_by_phase_s"),
-    "flops": ("counted_per_step", "model_per_step"),
-    "quality": ("metric", "value", "loss_curve"),
-    "workload": ("name", "preset", "num_params"),
-    "env": ("git", "python", "versions", "device", "cpu"),
-}
-# The tracker's split (membench/measure.py::CATEGORIES) and the predicted categories.
-CATEGORY_KEYS = ("params", "grads", "optimizer", "optimizer_temp", "activations", "temporaries", "other")
-PREDICTED_KEYS = ("params", "grads", "optimizer", "activations")
-PHASES = ("setup", "warmup", "memory_step", "flop_step", "timed", "rest", "eval")
-
-
 def validate_record(r: dict) -> None:
     """Raise ValueError naming the first missing or malformed field."""
     for key in ("schema_version", "run_id", "config_hash", "status", "config", "workload", "techniques"):
@@ -270,22 +260,5 @@ def validate_record(r: dict) -> None:
         if not r.get("error"):
             raise ValueError("record: a failed run must carry an error message")
         return
-    for section, keys in REQUIRED_OK.items():
-        for k in keys:
-            if k not in (r.get(section) or {}):
-                raise ValueError(f"record: missing {section}.{k}")
-    m = r["memory"]
-    for k in CATEGORY_KEYS:
-        if k not in m["by_category"]:
-            raise ValueError(f"record: memory category {k} missing")
-    for k in PREDICTED_KEYS:
-        if k not in m["predicted_by_category"]:
-            raise ValueError(f"record: predicted memory category {k} missing")
-    for p in PHASES:
-        if p not in m["phases"]:
-            raise ValueError(f"record: memory phase {p} missing")
-    hist = m["phases"]["memory_step"].get("cuda_history_at_peak")  # run.cuda_memory_history: a summary or its error
-    if hist is not None and not ("peak_allocated_bytes" in hist or hist.get("error")):
-        raise ValueError("record: memory.phases.memory_step.cuda_history_at_peak has neither a peak nor an error")
-    if m["device_name"] not in m["by_device"]:
-        raise ValueError(f"record: memory.by_device has no entry for the run device {m['device_name']}")
+    sections = {cls: cls.from_dict(r.get(cls.KEY) or {}) for cls in OK_SECTIONS}  # names the first missing key
+    sections[Memory].check()

@@ -6,18 +6,19 @@ the same record set: peak and activation bytes, median step time, counted FLOPs.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import statistics
 from pathlib import Path
 
-from membench.records import latest_by_cell, load_records
+from membench.config import locate
+from membench.records import config_hash, latest_by_cell, load_records
+from membench.sections import CATEGORIES, PREDICTED_CATEGORIES, UNTRACKED
 
 MiB = 2**20
 
 
 def _defaults(target: str) -> dict:
-    import dataclasses
-
-    from membench.config import locate
-
     try:
         cls = locate(target)
     except (ImportError, AttributeError):
@@ -57,10 +58,6 @@ def _ratio(a, b) -> str:
 
 def seed_group(r: dict) -> str:
     """The cell without its seed: records of one group differ only by run.seed."""
-    import json
-
-    from membench.records import config_hash
-
     cfg = json.loads(json.dumps(r["config"]))
     cfg.get("run", {}).pop("seed", None)
     return config_hash(cfg)
@@ -68,8 +65,6 @@ def seed_group(r: dict) -> str:
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% Student-t interval (None for a single value)."""
-    import statistics
-
     if len(values) < 2:
         return values[0], None
     from scipy.stats import t
@@ -155,7 +150,7 @@ COLUMNS = [
     ("optim", _cat("optimizer")),
     ("act@peak", _cat("activations")),
     # temporaries of backward and of the optimizer step, anything else the tracker saw, and on CUDA `untracked`
-    ("temp+other", _cat("temporaries", "optimizer_temp", "other", "untracked")),
+    ("temp+other", _cat(*(c for c in (*CATEGORIES, UNTRACKED) if c not in PREDICTED_CATEGORIES))),
     ("act held MiB", lambda rs, b: _num([_act_held(r) for r in rs], ".1f", MiB)),
     ("act pred MiB (err)", _pred),
     ("act ratio", _ratio_of(_act_held)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -25,32 +26,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from membench import gpuinfo, mlflow_log
+from membench.cell_progress import read_progress
+from membench.child import forked_main, worker_path
 from membench.records import config_hash, environment, new_run_id, runs_dir, skeleton, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 _FORKSERVER: multiprocessing.context.BaseContext | None = None
 
 
-def forkserver() -> multiprocessing.context.BaseContext:
-    """The sweep's forkserver context, preloading the child side (started on first use, once per process)."""
+def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
+    """The sweep's forkserver context, preloading the child side and the worker's modules (set on first use, once
+    per process)."""
     global _FORKSERVER
     if _FORKSERVER is None:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["membench.child", "membench.execute"])
+        ctx.set_forkserver_preload(["membench.child", *preload])
         _FORKSERVER = ctx
     return _FORKSERVER
 
 
-def warm_up() -> None:
-    """Start the forkserver now (its imports overlap the parent's planning); a no-op if already running."""
-    from multiprocessing import forkserver as fs
-
-    forkserver()
-    fs.ensure_running()
+def warm_up(preload: Sequence[str]) -> None:
+    """Start the forkserver now, importing `preload` (the worker's modules) while the parent plans the cells;
+    a no-op if already running."""
+    forkserver(preload)
+    multiprocessing.forkserver.ensure_running()
 
 
 # ----------------------------------------------------------------------------------------------------- locks
@@ -60,7 +64,7 @@ def locks_dir(results_dir: str | Path) -> Path:
     return Path(results_dir) / "locks"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,7 +87,7 @@ def lock_is_live(holder: dict | None) -> bool:
     if holder is None:
         return False
     if holder.get("host") == socket.gethostname():
-        return _alive(int(holder["pid"]))
+        return alive(int(holder["pid"]))
     return time.time() - float(holder.get("started", 0)) < float(holder.get("timeout_s", 0)) + 60
 
 
@@ -140,6 +144,9 @@ class Cell:
     threads: int = 0  # torch threads for this cell (CPU share); 0 keeps torch's default
     devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES for this cell (CUDA cells)
     label: str = ""
+    # what the child runs: a module-level function from the cell's config to the record's measured sections
+    # (membench/sweep.py passes membench.execute.execute); the launchers never name it
+    worker: Callable[[dict], dict] | None = None
     # auto: fork CPU cells from the forkserver; exec: always a fresh interpreter (MEMBENCH_START_METHOD=exec sets
     # it for a whole sweep: an escape hatch should a library misbehave after fork, and the baseline of start-up cost)
     start_method: str = field(default_factory=lambda: os.environ.get("MEMBENCH_START_METHOD", "auto"))
@@ -168,6 +175,7 @@ class Cell:
         return holder
 
     def start(self) -> None:
+        """Start the child: forked from the sweep's forkserver, or a fresh interpreter (CUDA, multi-rank, exec)."""
         self.started = time.monotonic()
         visible = ",".join(self.devices) if self.devices is not None else None
         busy = gpuinfo.wait_until_free(self.config["run"], visible=visible)  # another process on its GPUs
@@ -176,19 +184,7 @@ class Cell:
             return
         self._tmp = tempfile.TemporaryDirectory(prefix="membench-")
         tmp = Path(self._tmp.name)
-        spec = tmp / "spec.json"
-        spec.write_text(
-            json.dumps(
-                {
-                    "config": self.config,
-                    "run_id": self.run_id,
-                    "config_hash": self.chash,
-                    # absolute: a forked child works in the forkserver's directory, not the sweep's current one
-                    "results_dir": str(Path(self.results_dir).resolve()),
-                    "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
-                }
-            )
-        )
+        spec = self._write_spec(tmp / "spec.json")
         self.log = tmp / "child.log"
         self.progress_file = tmp / "progress.json"
         env = {
@@ -198,18 +194,35 @@ class Cell:
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         if self.forked:
-            from membench import child
-
-            p = forkserver().Process(target=child.forked_main, args=(str(spec), str(self.log), env), daemon=False)
+            p = forkserver([self.worker.__module__]).Process(
+                target=forked_main, args=(str(spec), str(self.log), env), daemon=False
+            )
             p.start()
             self._proc = p
-            return
+        else:
+            self._proc = self._exec(spec, env)
+
+    def _write_spec(self, path: Path) -> Path:
+        """The spec the child runs (membench/child.py): the config, the record's identity, the worker's name."""
+        spec = {
+            "config": self.config,
+            "run_id": self.run_id,
+            "config_hash": self.chash,
+            "worker": worker_path(self.worker),
+            # absolute: a forked child works in the forkserver's directory, not the sweep's current one
+            "results_dir": str(Path(self.results_dir).resolve()),
+            "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
+        }
+        path.write_text(json.dumps(spec))
+        return path
+
+    def _exec(self, spec: Path, env: dict[str, str]) -> subprocess.Popen:
         argv = [sys.executable, "-m", "membench.child", str(spec)]
         world = int(self.config["run"].get("world_size", 1))
         if world > 1:  # a launcher starts the N ranks in the child's process group (membench/distributed.py)
             argv = [sys.executable, "-m", "membench.distributed", str(world), *argv]
         with open(self.log, "w") as logf:
-            self._proc = subprocess.Popen(
+            return subprocess.Popen(
                 argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, **env)
             )
 
@@ -223,14 +236,8 @@ class Cell:
         return getattr(self._proc, "sentinel", None)
 
     def progress(self) -> tuple[int, int, float] | None:
-        """(step, total steps, seconds left at the pace so far) as the child last reported it (child.report_progress)."""
-        try:
-            p = json.loads(self.progress_file.read_text())
-        except (OSError, ValueError, AttributeError):
-            return None
-        elapsed = time.monotonic() - self.started
-        left = elapsed / p["step"] * (p["total"] - p["step"]) if p["step"] else float("nan")
-        return p["step"], p["total"], left
+        """(step, total steps, seconds left at the pace so far) as the child last reported it (cell_progress)."""
+        return read_progress(getattr(self, "progress_file", None), time.monotonic() - self.started)
 
     def returncode(self) -> int | None:
         if self._proc is None:  # never started (device busy)
@@ -318,7 +325,13 @@ class Cell:
 
 
 def run_cell(
-    config: dict, results_dir: str, timeout_s: float, threads: int = 0, devices: list[str] | None = None
+    config: dict,
+    results_dir: str,
+    timeout_s: float,
+    threads: int = 0,
+    devices: list[str] | None = None,
+    worker: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Run one cell to its end in a child process and return its record (blocking; no lock)."""
-    return Cell(config, str(results_dir), timeout_s, threads=threads, devices=devices).run_to_end(0.05)
+    cell = Cell(config, str(results_dir), timeout_s, threads=threads, devices=devices, worker=worker)
+    return cell.run_to_end(0.05)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from membench.report import cell_key, label
+from membench.sections import MODEL_STATES
 
 
 def quantization_table(records: list[dict]) -> str:
@@ -115,7 +116,7 @@ def zero_table(records: list[dict]) -> str:
         m, info = r["memory"], r.get("technique_info") or {}
         st = m["model_states"]
         total = sum(st.get(k, 0) for k in _STATE_KEYS)
-        pred = sum(m["predicted_by_category"][k] for k in ("params", "grads", "optimizer"))
+        pred = sum(m["predicted_by_category"][k] for k in MODEL_STATES)
         est = info.get("zero.deepspeed_estimator")
         comm = (r.get("distributed") or {}).get("communication") or {}
         psi = info.get("zero.psi") or 1

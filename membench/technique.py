@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import yaml
 
+from membench import confpath
 from membench.errors import ConfigError
 
 REGISTRY: dict[str, type[Technique]] = {}
+UNAVAILABLE: dict[str, str] = {}  # technique YAML name -> why its module cannot load here (a missing optional package)
 
 
 @dataclass
@@ -208,8 +211,6 @@ class Technique:
 # ---- registry --------------------------------------------------------------------------------------------------
 def conf_roots() -> list[Path]:
     """The config roots: MEMBENCH_CONF (else the package's conf/), then each MEMBENCH_CONF_PATH folder."""
-    from membench import confpath
-
     return confpath.roots()
 
 
@@ -221,15 +222,14 @@ def discover(roots: Iterable[Path] | None = None) -> dict[str, type[Technique]]:
 
 @functools.cache
 def _import_targets(roots: tuple[Path, ...]) -> None:
-    import yaml
-
-    from membench.config import locate
-
     for root in roots:
         for path in sorted(Path(root, "technique").glob("*.yaml")):
             target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
             if target:
-                locate(target)
+                try:
+                    confpath.locate(target)
+                except confpath.MissingDependency as e:
+                    UNAVAILABLE[path.stem] = str(e)
 
 
 def families() -> dict[str, list[type[Technique]]]:

@@ -3,7 +3,7 @@
     python scripts/profile_zero3.py --workload gpt_tiny
     python scripts/profile_zero3.py --workload gpt_tiny --set workload.n_layer=8 --steps 6 --json /tmp/p.json
 
-One process builds every mode's run exactly as the harness does (the Hydra config from membench.cli.plan_cells,
+One process builds every mode's run exactly as the harness does (the Hydra config from membench.cells.plan_cells,
 techniques/zero.py's DeepSpeed engine, the training step of membench.execute.Trainer; none of zero.py's config
 code is repeated here): fp32, one rank over gloo, one thread. The modes' steps are interleaved (one step of each in
 turn) so that the shared machine's changing load hits them alike. DeepSpeed's stage 3 replaces
@@ -216,7 +216,7 @@ def measure(modes: list[str], workload: str, sets: list[str], steps: int, warmup
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's all_gather_into_tensor deprecation
     torch.set_num_threads(1)
     from membench import distributed
-    from membench.cli import plan_cells
+    from membench.cells import plan_cells
     from membench.execute import Trainer, build_all
 
     base = [f"workload={workload}", "technique=[zero]", "run.device=cpu", "run.num_threads=1", *sets]

@@ -127,6 +127,9 @@ class FusedCE(Technique):
     def check(self, kinds: set[str], device_type: str) -> None:
         if self.impl in ("liger", "cce") and device_type != "cuda":
             raise ConfigError(f"{KEY}.impl={self.impl}: Triton kernels need CUDA; on {device_type} use torch_chunked")
+        pkg = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(self.impl)
+        if pkg and importlib.util.find_spec(pkg) is None:
+            raise ConfigError(f"{KEY}.impl={self.impl}: needs {pkg}, not installed (pip install 'membench[fused]')")
 
     def check_model(self, model: torch.nn.Module, blocks) -> str | None:
         """The planner's early refusal, from the model alone: an LM workload's model takes the loss in its forward

@@ -93,8 +93,10 @@ def to_bnb(lin: nn.Linear, fmt: str, blocksize: int, double_quant: bool, compute
         q.weight.blocksize = blocksize
     q.load_state_dict(lin.state_dict())
     q = q.to(device)
-    if fmt != "int8" and lin.out_features % CPU_PACK_BLOCK_N:
-        q.support_avx512bf16_for_cpu = False  # bnb's packed CPU inference kernel asserts out_features % 32 == 0
+    if fmt != "int8" and (lin.out_features % CPU_PACK_BLOCK_N or lin.in_features % blocksize):
+        # bnb's packed CPU inference kernel (eval mode, AVX512-BF16 hosts) asserts out_features % 32 == 0 and reshapes
+        # absmax to (out, in // blocksize): llama's down projection (in 176, blocksize 64) failed in evaluate
+        q.support_avx512bf16_for_cpu = False
     q.requires_grad_(False)
     return q
 

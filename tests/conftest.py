@@ -1,49 +1,13 @@
-"""Shared test helpers: compose configs through the real CLI planner; run a config in-process."""
+"""pytest hooks and fixtures for the whole suite; shared helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import functools
 import gc
 
 import pytest
 import torch
 
-from membench.cli import plan
-
 torch.set_num_threads(2)
-
-
-def compose(*overrides: str) -> dict:
-    """One resolved, validated config dict (raises membench.errors.ConfigError on bad input)."""
-    cells = plan(list(overrides), multirun=False)
-    assert len(cells) == 1
-    return cells[0]
-
-
-@functools.cache
-def experiment_cells(name: str) -> tuple[dict, ...]:
-    """The composed cells of one study, once per session (tests that read the same study share it; the pruning
-    study alone is ~40 Hydra compositions). Read-only: a test must not change the dicts."""
-    return tuple(plan([f"+experiment={name}"], multirun=False))
-
-
-def run_inprocess(*overrides: str) -> dict:
-    """Execute one run in this process (no child): the measured sections of a record."""
-    from membench.execute import execute
-
-    return execute(compose(*overrides))
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every distinct storage behind a tensor Python can still reach (gc-tracked), after a full collection:
-    an independent count of what a step left alive."""
-    gc.collect()
-    storages = {}
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and o.device.type != "meta":
-            st = o.untyped_storage()
-            storages[(str(o.device), st.data_ptr())] = st.nbytes()
-    return sum(storages.values())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,3 +1,117 @@
-"""Import target for tests: `from tests.helpers import compose, live_tensor_bytes, run_inprocess`."""
+"""Shared test helpers (fixtures and pytest hooks live in conftest.py): compose configs through the real CLI planner,
+run a config in-process, and count a real step's bytes without MemTracker (the independent reference the
+tracker and the fake-tensor simulation are tested against).
+Import target for tests: `from tests.helpers import compose, run_inprocess, ...`."""
 
-from tests.conftest import compose, experiment_cells, live_tensor_bytes, run_inprocess  # noqa: F401
+from __future__ import annotations
+
+import functools
+import gc
+
+import torch
+
+from membench.cells import configs as plan
+
+# A run long enough for every phase of the schedule (warm-up, memory step, FLOP step, one timed step).
+SHORT_RUN = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")
+
+
+def compose(*overrides: str) -> dict:
+    """One resolved, validated config dict (raises membench.errors.ConfigError on bad input)."""
+    cells = plan(list(overrides), multirun=False)
+    assert len(cells) == 1
+    return cells[0]
+
+
+@functools.cache
+def experiment_cells(name: str) -> tuple[dict, ...]:
+    """The composed cells of one study, once per session (tests that read the same study share it; the pruning
+    study alone is ~40 Hydra compositions). Read-only: a test must not change the dicts."""
+    return tuple(plan([f"+experiment={name}"], multirun=False))
+
+
+def config_parts(cfg: dict):
+    """(workload config, technique configs) of a composed config, unbuilt (what membench.simulate takes)."""
+    from membench.config import build
+
+    techs = [build(n, f"technique.{k}") for k, n in (cfg.get("technique") or {}).items()]
+    return build(cfg["workload"], "workload"), techs
+
+
+def run_inprocess(*overrides: str) -> dict:
+    """Execute one run in this process (no child): the measured sections of a record."""
+    from membench.execute import execute
+
+    return execute(compose(*overrides))
+
+
+def held_activations(record: dict) -> int:
+    """Activation bytes the tracker saw held between forward and backward."""
+    return record["memory"]["held_after_forward"]["activations"]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def _reachable_storages() -> dict[tuple[str, int], int]:
+    gc.collect()
+    return {
+        _storage_key(o): o.untyped_storage().nbytes()
+        for o in gc.get_objects()
+        if isinstance(o, torch.Tensor) and o.device.type != "meta"
+    }
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct storage behind a tensor Python can still reach (gc-tracked), after a full collection:
+    an independent count of what a step left alive."""
+    return sum(_reachable_storages().values())
+
+
+def exact_step_bytes(cfg: dict) -> dict[str, int]:
+    """One warm-up step, then one real step of `cfg` on real tensors, counted without MemTracker: the exact
+    storage bytes of parameters + buffers, of the gradients after backward, of the optimizer state after the
+    step, and of the activations held between forward and backward. Activations = every storage autograd saved
+    for backward (saved_tensors_hooks, unique storages, parameters left out) plus every tensor storage Python can
+    newly reach after the forward (selective checkpointing keeps its saved outputs in its own cache, not through
+    autograd's hooks; the loss). Left out: the CPU RNG states non-reentrant checkpointing saves per call
+    (torch.get_rng_state(), made outside the dispatcher, so no tracker sees them)."""
+    from membench.execute import Trainer, build_all
+
+    run, wcfg, techs, device = build_all(cfg)
+    tr = Trainer(run, wcfg, techs, device)
+    tr.step(0)  # the warm-up step allocates the optimizer state
+    model, opt = tr.model, tr.optimizer
+    params = {_storage_key(t): t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers()]}
+    rng_state_bytes = torch.get_rng_state().numel()
+    saved: dict = {}
+    held: dict = {}
+    grads: dict = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta" and _storage_key(t) not in params:
+            saved[_storage_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    def after_forward() -> None:
+        held.update(saved)
+        for k, n in _reachable_storages().items():
+            if k not in before and k not in params and n != rng_state_bytes:
+                held[k] = n
+
+    def after_backward() -> None:
+        grads.update({_storage_key(p.grad): p.grad.untyped_storage().nbytes() for p in model.parameters()
+                      if p.grad is not None})  # fmt: skip
+
+    before = _reachable_storages()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tr.step(1, after_forward=after_forward, after_backward=after_backward)
+    states = {_storage_key(v): v.untyped_storage().nbytes()
+              for s in opt.state.values() for v in s.values() if torch.is_tensor(v)}  # fmt: skip
+    return {
+        "params": sum(params.values()),
+        "grads": sum(grads.values()),
+        "optimizer": sum(states.values()),
+        "activations": sum(held.values()),
+    }

@@ -1,7 +1,9 @@
-"""`membench compare` flags regressions between record sets, and only real ones.
+"""`membench compare` flags regressions between record sets, and only real ones; a cell it cannot judge is
+never "ok".
 
 Synthetic record sets are copies of the committed checkpointing records with one field changed; step times
-are replaced by 20 draws around the committed median (seeded), so the rank test has samples to work with.
+are replaced by draws around the committed median (seeded, 2% noise), so the rank test has samples to work with.
+Exit codes: 0 every compared cell judged and none regressed, 1 regressed or missing, 2 usage, 3 inconclusive.
 """
 
 from __future__ import annotations
@@ -14,21 +16,29 @@ from pathlib import Path
 
 import pytest
 
+from membench import sweep as sweep_module
 from membench.cli import main
 from membench.compare import Tolerances, time_verdict
+from membench.records import config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "results" / "checkpointing" / "runs"
 
 
-def _copy(dst: Path, steps: int | None = None, factor: float = 1.0, seed: int = 0) -> list[Path]:
-    """Copy the committed records; with `steps`, give each `steps` step times: median * factor * noise."""
+def _copy(
+    dst: Path, steps: int | None = None, factor: float = 1.0, seed: int = 0, committed: bool = False
+) -> list[Path]:
+    """Copy the committed records; with `steps`, give each `steps` step times: median * factor * noise, or with
+    `committed` the record's own step times repeated to `steps`, times factor."""
     (dst / "runs").mkdir(parents=True)
     rng = random.Random(seed)
     files = []
     for p in sorted(RECORDS.glob("*.json")):
         r = json.loads(p.read_text())
-        if steps:
+        if steps and committed:
+            own = r["timing"]["step_times_s"]
+            r["timing"]["step_times_s"] = [own[i % len(own)] * factor for i in range(steps)]
+        elif steps:
             med = r["timing"]["median_step_s"]
             r["timing"]["step_times_s"] = [med * factor * rng.gauss(1.0, 0.02) for _ in range(steps)]
         f = dst / "runs" / p.name
@@ -47,11 +57,39 @@ def _compare(a, b, *extra) -> int:
     return main(["compare", str(a), str(b), *extra])
 
 
-def test_identical_record_sets_do_not_regress(tmp_path, capsys):
+def _summary(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("membench: "))
+
+
+def test_committed_records_as_they_are_are_inconclusive_never_ok(tmp_path, capsys):
+    """3 timed steps per side: the one-sided test cannot reach p < 0.01 (1/20 at best); 5: it can (1/252), but 5 is
+    under the steps a 10% slowdown needs to be caught: no time verdict either way, and no "ok"."""
     _copy(tmp_path / "a")
     _copy(tmp_path / "b")
+    assert _compare(tmp_path / "a", tmp_path / "b") == 3
+    out = capsys.readouterr().out
+    assert _summary(out) == (
+        "membench: 0 regressed, 0 improved, 8 inconclusive, 0 ok; 0 missing in candidate, 0 new; "
+        "exit 3 (nothing regressed, but some cells inconclusive)"
+    )
+    assert out.count("3 vs 3 steps: the test cannot reach p<0.01") == 4
+    assert out.count("5 vs 5 steps: under the 20 per side for power") == 4
+
+
+def test_thirty_percent_slower_over_3_steps_is_inconclusive_not_ok(tmp_path, capsys):
+    _copy(tmp_path / "a", steps=3, seed=1)
+    _copy(tmp_path / "b", steps=3, factor=1.30, seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "b") == 3
+    out = capsys.readouterr().out
+    assert "0 regressed, 0 improved, 8 inconclusive, 0 ok" in out
+    assert out.count("| inconclusive | step ") == 8 and "3 vs 3 steps: the test cannot reach p<0.01" in out
+
+
+def test_identical_step_times_with_enough_steps_are_ok(tmp_path, capsys):
+    _copy(tmp_path / "a", steps=20, seed=1)
+    _copy(tmp_path / "b", steps=20, seed=1)
     assert _compare(tmp_path / "a", tmp_path / "b") == 0
-    assert "0 cell(s) regressed, 0 missing in candidate, 0 new, 8 ok" in capsys.readouterr().out
+    assert "0 regressed, 0 improved, 0 inconclusive, 8 ok" in _summary(capsys.readouterr().out)
 
 
 def test_ten_percent_slower_over_20_steps_is_flagged(tmp_path, capsys):
@@ -59,14 +97,76 @@ def test_ten_percent_slower_over_20_steps_is_flagged(tmp_path, capsys):
     _copy(tmp_path / "b", steps=20, factor=1.10, seed=2)
     assert _compare(tmp_path / "a", tmp_path / "b") == 1
     out = capsys.readouterr().out
-    assert "8 cell(s) regressed" in out and "step " in out
+    assert "8 regressed, 0 improved, 0 inconclusive, 0 ok" in out and out.count("| regressed | step ") == 8
+
+
+STUDIES = sorted(p.parent.name for p in (ROOT / "results").glob("*/runs"))
+
+
+def _copy_study(study: str, dst: Path, factor: float, steps: int | None = None) -> int:
+    """A committed study's records with step times x factor; with `steps`, its own step times repeated to that
+    many. Returns the number of cells."""
+    (dst / "runs").mkdir(parents=True)
+    files = sorted((ROOT / "results" / study / "runs").glob("*.json"))
+    for p in files:
+        r = json.loads(p.read_text())
+        own = r["timing"]["step_times_s"]
+        r["timing"]["step_times_s"] = [own[i % len(own)] * factor for i in range(steps or len(own))]
+        (dst / "runs" / p.name).write_text(json.dumps(r))
+    return len(files)
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=[f"study-{s}" for s in STUDIES])  # an id "gpu" would be skipped
+def test_a_copy_of_a_committed_study_with_step_times_raised_ten_percent(study, tmp_path, capsys):
+    """As committed (1-5 timed steps): +10% and +30% are inconclusive, never ok, and the exit is 3. With the
+    study's own step times repeated to 40 per cell: +10% fails every cell, and the unchanged copy passes (at 20,
+    four quantization cells whose 3 steps spread by more than 10% are inconclusive: not significant)."""
+    n = _copy_study(study, tmp_path / "base", 1.0)
+    for factor in (1.10, 1.30):
+        _copy_study(study, tmp_path / f"as_is_{factor}", factor)
+        assert _compare(tmp_path / "base", tmp_path / f"as_is_{factor}") == 3
+        assert f"0 regressed, 0 improved, {n} inconclusive, 0 ok" in capsys.readouterr().out
+    _copy_study(study, tmp_path / "base40", 1.0, steps=40)
+    _copy_study(study, tmp_path / "slow40", 1.10, steps=40)
+    _copy_study(study, tmp_path / "same40", 1.0, steps=40)
+    assert _compare(tmp_path / "base40", tmp_path / "slow40") == 1
+    assert f"{n} regressed, 0 improved, 0 inconclusive, 0 ok" in capsys.readouterr().out
+    assert _compare(tmp_path / "base40", tmp_path / "same40") == 0
+    assert f"0 regressed, 0 improved, 0 inconclusive, {n} ok" in capsys.readouterr().out
+
+
+def test_faster_is_improved_and_passes(tmp_path, capsys):
+    _copy(tmp_path / "a", steps=20, seed=1)
+    _copy(tmp_path / "b", steps=20, factor=0.80, seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "b") == 0
+    out = capsys.readouterr().out
+    assert "0 regressed, 8 improved, 0 inconclusive, 0 ok" in out and "time improved" in out
 
 
 def test_step_time_noise_of_the_same_size_is_not_flagged(tmp_path, capsys):
     _copy(tmp_path / "a", steps=20, seed=1)
     _copy(tmp_path / "b", steps=20, seed=2)  # fresh noise, same level
     assert _compare(tmp_path / "a", tmp_path / "b") == 0
-    assert "0 cell(s) regressed" in capsys.readouterr().out
+    assert "0 regressed, 0 improved, 0 inconclusive, 8 ok" in capsys.readouterr().out
+
+
+def test_fewer_steps_than_time_min_steps_are_inconclusive(tmp_path, capsys):
+    """10 steps x1.30 reach p < 0.01, but 10 per side is under the default power threshold (20)."""
+    _copy(tmp_path / "a", steps=10, seed=1)
+    _copy(tmp_path / "b", steps=10, factor=1.30, seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "b") == 3
+    assert "10 vs 10 steps: under the 20 per side for power" in capsys.readouterr().out
+    assert _compare(tmp_path / "a", tmp_path / "b", "--time-min-steps", "10") == 1
+
+
+def test_a_shift_inside_the_noise_floor_is_inconclusive(tmp_path, capsys):
+    _copy(tmp_path / "a", steps=20, seed=1)
+    _copy(tmp_path / "b", steps=20, factor=1.10, seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "b", "--time-noise-floor", "0.2") == 3
+    out = capsys.readouterr().out
+    assert out.count("inside the noise floor 20%") == 8 and "8 inconclusive" in out
+    _copy(tmp_path / "c", steps=20, factor=1.30, seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "c", "--time-noise-floor", "0.2") == 1
 
 
 def test_time_verdict_needs_both_significance_and_effect_size():
@@ -74,8 +174,77 @@ def test_time_verdict_needs_both_significance_and_effect_size():
     base = [1.0 + rng.gauss(0, 0.001) for _ in range(200)]
     tiny = [1.01 + rng.gauss(0, 0.001) for _ in range(200)]  # significant, but a 1% shift
     v = time_verdict(base, tiny, Tolerances())
-    assert v["p_value"] < 1e-6 and v["regressed"] is False
-    assert time_verdict([1.0, 1.1, 0.9], [2.0, 2.1, 2.2], Tolerances())["regressed"] is None  # 3 vs 3: p >= 0.05
+    assert v["p_value"] < 1e-6 and v["verdict"] == "ok" and v["why"] == "shift within ±5%"
+    rng = random.Random(0)  # 30% noise: a +16% estimate over 20 steps is not significant, and not ok either
+    v = time_verdict([rng.gauss(1.0, 0.3) for _ in range(20)], [rng.gauss(1.1, 0.3) for _ in range(20)], Tolerances())
+    assert v["verdict"] == "inconclusive" and v["why"] == "shift beyond ±5% but not significant" and v["p_value"] > 0.01
+    v = time_verdict([1.0, 1.1, 0.9], [2.0, 2.1, 2.2], Tolerances())  # 3 vs 3: p >= 1/20 = 0.05
+    assert v["verdict"] == "inconclusive" and v["p_value"] == 0.05
+    assert time_verdict([], [1.0], Tolerances()) == {"verdict": "inconclusive", "why": "no step times"}
+
+
+def _seed_group(d: Path, factor: float, seeds=(0, 1, 2), steps: int = 8, noise_seed: int = 0) -> None:
+    """One committed cell as a seed group: each seed `steps` step times around its median * factor."""
+    r0 = json.loads(sorted(RECORDS.glob("*.json"))[0].read_text())
+    rng = random.Random(noise_seed)
+    (d / "runs").mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        r = json.loads(json.dumps(r0))
+        r["config"]["run"]["seed"] = seed
+        r["config_hash"] = config_hash(r["config"])
+        r["run_id"] = f"{r['run_id']}-{seed}"
+        med = r["timing"]["median_step_s"]
+        r["timing"]["step_times_s"] = [med * factor * rng.gauss(1.0, 0.02) for _ in range(steps)]
+        (d / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+
+
+def test_seeds_of_a_cell_are_pooled_on_both_sides(tmp_path, capsys):
+    """8 steps per seed is under the 20 a verdict needs; 3 seeds pooled give 24 per side: +10% is regressed."""
+    _seed_group(tmp_path / "a", 1.0, noise_seed=1)
+    _seed_group(tmp_path / "b", 1.10, noise_seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "b") == 1
+    out = capsys.readouterr().out
+    assert "3 regressed" in out and out.count("24 vs 24 steps, 3 seeds pooled") == 3
+    _seed_group(tmp_path / "one", 1.10, seeds=(0,), noise_seed=2)  # one seed: 8 steps, not pooled with anything
+    _seed_group(tmp_path / "base1", 1.0, seeds=(0,), noise_seed=1)
+    assert _compare(tmp_path / "base1", tmp_path / "one") == 3
+    assert "8 vs 8 steps: under the 20 per side" in capsys.readouterr().out
+
+
+def test_status_changes_are_judged_and_both_failed_is_inconclusive(tmp_path, capsys):
+    _copy(tmp_path / "a", steps=20)
+    files = _copy(tmp_path / "b", steps=20)
+    base = sorted((tmp_path / "a" / "runs").glob("*.json"))
+    _edit(base[0], lambda r: r.update(status="oom"))  # oom -> ok: improved
+    _edit(base[1], lambda r: r.update(status="oom"))  # oom -> error: nothing to judge
+    _edit(files[1], lambda r: r.update(status="error"))
+    assert _compare(tmp_path / "a", tmp_path / "b") == 3
+    out = capsys.readouterr().out
+    assert "0 regressed, 1 improved, 1 inconclusive, 6 ok" in out
+    assert "status oom -> ok" in out and "status oom -> error: nothing measured to compare" in out
+
+
+def test_confirm_reruns_flagged_cells_and_counts_only_those_still_regressed(tmp_path, capsys, monkeypatch):
+    """--confirm with a stand-in runner: a re-run that is slow again stays regressed, a fast one clears."""
+    _copy(tmp_path / "a", steps=20, seed=1)
+    _copy(tmp_path / "b", steps=20, factor=1.30, seed=2)
+    reruns = []
+
+    def rerun(record, results_dir):
+        reruns.append(record["config_hash"])
+        slow = 1.30 if len(reruns) % 2 else 1.0  # every other cell is fine on its re-run
+        r = json.loads(json.dumps(record))
+        r["run_id"] = "29991231T000000-000000-" + r["config_hash"][:10]
+        r["timing"]["step_times_s"] = [t / 1.30 * slow for t in r["timing"]["step_times_s"]]
+        (Path(results_dir) / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+
+    monkeypatch.setattr(sweep_module, "rerun_cell", rerun)
+    assert _compare(tmp_path / "a", tmp_path / "b") == 1
+    assert "8 regressed" in capsys.readouterr().out and reruns == []
+    assert _compare(tmp_path / "a", tmp_path / "b", "--confirm") == 1
+    out = capsys.readouterr().out
+    assert len(reruns) == 8 and "4 regressed, 0 improved, 0 inconclusive, 4 ok" in out
+    assert out.count("confirmed: regressed again on a re-run") == 4 and out.count("flagged, cleared by a re-run") == 4
 
 
 def test_two_percent_peak_is_flagged(tmp_path, capsys):
@@ -84,7 +253,7 @@ def test_two_percent_peak_is_flagged(tmp_path, capsys):
     _edit(files[0], lambda r: r["memory"].update(peak_bytes=int(r["memory"]["peak_bytes"] * 1.02)))
     assert _compare(tmp_path / "a", tmp_path / "b") == 1
     out = capsys.readouterr().out
-    assert "1 cell(s) regressed" in out and "| REGRESSED | peak " in out
+    assert "1 regressed" in out and "| regressed | peak " in out
 
 
 def test_one_byte_of_model_state_is_flagged(tmp_path, capsys):
@@ -95,7 +264,7 @@ def test_one_byte_of_model_state_is_flagged(tmp_path, capsys):
     )
     assert _compare(tmp_path / "a", tmp_path / "b") == 1
     out = capsys.readouterr().out
-    assert "1 cell(s) regressed" in out and "optimizer state bytes" in out
+    assert "1 regressed" in out and "optimizer state bytes" in out
 
 
 def test_flops_quality_and_status_regressions_are_flagged(tmp_path, capsys):
@@ -106,7 +275,7 @@ def test_flops_quality_and_status_regressions_are_flagged(tmp_path, capsys):
     _edit(files[3], lambda r: r.update(status="oom", error="peak over budget"))
     assert _compare(tmp_path / "a", tmp_path / "b") == 1
     out = capsys.readouterr().out
-    assert "3 cell(s) regressed" in out
+    assert "3 regressed" in out
     assert "status ok -> oom" in out and "FLOPs" in out and "must reproduce" in out
 
 
@@ -131,7 +300,7 @@ def test_approximate_quality_is_judged_against_the_seed_band(tmp_path, capsys):
     put(tmp_path / "bad", 0, 3.20)
     assert _compare(tmp_path / "a", tmp_path / "ok") == 1  # seeds 1, 2 are missing in the candidate
     out = capsys.readouterr().out
-    assert "2 missing in candidate" in out and "0 cell(s) regressed" in out
+    assert "2 missing in candidate" in out and "0 regressed" in out
     assert _compare(tmp_path / "a", tmp_path / "bad") == 1
     assert "outside seed band" in capsys.readouterr().out
 
@@ -154,9 +323,10 @@ def test_other_hardware_is_refused_unless_asked_for_then_labelled(tmp_path, caps
     assert _compare(tmp_path / "a", tmp_path / "b") == 2
     err = capsys.readouterr().err
     assert "different hardware profiles" in err and "cpu AMD EPYC vs Another CPU" in err and "--any-hardware" in err
-    assert _compare(tmp_path / "a", tmp_path / "b", "--any-hardware") == 0
+    assert _compare(tmp_path / "a", tmp_path / "b", "--any-hardware") == 3  # times on other hardware: no verdict
     out = capsys.readouterr().out
-    assert out.count("(other hardware)") == 8 and "torch_threads 2 vs 8" in out
+    assert out.count("time inconclusive, other hardware") == 8 and "torch_threads 2 vs 8" in out
+    assert "8 inconclusive, 0 ok" in out
 
 
 def test_json_output_and_no_common_cell(tmp_path, capsys):
@@ -165,8 +335,8 @@ def test_json_output_and_no_common_cell(tmp_path, capsys):
     _edit(files[0], lambda r: r["memory"].update(peak_bytes=r["memory"]["peak_bytes"] * 2))
     assert _compare(tmp_path / "a", tmp_path / "b", "--format", "json") == 1
     result = json.loads(capsys.readouterr().out)
-    assert result["counts"] == {"ok": 7, "REGRESSED": 1, "missing": 0, "new": 0}
-    assert [r["verdict"] for r in result["rows"]].count("REGRESSED") == 1
+    assert result["counts"] == {"regressed": 1, "improved": 0, "inconclusive": 7, "ok": 0, "missing": 0, "new": 0}
+    assert [r["verdict"] for r in result["rows"]].count("regressed") == 1 and result["exit_code"] == 1
     (tmp_path / "c" / "runs").mkdir(parents=True)
     assert _compare(tmp_path / "a", tmp_path / "c") == 2
     assert "nothing to compare" in capsys.readouterr().err
@@ -205,7 +375,97 @@ def test_a_library_only_one_side_recorded_is_not_a_difference_but_a_changed_vers
     files = _copy(tmp_path / "b")
     for f in files:
         _edit(f, lambda r: r["env"]["versions"].update(transformers="5.24.0"))
-    assert _compare(tmp_path / "a", tmp_path / "b") == 0
+    assert _compare(tmp_path / "a", tmp_path / "b") == 3  # same profile; 3-5 steps: inconclusive
     _edit(files[0], lambda r: r["env"]["versions"].update(torch="2.99.0"))
     assert _compare(tmp_path / "a", tmp_path / "b") == 2
     assert "1 of 8 cells ran on different hardware profiles (torch 2.13.0+cpu vs 2.99.0)" in capsys.readouterr().err
+
+
+def _bench_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "scripts" / "bench_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench_save(path: Path, factor: float, seed: int, data: bool = True) -> Path:
+    """A pytest-benchmark save (--benchmark-save-data) of two benchmarks, 30 rounds each around 10 ms * factor."""
+    rng = random.Random(seed)
+    benches = []
+    for name in ("test_step[baseline]", "test_step[bf16]"):
+        stats = {"median": 0.01 * factor}
+        if data:
+            stats["data"] = [0.01 * factor * rng.gauss(1.0, 0.02) for _ in range(30)]
+        benches.append({"group": None, "name": name, "fullname": f"benchmarks/test_steps.py::{name}", "stats": stats})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "AMD EPYC"}}, "benchmarks": benches}))
+    return path
+
+
+def test_bench_compare_judges_saved_rounds_like_compare(tmp_path, capsys):
+    bench = _bench_script()
+    m = tmp_path / ".benchmarks" / "Linux-CPython-3.12-64bit"
+    _bench_save(m / "0001_old.json", 1.0, seed=1)
+    _bench_save(m / "0002_new.json", 1.10, seed=2)
+    assert bench.main(["--storage", str(tmp_path / ".benchmarks")]) == 1  # the two latest: 0001 -> 0002
+    out = capsys.readouterr().out
+    assert "2 regressed" in out and "30 vs 30 steps" in out and "0002_new.json" in out
+    same = _bench_save(tmp_path / "same.json", 1.0, seed=2)
+    assert bench.main([str(m / "0001_old.json"), str(same)]) == 0
+    assert "0 regressed, 0 improved, 0 inconclusive, 2 ok" in capsys.readouterr().out
+    nodata = _bench_save(tmp_path / "nodata.json", 1.10, seed=2, data=False)  # saved without --benchmark-save-data
+    assert bench.main([str(m / "0001_old.json"), str(nodata)]) == 3
+    assert "no step times" in capsys.readouterr().out
+    assert bench.main(["--storage", str(tmp_path / "none")]) == 2
+    assert "no saved run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_confirm_reruns_a_real_cell(tmp_path, capsys):
+    """--confirm with the real runner on a cheap gpt_tiny cell: a candidate 100x slower than its baseline (baseline
+    step times scaled down) is re-run and stays regressed; a candidate whose record was scaled up 100x is re-run,
+    runs at its real speed and is cleared. Each re-run writes a fresh record into the candidate folder."""
+    argv = [sys.executable, "-m", "membench.cli", "run", "workload=gpt_tiny", f"run.results_dir={tmp_path / 'real'}"]
+    argv += ["run.num_threads=1", "run.train_steps=24", "run.warmup_steps=1", "run.measure_steps=20"]
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (src,) = (tmp_path / "real" / "runs").glob("*.json")
+
+    def put(d: str, factor: float) -> Path:
+        (tmp_path / d / "runs").mkdir(parents=True)
+        r = json.loads(src.read_text())
+        r["timing"]["step_times_s"] = [t * factor for t in r["timing"]["step_times_s"]]
+        (tmp_path / d / "runs" / src.name).write_text(json.dumps(r))
+        return tmp_path / d
+
+    assert _compare(put("fast_base", 0.01), put("cand", 1.0), "--confirm") == 1
+    out = capsys.readouterr().out
+    assert "1 regressed" in out and "confirmed: regressed again on a re-run" in out
+    assert len(list((tmp_path / "cand" / "runs").glob("*.json"))) == 2
+    code = _compare(put("base", 1.0), put("slow_cand", 100.0), "--confirm")
+    out = capsys.readouterr().out
+    assert code != 1 and "0 regressed" in out and "flagged, cleared by a re-run" in out
+
+
+def test_gate_power_counts_detections_and_false_alarms(tmp_path):
+    """scripts/gate_power.py analyse on synthetic runs with 1% step noise and no drift: the 10% injection is
+    caught in every trial at 20 steps and more, and identical code is never flagged."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gate_power", ROOT / "scripts" / "gate_power.py")
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    rng = random.Random(0)
+    runs = [[0.01 * rng.gauss(1.0, 0.01) for _ in range(40)] for _ in range(12)]
+    raw = {"workloads": {"gpt_tiny": {"load_before": [1.0], "load_after": [1.0], "step_times_s": runs}}}
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    gp.analyse(tmp_path / "raw.json", tmp_path / "out.json")
+    rates = json.loads((tmp_path / "out.json").read_text())["workloads"]["gpt_tiny"]["rates"]
+    for r in rates:
+        if r["rule"] == "plain" and r["seeds"] * r["steps"] >= 20:
+            assert r["slowdown"] == {"regressed": r["trials"]}, r
+            assert "regressed" not in r["identical"], r
+    fresh = [r for r in rates if r["pairs"] == "fresh runs" and r["seeds"] == 1]
+    assert {r["trials"] for r in fresh} == {6} and all(r["confirmed_false_alarms"] == 0 for r in fresh)

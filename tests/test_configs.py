@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from membench.cli import CONF_DIR, main, plan
+from membench.cells import configs as plan
+from membench.cli import main
+from membench.config import CONF_DIR
 from membench.errors import ConfigError
 from tests.helpers import compose, experiment_cells
 
@@ -36,6 +38,12 @@ REJECTED_PAIRS = {
     ("bf16_pure", "zero"): "DeepSpeed keeps fp32 masters",
     ("fp16", "zero"): "DeepSpeed's CPU accelerator has no fp16",
     ("optimizer_8bit", "zero"): "zero builds its own (sharded) optimizer",
+    ("optimizer_8bit", "optimizer_in_backward"): "both replace the optimizer",
+    ("optimizer_8bit", "optimizer_lowmem"): "both replace the optimizer",
+    ("optimizer_in_backward", "optimizer_lowmem"): "both replace the optimizer",
+    ("optimizer_in_backward", "zero"): "own the backward and the step",
+    ("optimizer_lowmem", "zero"): "zero builds its own (sharded) optimizer",
+    ("fp16", "optimizer_in_backward"): "GradScaler unscales and checks every gradient",
     ("prune_structured", "prune_unstructured"): "each pretrains and reports its own before/after quality",
     ("prune_unstructured", "quantized_base"): "the quantizer replaces the nn.Linear modules that hold the masks",
     ("prune_unstructured", "weight_quant"): "the quantizer replaces the nn.Linear modules that hold the masks",

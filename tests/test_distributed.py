@@ -77,8 +77,10 @@ def test_sigkilled_launcher_leaves_no_rank_behind(tmp_path):
 
 
 def test_spec_for_a_multi_node_launch_is_the_runners_cell(tmp_path, capsys):
+    from membench.child import worker_path
     from membench.distributed import main
     from membench.records import config_hash
+    from membench.sweep import WORKER
     from tests.helpers import compose
 
     over = ["workload=gpt_tiny", "technique=[zero]", "run.world_size=2", f"run.results_dir={tmp_path}"]
@@ -87,6 +89,7 @@ def test_spec_for_a_multi_node_launch_is_the_runners_cell(tmp_path, capsys):
     assert spec["config"] == compose(*over)
     assert spec["config_hash"] == config_hash(compose(*over)) and spec["run_id"].endswith(spec["config_hash"][:10])
     assert spec["results_dir"] == str(tmp_path)
+    assert spec["worker"] == worker_path(WORKER)  # the ranks run what `membench run` runs
     assert main(["spec", str(tmp_path / "bad.json"), *over[:-1], "run.world_size=0"]) == 2
     assert capsys.readouterr().err.startswith("membench: error: run.world_size=0")
     assert not (tmp_path / "bad.json").exists()

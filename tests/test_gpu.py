@@ -28,7 +28,7 @@ GPT2 = ("workload=gpt2", "run.batch_size=8", *STEPS)
 )
 def test_tracker_split_agrees_with_the_allocator(techs, rtol, tmp_path):
     """In a child process, as `membench run` runs it: an in-process run would see earlier tests' allocations."""
-    from membench.runner import run_cell
+    from membench.sweep import run_cell
 
     r = run_cell(compose(*GPT2, *techs), str(tmp_path), 300)
     assert r["status"] == "ok", r.get("error")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from membench.cli import main
+from membench.history import change_points
 
 RECORDS = Path(__file__).resolve().parent.parent / "results" / "checkpointing" / "runs"
 
@@ -39,3 +40,38 @@ def test_history_orders_commits_by_time_and_filters_cells(tmp_path, capsys):
 def test_history_on_a_missing_folder_is_an_error(tmp_path, capsys):
     assert main(["history", str(tmp_path / "nope")]) == 2
     assert "has no runs/ folder" in capsys.readouterr().err
+
+
+def test_change_points_find_the_step_and_only_it():
+    assert change_points([10, 10.1, 9.9, 12.0, 12.1, 11.9], 0.05) == [3]
+    assert change_points([10, 10.1, 9.9, 12.0, 12.1, 11.9], 0.25) == []  # a 20% step under a 25% threshold
+    assert change_points([10, 10.2, 9.8, 10.1], 0.05) == []
+    assert change_points([10, 10, 13, 13, 10, 10], 0.05) == [2, 4]  # a step up, then back down
+    assert change_points([5.0], 0.05) == []
+
+
+def _series(tmp_path: Path, step_ms: list[float]) -> list[str]:
+    """One committed cell measured at len(step_ms) commits c0, c1, ...; median step time as given."""
+    r0 = json.loads(sorted(RECORDS.glob("*.json"))[0].read_text())
+    (tmp_path / "runs").mkdir()
+    commits = [f"c{i}{'0' * 6}" for i in range(len(step_ms))]
+    for i, (commit, ms) in enumerate(zip(commits, step_ms, strict=True)):
+        r = json.loads(json.dumps(r0))
+        r["env"]["git"] = {"commit": commit, "dirty": False}
+        r["run_id"] = f"202701{i + 1:02d}T000000-{r['run_id'][16:]}"
+        r["timing"]["median_step_s"] = ms / 1e3
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    return [c[:7] for c in commits]
+
+
+def test_history_marks_the_commit_where_step_time_stepped(tmp_path, capsys):
+    commits = _series(tmp_path, [100, 102, 99, 101, 121, 120, 122])  # +20% from the 5th commit on
+    assert main(["history", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    marks = {
+        row.split(" | ")[1]: row.split(" | ")[8].rstrip(" |") for row in out.splitlines() if row.startswith("| gpt")
+    }
+    assert marks == {c: ("step +20%" if c == commits[4] else "-") for c in commits}
+    assert "membench: 1 change point(s)" in out
+    assert main(["history", str(tmp_path), "--time-noise-floor", "0.25"]) == 0  # inside a 25% drift: no change
+    assert "membench: 0 change point(s)" in capsys.readouterr().out

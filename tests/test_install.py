@@ -86,3 +86,28 @@ def test_a_wheel_installed_elsewhere_runs_a_custom_model_from_the_current_folder
     assert r["status"] == "ok" and r["techniques"] == ["activation_checkpointing"]
     assert r["env"]["git"]["commit"] is None and r["env"]["git"]["version"]
     assert str(ROOT) not in json.dumps(r["config"])
+
+
+def test_a_technique_whose_optional_package_is_missing_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """A plain install has no optional extras: a technique module importing one is listed as unavailable, and
+    selecting it ends in one line naming the package and the extra (exit 2, nothing written)."""
+    from membench import confpath, technique
+    from membench.cli import main
+
+    (tmp_path / "needs_missing.py").write_text("import bitsandbytes_not_installed_here  # noqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(confpath.MissingDependency, match="needs the package bitsandbytes_not_installed_here"):
+        confpath.locate("needs_missing.Thing")
+    (tmp_path / "technique").mkdir()
+    (tmp_path / "technique" / "needs_missing.yaml").write_text(
+        "# @package technique.needs_missing\n# a technique whose module needs a missing package\n"
+        "_target_: needs_missing.Thing\n"
+    )
+    technique.discover([tmp_path])
+    assert "bitsandbytes_not_installed_here" in technique.UNAVAILABLE["needs_missing"]
+    monkeypatch.setenv("MEMBENCH_CONF_PATH", str(tmp_path))
+    out = tmp_path / "out"
+    assert main(["run", "technique=[needs_missing]", f"run.results_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the package bitsandbytes_not_installed_here" in err[0], err
+    assert not out.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from membench.cli import main
 from membench.records import load_records, validate_record
-from membench.runner import run_cell
+from membench.sweep import run_cell
 from tests.helpers import compose
 
 TINY = ("workload=gpt_tiny", "run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")

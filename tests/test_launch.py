@@ -1,5 +1,7 @@
 """Where cells run and how they end: kill -9 of a sweep leaves no process and resumes cleanly, a cancel leaves no
-record, a cell locked elsewhere is not started twice, and submitit's local executor runs the Slurm code path."""
+record, a cell locked elsewhere is not started twice, and submitit's local executor runs the Slurm code path. The
+Slurm launcher's decisions (resources, sbatch rejections, the state of a task without a record) are checked here
+without a cluster; tests/test_slurm_real.py runs it against a real one."""
 
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def test_a_cell_locked_by_a_live_process_is_not_started_and_a_stale_lock_is_take
         holder.wait()
 
     # the sweep skips a cell whose lock a live process holds, and runs it once the holder is gone
-    from membench.cli import plan
+    from membench.cells import configs as plan
     from membench.records import config_hash
 
     cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
@@ -174,9 +176,9 @@ def test_jobs_auto_hands_each_cuda_cell_its_own_device(tmp_path, capsys):
 
 
 def test_a_long_cell_shows_its_step_count_and_time_left(tmp_path, monkeypatch):
-    """The child's progress reports reach the parent (the step loop calls child.report_progress)."""
-    from membench.child import report_progress
-    from membench.cli import plan
+    """The child's progress reports reach the parent (the step loop calls cell_progress.report_progress)."""
+    from membench.cell_progress import report_progress
+    from membench.cells import configs as plan
     from membench.runner import Cell
 
     cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
@@ -187,3 +189,72 @@ def test_a_long_cell_shows_its_step_count_and_time_left(tmp_path, monkeypatch):
     report_progress(5, 20)
     step, total, left = cell.progress()
     assert (step, total) == (5, 20) and 29.0 < left < 31.0  # 10 s for 5 steps: 15 steps left ~ 30 s
+
+
+# ------------------------------------------------------------------ the Slurm launcher's decisions, without a cluster
+
+
+def _cells(*runs: dict):
+    from membench.launch import Planned
+
+    base = {"device": "auto", "world_size": 1, "timeout_s": 900.0}
+    return [Planned({"run": {**base, **r}}, f"cell{i}") for i, r in enumerate(runs)]
+
+
+def test_slurm_resources_follow_the_partition_the_ranks_and_the_timeout(monkeypatch):
+    from membench.errors import ConfigError
+    from membench.launch import slurm
+
+    monkeypatch.setattr(slurm, "_partitions", lambda: {"debug*": "", "gpu": "gpu:a100:4"})
+    cpu_only = slurm.SlurmConfig()
+    params, note = slurm.resources(cpu_only, _cells({}, {"world_size": 2}), "slurm")
+    assert params["gpus_per_node"] == 0 and params["cpus_per_task"] == 2 and "debug lists no GPUs" in note
+    assert params["timeout_min"] == 17  # 900 s + 120 s, rounded up to minutes
+    params, note = slurm.resources(slurm.SlurmConfig(partition="gpu"), _cells({"world_size": 2}), "slurm")
+    assert params["gpus_per_node"] == 2 and "cpus_per_task" not in params and note is None
+    with pytest.raises(ConfigError, match=r"^run.device=cuda: partition debug lists no GPUs"):
+        slurm.resources(cpu_only, _cells({"device": "cuda"}), "slurm")
+    with pytest.raises(ConfigError, match=r"^slurm.partition=nope: no such partition"):
+        slurm.resources(slurm.SlurmConfig(partition="nope"), _cells({}), "slurm")
+    with pytest.raises(ConfigError, match=r"^slurm.cpus_per_task=1: a CPU cell has run.world_size=2"):
+        slurm.resources(slurm.SlurmConfig(cpus_per_task=1), _cells({"world_size": 2}), "slurm")
+    with pytest.raises(ConfigError, match=r"^slurm.time_min=3: shorter than run.timeout_s=100 .*time_min>=4"):
+        slurm.resources(slurm.SlurmConfig(time_min=3), _cells({"timeout_s": 100.0}), "slurm")
+
+
+def test_an_sbatch_rejection_names_the_knob():
+    from submitit.core.utils import FailedJobError
+
+    from membench.launch import slurm
+
+    e = FailedJobError("sbatch: error: Batch job submission failed: Invalid qos specification")
+    assert str(slurm._rejection(e, slurm.SlurmConfig(qos="gold"))) == (
+        "slurm.qos=gold: sbatch rejected the job: Batch job submission failed: Invalid qos specification"
+    )
+    e = FailedJobError("sbatch: error: Batch job submission failed: Requested node configuration is not available")
+    assert str(slurm._rejection(e, slurm.SlurmConfig(mem_gb=512))).startswith("slurm.mem_gb=512: sbatch rejected")
+
+
+def test_a_slurm_task_without_a_record_resolves_from_its_state_result_and_log(tmp_path):
+    import pickle
+
+    from membench.launch.slurm import task_state
+
+    assert task_state("7_0", "PENDING", tmp_path)[0] == "queued"
+    assert task_state("7_0", "RUNNING", tmp_path)[0] == "running"
+    assert task_state("7_0", "CANCELLED", tmp_path)[0] == "cancelled"
+    assert task_state("7_0", None, tmp_path)[0] == "cancelled"  # gone from squeue, no accounting, never started
+    assert task_state("7_0", "NODE_FAIL", tmp_path) == ("failed", "job 7_0: Slurm state NODE_FAIL")
+    (tmp_path / "7_1_0_log.err").write_text(
+        "slurmstepd: error: *** JOB 9 ON n1 CANCELLED AT 12:00 DUE TO TIME LIMIT ***"
+    )
+    assert task_state("7_1", None, tmp_path)[1].endswith("ended without a record (time limit)")
+    with open(tmp_path / "7_2_0_result.pkl", "wb") as f:
+        pickle.dump(("success", {"status": "cancelled", "error": "cancelled by Slurm"}), f)
+    assert task_state("7_2", "COMPLETED", tmp_path) == ("cancelled", "job 7_2: cancelled by Slurm")
+    with open(tmp_path / "7_3_0_result.pkl", "wb") as f:
+        pickle.dump(("error", "Traceback ...\n  File x\nRuntimeError: node lost\nsubmitit wrapper line"), f)
+    assert task_state("7_3", "FAILED", tmp_path)[1].endswith("RuntimeError: node lost")
+    with open(tmp_path / "7_4_0_result.pkl", "wb") as f:
+        pickle.dump(("success", {"run_id": "x", "status": "ok", "error": None}), f)
+    assert task_state("7_4", "COMPLETED", tmp_path) == ("ok", "")  # its record, begun before a re-run adopted it

@@ -8,7 +8,7 @@ import torch
 
 from membench import measure
 from membench.measure import timing_stats
-from tests.helpers import live_tensor_bytes, run_inprocess
+from tests.helpers import compose, exact_step_bytes, live_tensor_bytes, run_inprocess
 
 STEPS = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")
 
@@ -45,9 +45,21 @@ def test_counted_flops_equal_the_analytic_model_plus_flash_recompute(gpt_base):
 
 
 def test_cpu_record_names_its_peak_source_and_meters_every_phase(gpt_base):
+    """The CPU peak is what the test's own tracked step of the same config sees (not a copy of the record's other
+    field), and it holds at least the exact bytes alive between forward and backward of a real step counted
+    without any tracker."""
+    from membench.execute import Trainer, build_all
+
     m = gpt_base["memory"]
-    assert m["device_name"] == "cpu" and set(m["by_device"]) == {"cpu"}
-    assert m["peak_bytes"] == m["by_device"]["cpu"]["tracker_peak_bytes"] and "MemTracker" in m["peak_source"]
+    assert m["device_name"] == "cpu" and set(m["by_device"]) == {"cpu"} and "MemTracker" in m["peak_source"]
+    cfg = compose("workload=gpt_tiny", *STEPS)
+    tr = Trainer(*build_all(cfg))
+    tr.step(0)  # the warm-up step allocates the optimizer state; the record's memory step follows it
+    split, _ = measure.measure_memory(lambda after_forward: tr.step(1, after_forward), tr.model, tr.optimizer)
+    assert m["peak_bytes"] == split.total("cpu")
+    real = exact_step_bytes(cfg)
+    assert m["peak_bytes"] >= real["params"] + real["optimizer"] + real["activations"]
+    assert (m["by_category"]["params"], m["by_category"]["optimizer"]) == (real["params"], real["optimizer"])
     assert list(m["phases"]) == ["setup", "warmup", "memory_step", "flop_step", "timed", "rest", "eval"]
     assert all(
         p["wall_s"] > 0 and p["rss_peak_bytes"] > 0 for p in m["phases"].values() if p is not m["phases"]["rest"]

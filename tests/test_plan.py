@@ -56,7 +56,10 @@ def test_enumeration_and_rejection_follow_run_rules():
 def test_exact_only_and_fast_composition_matches_hydra():
     pc, user = pl.split_overrides(["workload=gpt_tiny", "run.device=cpu", "plan.allow_approximate=false"])
     cands = pl.candidates(1, "cpu", pc)
-    assert [c[0] for c in cands] == ["technique=[]"] + ["technique=[activation_checkpointing]"] * 3
+    kinds = [c[0] for c in cands]
+    assert kinds[:2] == ["technique=[]", "technique=[optimizer_in_backward]"]  # the exact families alone and paired
+    ac, both = "technique=[activation_checkpointing]", "technique=[activation_checkpointing,optimizer_in_backward]"
+    assert kinds.count(ac) == kinds.count(both) == 5 and len(kinds) == 12  # selective x 3 policies, every_k, full
     many = pl.candidates(2, "cuda", pl.PlanConfig())[::37]
     base = pl.compose_cells(user, [[]])[0]
     assert pl.fast_cells(user, base, many) == pl.compose_cells(user, many)
@@ -65,9 +68,9 @@ def test_exact_only_and_fast_composition_matches_hydra():
 def test_plan_ranks_fitting_simulated_plans_first(tmp_path):
     # baseline gpt_tiny b=8 peaks at ~7.3 MiB (MemTracker); 6.5 MiB leaves it out (selective: 6.1, every_k: 5.5, full: 4.5)
     r = _plan("workload=gpt_tiny", "run.memory_budget_mib=6.5", "run.device=cpu",
-              "plan.techniques=[activation_checkpointing]", f"plan.records=[{tmp_path}]", simulate=4)  # fmt: skip
+              "plan.techniques=[activation_checkpointing]", f"plan.records=[{tmp_path}]", simulate=6)  # fmt: skip
     rows = r["rows"]
-    assert [x["best_predictor"] for x in rows] == ["simulation"] * 4
+    assert [x["best_predictor"] for x in rows] == ["simulation"] * 6  # baseline, 3 selective policies, every_k, full
     assert [x["fits"] for x in rows] == sorted((x["fits"] for x in rows), reverse=True)
     assert {x["label"] for x in rows if not x["fits"]} == {"baseline"}
     assert all(x["time_source"] == "prior" for x in rows)  # no records under tmp_path
@@ -113,16 +116,14 @@ def test_fit_finds_the_boundary_on_a_cpu_budget():
 @pytest.mark.gpu
 @pytest.mark.parametrize("tech", [[], ["activation_checkpointing"], ["bf16"]])
 def test_fake_cuda_step_matches_real_tracker_on_gpu(tech):
-    from membench.config import build
     from membench.simulate import simulate
-    from tests.helpers import compose, run_inprocess
+    from tests.helpers import compose, config_parts, run_inprocess
 
     ov = ("workload=gpt_small", f"technique=[{','.join(tech)}]", "run.device=cuda", "run.train_steps=4",
           "run.warmup_steps=1", "run.measure_steps=1")  # fmt: skip
     cfg = compose(*ov)
     mem = run_inprocess(*ov)["memory"]
-    techs = [build(n, f"technique.{k}") for k, n in (cfg.get("technique") or {}).items()]
-    got = simulate(build(cfg["workload"], "workload"), techs, cfg["run"]["batch_size"], device="cuda")
+    got = simulate(*config_parts(cfg), cfg["run"]["batch_size"], device="cuda")
     assert got["device"] == "cuda"
     assert abs(got["peak_bytes"] - mem["peak_bytes"]) / mem["peak_bytes"] < 0.02, (got["peak_bytes"], mem)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import held_activations as _held
 from tests.helpers import run_inprocess
 
 STEPS = ("run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1")
@@ -24,10 +25,6 @@ def gpt():
 def digits():
     cells = {"fp32": (), "bf16": ("technique=[bf16]",), "bf16_pure": ("technique=[bf16_pure]",)}
     return {k: run_inprocess("workload=digits_cnn_tiny", *STEPS, *v) for k, v in cells.items()}
-
-
-def _held(r):
-    return r["memory"]["held_after_forward"]["activations"]
 
 
 def test_bf16_pure_halves_every_model_state(gpt):

@@ -291,21 +291,66 @@ def test_digits_has_no_linear_in_blocks_and_says_so():
         assert wl.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+TECHNIQUE_SETS = [
+    ["technique=[quantized_base]"],
+    ["technique=[optimizer_8bit]"],
+    ["technique=[weight_quant]"],
+    ["technique=[optimizer_8bit]", "technique.optimizer_8bit.backend=torchao", "technique.optimizer_8bit.bits=4"],
+    ["technique=[quantized_base,activation_checkpointing,optimizer_8bit]"],
+    ["technique=[weight_quant,bf16]"],
+]
+
+
 @pytest.mark.parametrize("workload", ["gpt_tiny", "gpt_small", "digits_cnn", "digits_cnn_tiny"])
-@pytest.mark.parametrize(
-    "techs",
-    [
-        ["technique=[quantized_base]"],
-        ["technique=[optimizer_8bit]"],
-        ["technique=[weight_quant]"],
-        ["technique=[optimizer_8bit]", "technique.optimizer_8bit.backend=torchao", "technique.optimizer_8bit.bits=4"],
-        ["technique=[quantized_base,activation_checkpointing,optimizer_8bit]"],
-        ["technique=[weight_quant,bf16]"],
-    ],
-)
+@pytest.mark.parametrize("techs", TECHNIQUE_SETS)
 def test_every_technique_composes_with_each_workload(workload, techs):
+    """Composition (config checks, no model) on every preset; building and applying is tested on the tiny ones."""
     cfg = compose(f"workload={workload}", *techs)
     assert set(cfg["technique"]) >= {t.split("[")[1].split(",")[0].rstrip("]") for t in techs[:1]}
+
+
+@pytest.mark.parametrize("workload", ["gpt_tiny", "digits_cnn_tiny"])
+@pytest.mark.parametrize("techs", TECHNIQUE_SETS)
+def test_every_technique_applies_to_each_tiny_workload(workload, techs):
+    """Built and applied as a run applies it (no training step): the quantized layers are in the model and store
+    fewer bytes than the fp32 weights they replace, the optimizer is the 8-bit/4-bit one, and post-training
+    quantization (the before-eval hook) shrinks the parameters; digits' blocks hold no Linear and say so."""
+    from membench.execute import build_all, state_bytes
+    from membench.techniques import compose as tcompose
+
+    cfg = compose(f"workload={workload}", *techs)
+    run, wcfg, techs_, device = build_all(cfg)
+    kinds = {t.kind for t in techs_}
+    torch.manual_seed(0)
+    wl = wcfg.build(0)
+    fp32_bytes = sum(t.numel() * t.element_size() for t in [*wl.model.parameters(), *wl.model.buffers()])
+    ctx = Context(workload=wl, device=device, run=run)
+    quantizes = kinds & {"quantized_base", "weight_quant"}
+
+    def apply():
+        model, patch = tcompose.apply_all(tcompose.ordered(techs_), wl.model, ctx)
+        make = patch.optimizer_factory or (lambda m: wl.make_optimizer([p for p in m.parameters() if p.requires_grad]))
+        opt = make(model)
+        for hook in patch.before_eval:  # post-training quantization acts here
+            hook(model)
+        return model, patch, opt
+
+    if quantizes and workload.startswith("digits"):
+        with pytest.raises(ConfigError, match="has no nn.Linear in its blocks"):
+            apply()
+        return
+    model, patch, opt = apply()
+    params = state_bytes(model, opt, patch.extra_state() if patch.extra_state else {})["cpu"]["params"]
+    if quantizes:
+        assert params < 0.6 * fp32_bytes, (params, fp32_bytes)  # most of GPT's weights are block Linears
+    else:
+        assert params == fp32_bytes
+    if "quantized_base" in kinds:
+        wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        assert len(wrapped) == _linears_in_blocks(wl) // 2 > 0
+        assert all(isinstance(m.base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in wrapped)
+    library = "torchao" if "torchao" in str(techs) else "bitsandbytes" if "optimizer_8bit" in kinds else "torch"
+    assert type(opt).__module__.split(".")[0] == library
 
 
 @pytest.mark.gpu

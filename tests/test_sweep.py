@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from membench.cli import main, plan_cells
+from membench.cells import plan_cells
+from membench.cli import main
 from membench.launch import label
 from membench.records import load_records
 

@@ -4,12 +4,13 @@ And the matrix of every technique on every new workload, each pair with its expe
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from membench.cli import CONF_DIR, main
-from membench.config import build
+from membench.cli import main
+from membench.config import CONF_DIR, build
 from membench.errors import ConfigError
 from membench.predict import predict
 from membench.techniques import compose as tcompose
@@ -87,8 +88,9 @@ def test_a_bad_config_json_is_one_line(tmp_path, capsys):
     assert "not a transformers causal LM type" in capsys.readouterr().err
 
 
-# Every technique x every new workload: what applying it, one training step and the before-eval hooks do (zero:
-# composition only, it needs a process group; tests/test_zero.py runs it). "ok" or the start of the one-line rejection.
+# Every technique x every new workload: what applying it, one training step, the before-eval hooks and the evaluation
+# do (zero: composition only, it needs a process group; tests/test_zero.py runs it). "ok" or the start of the one-line
+# rejection.
 TECHNIQUES = sorted(p.stem for p in (CONF_DIR / "technique").glob("*.yaml"))
 NO_LINEAR = "has no nn.Linear in its blocks"
 NOT_A_TENSOR = "technique.prune_structured: the model's output is not produced by a Linear/Conv2d layer"  # ModelOutput
@@ -105,6 +107,8 @@ EXPECTED = {
     "custom": {"fused_ce": "technique=[fused_ce] on workload custom: has no language-model head"},
 }
 PAIRS = [pytest.param(w, t, id=f"{w}-{t}") for w in EXPECTED for t in TECHNIQUES]
+# full checkpointing (the default mode) over a quantized base: the review's plan row whose run failed in evaluate
+PAIRS.append(pytest.param("llama_tiny", "activation_checkpointing,quantized_base", id="llama_tiny-ckpt+quantized_base"))
 
 
 @pytest.mark.parametrize("workload,technique", PAIRS)
@@ -129,6 +133,9 @@ def test_every_technique_on_the_new_workloads(workload, technique):
         loss.backward()
         for hook in patch.before_eval:  # post-training quantizers reject here
             hook(model)
+        with torch.no_grad():  # the run's quality section, as membench/execute.py evaluates it
+            quality = wl.evaluate(model, device)
+        assert math.isfinite(quality.value), quality
         outcome = "ok"
     except ConfigError as e:
         outcome = str(e)

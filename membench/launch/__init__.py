@@ -1,7 +1,7 @@
 """Where a sweep's cells run: `local` (a pool over this machine's cores or GPUs) or `slurm` (submitit).
 
-The sweep itself (membench/cli.py `run`) plans every cell first; a launcher then runs the cells that have no ok
-record yet and returns their records. Sweep-level knobs (run.jobs, run.launcher, the slurm group) are split off the
+The sweep itself (membench/sweep.py, `membench run`) plans every cell first; a launcher then runs the cells that
+have no ok record yet, each `worker(config)` in its own child (the sweep passes the worker), and returns their records. Sweep-level knobs (run.jobs, run.launcher, the slurm group) are split off the
 cells here, so they are neither part of a cell's identity (config_hash) nor of its record's config.
 A sweep file (RESULTS_DIR/sweeps/ID.json) lists the cells and their labels, so `membench status` can re-attach.
 """
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from membench.errors import ConfigError
+from membench.records import config_hash
 
 SWEEP_RUN_KEYS = ("jobs", "launcher")  # per-sweep knobs in the run group
 # keys a label leaves out: where results go and how the sweep runs say nothing about what a cell measures
-_LABEL_SKIP = ("workload", "technique", "experiment", "hydra", "slurm")
 _LABEL_SKIP_RUN = ("results_dir", "force", "timeout_s", *SWEEP_RUN_KEYS)
 
 
@@ -60,8 +60,6 @@ def label(config: dict, overrides: list[str]) -> str:
 
 def split_sweep(planned: list[tuple[dict, list[str]]]) -> Sweep:
     """Pull the sweep knobs off every cell; they must agree across cells (a sweep over run.jobs makes no sense)."""
-    from membench.records import config_hash
-
     seen: dict[str, object] = {}
     cells: list[Planned] = []
     for cfg, overrides in planned:

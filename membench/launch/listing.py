@@ -11,6 +11,12 @@ import inspect
 import re
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from membench.config import RunConfig, SlurmConfig, locate, register_schema
+from membench.confpath import MissingDependency
+
 _FIELD = re.compile(r"^\s*(\w+)\s*(?::\s*[^=#]+?)?\s*[:=]\s*(.*?)\s*(?:#\s*(.*))?$")
 
 
@@ -42,12 +48,6 @@ def _fields(cls, values: dict | None = None, comments: dict | None = None, inden
 
 
 def listing(conf_dir: Path) -> str:
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from membench.config import RunConfig, locate, register_schema
-    from membench.launch.slurm import SlurmConfig
-
     register_schema()
     store = ConfigStore.instance()
     out = ["Workloads (workload=NAME; size knobs as each preset sets them, then the family's other knobs):"]
@@ -69,9 +69,13 @@ def listing(conf_dir: Path) -> str:
     out.append("\nTechniques (technique=[NAME,...]; knobs technique.NAME.KEY=..., defaults shown):")
     for path in sorted((conf_dir / "technique").glob("*.yaml")):
         raw = OmegaConf.load(path)
-        cls = locate(raw["_target_"])
         head = [line.lstrip("# ") for line in path.read_text().splitlines()[:3] if not line.startswith("# @package")]
         out.append(f"  {path.stem}: {head[0] if head else ''}")
+        try:
+            cls = locate(raw["_target_"])
+        except MissingDependency as e:
+            out.append(f"    (not available here: {e})")
+            continue
         values = {k: v for k, v in OmegaConf.to_container(raw).items() if k != "_target_"}
         out.extend(_fields(cls, values, _comments(path.read_text().splitlines())))
     experiments = sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml"))

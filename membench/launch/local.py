@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from membench.errors import ConfigError
 from membench.launch import Planned
 from membench.launch.progress import Display
+from membench.report import summary_line
 from membench.runner import Cell
 
 LONG_CELL_S = 30.0  # a running cell older than this prints its step count every LONG_CELL_S seconds
@@ -68,79 +71,111 @@ def parallelism(jobs: str, cells: list[Planned], gpus: list[str]) -> int:
     return max(1, cores() // 4)
 
 
-def run_local(cells: list[Planned], jobs: str, display: Display) -> list[dict]:
-    from membench.report import summary_line
+@dataclass
+class Pool:
+    """The cells of one local sweep: those waiting, those running (with the GPUs each holds), the records so far."""
 
+    pending: list[Planned]
+    k: int  # cells at once
+    gpus: list[str]
+    worker: Callable[[dict], dict]
+    display: Display
+    free: list[str] = field(default_factory=list)
+    running: list[tuple[Cell, list[str]]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    shown: float = field(default_factory=time.monotonic)
+
+    def start_next(self) -> None:
+        """Start waiting cells while there is room: a free slot, and for a CUDA cell world_size free GPUs."""
+        while self.pending and len(self.running) < self.k:
+            item = self.pending[0]
+            run = item.config["run"]
+            held: list[str] = []
+            threads = 0
+            if is_cuda(item.config, self.gpus):
+                need = int(run.get("world_size", 1))
+                if len(self.free) < need:
+                    return
+                held, self.free = self.free[:need], self.free[need:]
+            elif self.k > 1 and not run.get("num_threads"):
+                threads = max(1, cores() // self.k)
+            self.pending.pop(0)
+            cell = Cell(
+                item.config, run["results_dir"], run["timeout_s"], threads, held or None, item.label, self.worker
+            )
+            holder = cell.lock()
+            if holder is not None:
+                self.free.extend(held)
+                self.display.skipped(item.label, f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})")
+                continue
+            # a signal between the fork request and the handle being stored would orphan the cell: hold it
+            signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+            try:
+                cell.start()
+            except BaseException:
+                cell.cancel()
+                raise
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _CANCEL_SIGNALS)
+            self.running.append((cell, held))
+            where = f"GPU {','.join(held)}" if held else (f"{threads} threads" if threads else "")
+            self.display.started(item.label, where)
+
+    def wait(self) -> None:
+        """Until a forked cell ends (or half a second); exec'd cells are polled."""
+        sentinels = [c.sentinel for c, _ in self.running if c.sentinel is not None]
+        if sentinels and len(sentinels) == len(self.running):
+            wait(sentinels, timeout=0.5)
+        else:
+            time.sleep(0.2)
+
+    def show_progress(self) -> None:
+        """Cells that run for minutes say how far they are, every LONG_CELL_S seconds."""
+        if time.monotonic() - self.shown <= LONG_CELL_S:
+            return
+        self.shown = time.monotonic()
+        for cell, _ in self.running:
+            if time.monotonic() - cell.started > LONG_CELL_S and (p := cell.progress()):
+                self.display.line(f"  ...    {cell.label}: step {p[0]}/{p[1]}, ~{p[2]:.0f} s left")
+
+    def collect(self) -> None:
+        """Records of the cells that ended (or passed their timeout); their GPUs are free again."""
+        for entry in list(self.running):
+            cell, held = entry
+            if cell.poll():
+                self.running.remove(entry)
+                self.free.extend(held)
+                wall = time.monotonic() - cell.started
+                record = cell.finish()
+                self.records.append(record)
+                self.display.finished(cell.label, record, summary_line(record), wall)
+
+    def cancel(self) -> None:
+        for cell, _ in self.running:
+            cell.cancel()
+        if self.running:
+            self.display.line(f"membench: killed {len(self.running)} running cell(s); no record is written for them")
+
+
+def run_local(cells: list[Planned], jobs: str, display: Display, worker: Callable[[dict], dict]) -> list[dict]:
+    """Run the cells, each `worker(config)` in its own child, as many at once as run.jobs and the machine allow;
+    SIGTERM cancels the sweep (Cancelled). Returns the records in the order the cells ended."""
     gpus = visible_gpus()
-    k = parallelism(jobs, cells, gpus)
-    free = list(gpus)
-    pending = list(cells)
-    running: list[tuple[Cell, list[str]]] = []
-    records: list[dict] = []
+    pool = Pool(list(cells), parallelism(jobs, cells, gpus), gpus, worker, display, free=list(gpus))
 
     def on_term(signum, frame):
         raise Cancelled()
 
     old = signal.signal(signal.SIGTERM, on_term)
-    shown = time.monotonic()
     try:
-        while pending or running:
-            while pending and len(running) < k:
-                item = pending[0]
-                run = item.config["run"]
-                held: list[str] = []
-                threads = 0
-                if is_cuda(item.config, gpus):
-                    need = int(run.get("world_size", 1))
-                    if len(free) < need:
-                        break
-                    held, free = free[:need], free[need:]
-                elif k > 1 and not run.get("num_threads"):
-                    threads = max(1, cores() // k)
-                pending.pop(0)
-                cell = Cell(item.config, run["results_dir"], run["timeout_s"], threads, held or None, item.label)
-                holder = cell.lock()
-                if holder is not None:
-                    free.extend(held)
-                    display.skipped(item.label, f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})")
-                    continue
-                # a signal between the fork request and the handle being stored would orphan the cell: hold it
-                signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
-                try:
-                    cell.start()
-                except BaseException:
-                    cell.cancel()
-                    raise
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CANCEL_SIGNALS)
-                running.append((cell, held))
-                where = f"GPU {','.join(held)}" if held else (f"{threads} threads" if threads else "")
-                display.started(item.label, where)
-            sentinels = [c.sentinel for c, _ in running if c.sentinel is not None]
-            if sentinels and len(sentinels) == len(running):
-                wait(sentinels, timeout=0.5)
-            else:
-                time.sleep(0.2)
-            if time.monotonic() - shown > LONG_CELL_S:  # cells that run for minutes say how far they are
-                shown = time.monotonic()
-                for cell, _ in running:
-                    if time.monotonic() - cell.started > LONG_CELL_S and (p := cell.progress()):
-                        display.line(f"  ...    {cell.label}: step {p[0]}/{p[1]}, ~{p[2]:.0f} s left")
-            for entry in list(running):
-                cell, held = entry
-                if cell.poll():
-                    running.remove(entry)
-                    free.extend(held)
-                    wall = time.monotonic() - cell.started
-                    record = cell.finish()
-                    records.append(record)
-                    display.finished(cell.label, record, summary_line(record), wall)
+        while pool.pending or pool.running:
+            pool.start_next()
+            pool.wait()
+            pool.show_progress()
+            pool.collect()
     except BaseException:
-        for cell, _ in running:
-            cell.cancel()
-        if running:
-            display.line(f"membench: killed {len(running)} running cell(s); no record is written for them")
+        pool.cancel()
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
-    return records
+    return pool.records

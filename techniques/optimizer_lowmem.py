@@ -1,0 +1,191 @@
+"""Low-memory optimizers: smaller optimizer states than AdamW's 8 bytes per parameter, at the price of a different
+update rule (approximate: the loss curve is not AdamW's).
+
+  adafactor  torch.optim.Adafactor: no first moment; a row and a column factor of the second moment for >= 2-D
+             tensors, a full one for 1-D; one fp32 step tensor each.
+  adam_mini  adam-mini's Adam_mini: m full, one v per attention head (query/key), per output row (embedding,
+             value, output projection, MLP) or per tensor (the rest); biases keep full Adam. It picks the partition
+             by parameter name: the membench workloads' layer names are added to its name sets.
+  galore     galore-torch's GaLoreAdamW on the 2-D tensors of the workload's blocks: m and v of the gradient
+             projected to `rank`, plus the projection (a view of the SVD factor: its storage is the whole U or Vh,
+             min(rows, cols)^2 elements, as galore-torch keeps it).
+  apollo     apollo-torch's APOLLOAdamW on the same tensors: m, v of a random projection to `rank`, the (rank x n or
+             m x rank) Gaussian projection, and a scalar norm for its limiter.
+States the libraries keep outside optimizer.state tensors (the projections inside projector objects) are handed to
+the harness as optimizer extra state. Fake tensors: adam_mini and galore (its SVD too) step on them; torch's
+Adafactor and apollo read a tensor on the host (aten._local_scalar_dense) and do not. The planner's simulation
+builds the workload's own optimizer anyway, so all four are left out of it and priced by their `states` step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from membench.errors import ConfigError
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
+
+ALGOS = ("adafactor", "adam_mini", "galore", "apollo")
+SCALE_TYPES = ("channel", "tensor")
+# Adam-mini reads roles from parameter names; these are the membench workloads' (gpt, llama) layer names.
+ADAM_MINI_NAMES = {
+    "wqk_names": {".q.", ".k."},
+    "wv_names": {".v."},
+    "attn_proj_names": {".o.", ".proj."},
+    "mlp_names": {".fc.", ".fc_out.", ".gate.", ".up.", ".down."},
+    "embd_names": {"tok.", "pos."},
+    "output_names": {"head."},
+}
+
+
+@dataclass(frozen=True)
+class OptimizerLowmem(Technique):
+    kind: ClassVar[str] = "optimizer_lowmem"
+    order: ClassVar[float] = 9.2  # an optimizer replacement, built over the final parameter set (as optimizer_8bit)
+    loss_rtol: ClassVar[float] = 0.1
+    family: ClassVar[str] = "optimizer_lowmem"
+    label_opts: ClassVar[tuple[str, ...]] = ("algo",)
+    not_simulated: ClassVar[str] = (
+        "the simulation builds the workload's AdamW, not Patch.optimizer_factory (and on fake tensors torch's "
+        "Adafactor and apollo read tensors on the host)"
+    )
+    incompatible: ClassVar[dict[str, str]] = {
+        "optimizer_8bit": "both replace the optimizer",
+        "optimizer_in_backward": "both replace the optimizer (per-parameter low-memory optimizers are not built)",
+        "zero": "zero builds its own (sharded) optimizer",
+    }
+    algo: str = "adafactor"
+    rank: int = 16  # galore/apollo: projected rank (smaller: smaller m, v)
+    update_proj_gap: int = 200  # galore/apollo: steps between new projections
+    scale: float = 0.25  # galore/apollo: scale of the projected-back update
+    scale_type: str = "channel"  # apollo: channel | tensor (with rank=1: APOLLO-Mini)
+
+    def __post_init__(self) -> None:
+        key = "technique.optimizer_lowmem"
+        if self.algo not in ALGOS:
+            raise ConfigError(f"{key}.algo={self.algo!r}: allowed {', '.join(ALGOS)}")
+        if self.rank < 1 or self.update_proj_gap < 1:
+            raise ConfigError(f"{key}.rank={self.rank}, update_proj_gap={self.update_proj_gap}: must be >= 1")
+        if self.scale_type not in SCALE_TYPES:
+            raise ConfigError(f"{key}.scale_type={self.scale_type!r}: allowed {', '.join(SCALE_TYPES)}")
+
+    # ---- the optimizer ---------------------------------------------------------------------------------------
+    def build(self, model: torch.nn.Module, blocks, c) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.algo == "adafactor":
+            return torch.optim.Adafactor(params, lr=c.lr, weight_decay=c.weight_decay)
+        if self.algo == "adam_mini":
+            from adam_mini import Adam_mini
+
+            d, heads = getattr(c, "d_model", 2048), getattr(c, "n_head", 32)
+            opt = Adam_mini(model.named_parameters(), lr=c.lr, weight_decay=c.weight_decay, dim=d, n_heads=heads,
+                            n_kv_heads=getattr(c, "n_kv_head", None), verbose=False)  # fmt: skip
+            for attr, names in ADAM_MINI_NAMES.items():
+                getattr(opt, attr).update(names)
+            return opt
+        low = projected(params, blocks)
+        rest = [p for p in params if not any(p is q for q in low)]
+        group = {"params": low, "rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
+                 "proj_type": "std"}  # fmt: skip
+        if self.algo == "galore":
+            from galore_torch import GaLoreAdamW
+
+            return GaLoreAdamW([{"params": rest}, group], lr=c.lr, weight_decay=c.weight_decay,
+                               no_deprecation_warning=True)  # fmt: skip
+        from apollo_torch import APOLLOAdamW
+
+        group.update(proj="random", scale_type=self.scale_type)
+        return APOLLOAdamW([{"params": rest}, group], lr=c.lr, weight_decay=c.weight_decay)
+
+    def apply(self, model, ctx: Context) -> Patch:
+        built: list[torch.optim.Optimizer] = []
+
+        def factory(m: torch.nn.Module) -> torch.optim.Optimizer:
+            built.append(self.build(m, ctx.workload.blocks(), ctx.workload.c))
+            return built[0]
+
+        def extra_state() -> dict[str, list[torch.Tensor]]:  # the projections live in projector objects
+            projs = [s["projector"].ortho_matrix for o in built for s in o.state.values() if "projector" in s]
+            return {"optimizer": [t for t in projs if t is not None]}
+
+        return Patch(optimizer_factory=factory, extra_state=extra_state, info={"optimizer": self.algo})
+
+    # ---- the prediction ----------------------------------------------------------------------------------------
+    def state_bytes(self, name: str, shape: tuple[int, ...], e: int, low: bool, c) -> int:
+        """Optimizer-state bytes of one trainable tensor (elements of `e` bytes) under this algorithm."""
+        n = int(torch.Size(shape).numel())
+        if self.algo == "adafactor":
+            factors = n // shape[-1] + n // shape[-2] if len(shape) >= 2 else n
+            return 4 + factors * e  # fp32 step + row/col factors (or the full variance)
+        if self.algo == "adam_mini":
+            return n * e + _adam_mini_v(name.lower(), shape, n, c) * e
+        if not low:
+            return 2 * n * e  # plain Adam m, v; the step is a Python int
+        m, k = shape
+        if self.algo == "galore":
+            r = min(self.rank, m, k)
+            proj = min(m, k) ** 2 * e if e == 4 else r * (k if m >= k else m) * e  # fp32: the SVD factor's storage
+            return 2 * r * (m if m >= k else k) * e + proj
+        return 2 * self.rank * (m if m >= k else k) * e + self.rank * (k if m >= k else m) * e + e  # + norm scalar
+
+    def total_bytes(self, model: torch.nn.Module, blocks, c, e: int) -> int:
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        low = projected([p for _, p in params], blocks) if self.algo in ("galore", "apollo") else []
+        return sum(self.state_bytes(n, tuple(p.shape), e, any(p is q for q in low), c) for n, p in params)
+
+    def states(self, s: States) -> None:
+        s.optimizer = self.total_bytes(s.model, s.blocks, _Dims.of(s.model), int(s.param_rate))
+        s.rule.append(f"{self.algo} states")
+
+    def predict(self, pred: Prediction, ctx: Context) -> None:
+        model = ctx.workload.model
+        e = next(p.element_size() for p in model.parameters())
+        pred.optimizer_total = self.total_bytes(model, ctx.workload.blocks(), _Dims.of(model), e)
+        pred.notes.append(f"optimizer_lowmem: {self.algo} states from the parameter shapes")
+
+    @classmethod
+    def plan_values(cls, world_size: int, device_type: str) -> list[dict]:
+        return [{"algo": a} for a in ALGOS]
+
+    def time_prior(self) -> float:
+        return {"adafactor": 1.05, "adam_mini": 1.02, "galore": 1.15, "apollo": 1.05}[self.algo]
+
+
+def projected(params: list[torch.Tensor], blocks) -> list[torch.Tensor]:
+    """The tensors GaLore/APOLLO project: the 2-D ones of the workload's blocks (attention and MLP matrices)."""
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    return [p for p in params if p.dim() == 2 and id(p) in inside]
+
+
+def _adam_mini_v(name: str, shape: tuple[int, ...], n: int, c) -> int:
+    """Elements of Adam-mini's second moment for one tensor, by its name partition (adam_mini 1.1.1's step)."""
+
+    def has(attr: str, default: set[str]) -> bool:  # the library's own names, then those added in build()
+        return any(k in name for k in default | ADAM_MINI_NAMES[attr])
+
+    if "bias" in name:
+        return n
+    if has("wqk_names", {"k_proj", "q_proj", "wq", "wk", "query", "key"}):
+        return n // (c.d_model * c.d_model // c.n_head)
+    if (has("embd_names", {"embed", "embd", "wte"}) or has("output_names", {"lm_head", "output", "final_layer"})
+            or has("wv_names", {"v_proj", "wv", "value"}) or has("mlp_names", {"feed_forward", "linear", "mlp"})
+            or has("attn_proj_names", {"o_proj", "wo", "attn.proj"})):  # fmt: skip
+        return shape[0]
+    return 1
+
+
+@dataclass
+class _Dims:
+    """Adam-mini's head size from a model without a config at hand: read from its attention modules."""
+
+    d_model: int
+    n_head: int
+
+    @classmethod
+    def of(cls, model):
+        attn = next((m for m in model.modules() if hasattr(m, "n_head") and hasattr(m, "q")), None)
+        if attn is None:  # not a transformer: Adam-mini's defaults
+            return cls(2048, 32)
+        return cls(attn.q.in_features, attn.n_head)
