@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[quant,prune,optim,hf,export,mlflow,dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[quant,lora,prune,optim,hf,export,mlflow,dev]'
 	# DeepSpeed's build needs torch present, hence a second step without build isolation (~10 s, no op builds)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed
 	touch $@

@@ -3,16 +3,20 @@
 Enumerates checkpointing x precision x ZeRO stage/offload x 8-bit optimizer x quantized base, rejects invalid
 combinations with the same validate()/check() rules as `run`, and predicts each one three ways, labelled:
 `analytic` (model states by bytes-per-parameter rules + the workload's activation model), `simulation` /
-`hybrid` (a fake-tensor step under MemTracker, membench/simulate.py; hybrid adds the analytic model-state
-change of techniques that cannot be simulated) and `calibrated` (analytic scaled by records of the same
-hardware, membench/calibrate.py). The best available one decides `fits`. No library ranks the whole
-space (accelerate and DeepSpeed's estimators cover model states of one configuration), so the search is ours.
+`hybrid` (a fake-tensor step under MemTracker, per phase, membench/simulate.py; hybrid puts the model states of
+techniques that cannot be simulated in place of the simulated ones, phase by phase) and `calibrated` (analytic
+scaled by records of the same hardware, membench/calibrate.py). The best available one decides `fits`; a workload
+without an analytic activation model (hf, custom) has no analytic peak and the simulation decides. `plan` takes
+what `run` takes: `technique=[...]` (with its `technique.X.Y=` knobs) is in every candidate, `plan.techniques`
+names the families searched on top of it. No library ranks the whole space (accelerate and DeepSpeed's
+estimators cover model states of one configuration), so the search is ours.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -79,13 +83,13 @@ def split_overrides(overrides: list[str]) -> tuple[PlanConfig, list[str]]:
 
 
 # ---- enumeration ----------------------------------------------------------------------------------------------
-def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[str]]:
-    """Override lists, one per combination (before validation)."""
+def candidates(world_size: int, device_type: str, pc: PlanConfig, fixed: tuple[str, ...] = ()) -> list[list[str]]:
+    """Override lists, one per combination (before validation). `fixed`: kinds every candidate contains (the
+    user's technique=[...]); their families are not searched."""
     choices = []  # per family: None (left out) and (kind, knobs) per value its members declare
     for fam, members in technique.families().items():
-        if fam not in pc.techniques:
-            # a distributed family cannot be left out at N > 1 (execute.build_all's rule); it offers nothing else
-            choices.append([None] if world_size == 1 or not any(m.distributed for m in members) else [])
+        if fam not in pc.techniques or any(m.kind in fixed for m in members):
+            choices.append([None])  # left out (at N > 1 without a distributed technique, validation says why)
             continue
         values = [(m.kind, v) for m in members if m.exact or pc.allow_approximate
                   for v in m.plan_values(world_size, device_type)]  # fmt: skip
@@ -94,18 +98,30 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig) -> list[list[s
     out = []
     for combo in itertools.product(*choices):
         picked = [c for c in combo if c is not None]
-        ov = [f"technique=[{','.join(k for k, _ in picked)}]"]
+        ov = [f"technique=[{','.join([*fixed, *(k for k, _ in picked)])}]"]
         ov += [f"technique.{k}.{f}={v}" for k, knobs in picked for f, v in knobs.items()]
         out.append(ov)
     return out
 
 
-def validated(cfg: dict, device_type: str):
-    """The same rules as `run` (membench.execute.build_all), for a device that need not be present here."""
+def validated(cfg: dict, device_type: str, cache: dict | None = None):
+    """The same rules as `run` (membench.execute.build_all), for a device that need not be present here. `cache`:
+    built configs by node (the planner's candidates share their run, workload and most technique nodes; building
+    each through OmegaConf was a fifth of a llama_8b plan)."""
 
-    run = build_run(cfg["run"])
-    wcfg = build(cfg["workload"], "workload")
-    techs = [build(node, f"technique.{name}") for name, node in (cfg.get("technique") or {}).items()]
+    def once(key: str, node: dict, make):
+        if cache is None:
+            return make(node)
+        ck = (key, json.dumps(node, sort_keys=True, default=str))
+        if ck not in cache:
+            cache[ck] = make(node)
+        return cache[ck]
+
+    run = once("run", cfg["run"], build_run)
+    wcfg = once("workload", cfg["workload"], lambda n: build(n, "workload"))
+    techs = [
+        once(k, n, functools.partial(build, key=f"technique.{k}")) for k, n in (cfg.get("technique") or {}).items()
+    ]
     technique.validate(techs, device_type)
     if run.world_size > 1 and not any(t.distributed for t in techs):  # execute.build_all's rule
         need = " or ".join(technique.distributed_kinds())
@@ -160,33 +176,28 @@ def fake_workload(wcfg, seed: int):
 
 
 def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
+    """Model states by each technique's pure `states` step plus the workload's activation model. A workload
+    without an activation model (hf, custom) gives activations None and no peak: the simulation decides."""
 
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
     for t in techs:
         t.activation_terms(pred)
     states = model_states(wl.model, wl.blocks(), techs, world_size)
 
-    def act(b: int) -> float:
-        return wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None)[
-            "total"
-        ]
+    def act(b: int) -> float | None:
+        terms = wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None)
+        return terms["total"]
 
-    by_cat = {**states["device"], "activations": act(batch_size)}
-    if states["other"]:  # named buffers outside the states (DeepSpeed's reduce bucket)
-        by_cat["other"] = sum(states["other"].values())
+    acts = act(batch_size)
+    by_cat = {**states["device"], "activations": acts, **states["other"]}  # other: named buffers (DeepSpeed's bucket)
     return {
-        "peak_bytes": sum(by_cat.values()),
+        "peak_bytes": None if acts is None else sum(by_cat.values()),
         "by_category": by_cat,
         "host_bytes": sum(states["host"].values()),
         "states": states,
-        "act_per_sample": act(batch_size + 1) - act(batch_size),
+        "act_per_sample": None if acts is None else act(batch_size + 1) - acts,
         "rule": states["rule"],
     }
-
-
-def _device_bytes(states: dict) -> float:
-    """Model states on the device plus the named buffers beside them (what a simulation cannot see)."""
-    return sum(states["device"].values()) + sum(states["other"].values())
 
 
 def time_ratio(kinds_key: str, techs, device_type: str, cal: Calibration, family: str) -> tuple[float, str]:
@@ -215,37 +226,59 @@ def quality(kinds_key: str, techs, cal: Calibration, family: str) -> dict:
 
 
 def sim_key(techs) -> tuple:
+    """Candidates whose simulated techniques are equal configs (frozen dataclasses: every knob) share a simulation."""
     s, _ = sim.split(techs)
-    return tuple(sorted((t.kind, getattr(t, "mode", ""), getattr(t, "every_k", 0)) for t in s))
+    return tuple(sorted((t.kind, repr(t)) for t in s))
 
 
-def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
-    """Enumerate, validate, predict, rank. Returns the JSON-able plan."""
-    t0 = time.perf_counter()
-    if any(o.lstrip("+~").startswith("technique") for o in user):
-        raise ConfigError("technique: plan enumerates techniques itself; use plan.techniques=[...] to restrict")
-    base = compose_cells(user, [[]])[0]
-    if isinstance(base, ConfigError):
-        raise base
+def simulated(s: dict, techs, states: dict) -> tuple[str, dict]:
+    """("simulation", s) when every technique ran on fake tensors; else ("hybrid", s with the full model states
+    of all techniques put in place of the simulated ones at every phase: simulate.replace_states)."""
+    _, left = sim.split(techs)
+    keep = {k: s[k] for k in ("method", "seconds", "device") if k in s}
+    if not left:
+        return "simulation", {**s, **keep}
+    h = sim.replace_states(s, states["device"], states["other"])
+    return "hybrid", {**h, **keep, "simulated_peak_bytes": s["peak_bytes"], "left_out": [t.kind for t in left]}
 
-    run, wcfg = build_run(base["run"]), build(base["workload"], "workload")
-    dev = device_type_of(run)
-    if not run.memory_budget_mib:
-        raise ConfigError("run.memory_budget_mib=null: plan needs a budget; e.g. run.memory_budget_mib=81920")
-    budget = run.memory_budget_mib * 2**20
-    cands = candidates(run.world_size, dev, pc)
-    cells = fast_cells(user, base, cands)
-    cal = Calibration(load_records(pc.records, dev))
-    wl = fake_workload(wcfg, run.seed)
-    family = base["workload"]["_target_"]
-    gap = cal.allocator_gap() if dev == "cuda" else None
-    rows, rejected = [], []
+
+def max_batch(p1: dict, b1: int, p2: dict, b2: int, budget: float) -> int | None:
+    """Largest batch whose every phase stays within `budget`, each phase's total affine in batch through the two
+    predictions at b1 and b2 (activations and batch tensors scale with the batch; the states do not). None: no
+    phase grows with the batch."""
+    bound = None
+    for ph in sim.PHASES:
+        t1, t2 = sum(p1["phases"][ph].values()), sum(p2["phases"][ph].values())
+        slope = (t2 - t1) / (b2 - b1)
+        if slope > 0:
+            b = b1 + math.floor((budget - t1) / slope)
+        elif t1 > budget:
+            b = 0
+        else:
+            continue
+        bound = b if bound is None else min(bound, b)
+    return None if bound is None else max(0, bound)
+
+
+def _is_list(o: str) -> bool:
+    """The `technique=[...]` override itself (not a `technique.X.Y=` knob)."""
+    return o.lstrip("+~").split("=", 1)[0] == "technique"
+
+
+def without_list(user: list[str]) -> list[str]:
+    """User overrides less `technique=[...]`: each candidate names the full list (the user's kinds first)."""
+    return [o for o in user if not _is_list(o)]
+
+
+def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dict]]:
+    """Validate each composed candidate; give the valid ones their analytic and calibrated predictions."""
+    rows, rejected, cache = [], [], {}
     for ov, cell in zip(cands, cells, strict=True):
         if isinstance(cell, ConfigError):
             rejected.append({"reason": str(cell)})
             continue
         try:
-            _, _, techs = validated(cell, dev)
+            _, _, techs = validated(cell, dev, cache)
         except ConfigError as e:
             rejected.append({"techniques": key(cell.get("technique")), "reason": str(e)})
             continue
@@ -257,7 +290,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         a = analytic(wl, techs, run.batch_size, run.world_size)
         preds = {"analytic": a}
         pf = cal.peak_factor(kk, family)
-        if pf:
+        if pf and a["peak_bytes"] is not None:
             preds["calibrated"] = {"peak_bytes": a["peak_bytes"] * pf[0], "records": pf[1], "factor": pf[0]}
         tr, tsrc = time_ratio(kk, techs, dev, cal, family)
         rows.append({
@@ -265,69 +298,99 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
             "techniques": kk,
             "kinds": [t.kind for t in techs],
             "overrides": ov,
-            "config": cell,
             "predictions": preds,
             "time_ratio": tr,
             "time_source": tsrc,
             "quality": quality(kk, techs, cal, family),
             "_techs": techs,
         })  # fmt: skip
+    return rows, rejected
 
-    def finish(r: dict) -> None:
-        p = r["predictions"]
-        best = (
-            "simulation"
-            if "simulation" in p
-            else "hybrid"
-            if "hybrid" in p
-            else "calibrated"
-            if "calibrated" in p
-            else "analytic"
+
+PREDICTORS = ("simulation", "hybrid", "calibrated", "analytic")  # best first
+
+
+def finish(r: dict, budget: float, gap: float, batch_size: int, later: dict | None = None) -> None:
+    """Decide `fits` and `max_batch` from the best predictor that has a peak; `later`: the same row's best
+    prediction at a second batch size (two simulated points make the batch line), else the analytic slope."""
+    p = r["predictions"]
+    best = next((n for n in PREDICTORS if p.get(n, {}).get("peak_bytes") is not None), None)
+    margin = max([t.hybrid_margin for t in r["_techs"]] + [0.0]) if best == "hybrid" else 0.0
+    allowed = budget / gap / (1 + margin)  # what the best predictor's own peak may reach
+    r.update(best_predictor=best, allocator_gap=gap if gap != 1.0 else None, fit_margin=margin,
+             host_bytes=p["analytic"]["host_bytes"])  # fmt: skip
+    if best is None:
+        r.update(peak_bytes=None, fits=None, max_batch=None, max_batch_source="no prediction (not simulated)")
+        return
+    r["peak_bytes"] = p[best]["peak_bytes"] * gap
+    r["fits"] = p[best]["peak_bytes"] <= allowed
+    if later is not None:
+        r["max_batch"] = max_batch(p[best], batch_size, later["pred"], later["batch"], allowed)
+        r["max_batch_source"] = f"{best} at batch {batch_size} and {later['batch']}, each phase affine in batch"
+    elif p["analytic"]["act_per_sample"]:
+        r["max_batch"] = max(
+            0, batch_size + math.floor((allowed - p[best]["peak_bytes"]) / p["analytic"]["act_per_sample"])
         )
-        peak = p[best]["peak_bytes"] * (gap[0] if gap else 1.0)
-        r["best_predictor"] = best
-        r["peak_bytes"] = peak
-        r["allocator_gap"] = gap[0] if gap else None
-        r["host_bytes"] = p["analytic"]["host_bytes"]
-        margin = max([t.hybrid_margin for t in r["_techs"]] + [0.0]) if best == "hybrid" else 0.0
-        r["fit_margin"] = margin
-        r["fits"] = peak * (1 + margin) <= budget
-        slope = p["analytic"]["act_per_sample"] or 1.0
-        r["max_batch"] = max(0, run.batch_size + math.floor((budget - peak) / slope))
-        r["max_batch_source"] = f"linear in batch from the analytic activation slope, anchored at {best}"
+        r["max_batch_source"] = f"analytic activation slope, anchored at {best} (not simulated)"
+    else:
+        r["max_batch"], r["max_batch_source"] = None, "no batch slope (not simulated)"
 
-    def rank_key(r: dict):
-        return (not r["fits"], r["time_ratio"], not r["quality"]["exact"], r["peak_bytes"])
 
+def rank_key(r: dict):
+    peak = math.inf if r["peak_bytes"] is None else r["peak_bytes"]
+    return (r["fits"] is not True, r["time_ratio"], not r["quality"]["exact"], peak)
+
+
+def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
+    """Enumerate, validate, predict, rank. Returns the JSON-able plan."""
+    t0 = time.perf_counter()
+    base = compose_cells(user, [[]])[0]
+    if isinstance(base, ConfigError):
+        raise base
+    run, wcfg = build_run(base["run"]), build(base["workload"], "workload")
+    dev = device_type_of(run)
+    if not run.memory_budget_mib:
+        raise ConfigError("run.memory_budget_mib=null: plan needs a budget; e.g. run.memory_budget_mib=81920")
+    budget = run.memory_budget_mib * 2**20
+    fixed = tuple(base.get("technique") or {})
+    # what every candidate contains must be valid on its own: refuse it once rather than reject every candidate
+    technique.validate([build(n, f"technique.{k}") for k, n in (base.get("technique") or {}).items()], dev)
+    cands = candidates(run.world_size, dev, pc, fixed)
+    cells = fast_cells(without_list(user), base, cands)
+    cal = Calibration(load_records(pc.records, dev))
+    wl = fake_workload(wcfg, run.seed)
+    family = base["workload"]["_target_"]
+    gap = (cal.allocator_gap() or (1.0,))[0] if dev == "cuda" else 1.0
+    rows, rejected = _rows(cands, cells, wl, dev, run, cal, family)
+    b1 = run.batch_size
+    b2 = 2 * b1
     for r in rows:
-        finish(r)
+        finish(r, budget, gap, b1)
     rows.sort(key=rank_key)
-    simulated: dict[tuple, dict] = {}
+    sims: dict[tuple, dict] = {}  # (sim_key, batch) -> simulation
+    keys: set[tuple] = set()
+
+    def simulate(k: tuple, techs, b: int) -> dict:
+        if (k, b) not in sims:
+            sims[k, b] = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(dev))
+        return sims[k, b]
+
     for r in rows:
         k = sim_key(r["_techs"])
-        if k not in simulated:
-            if len(simulated) >= pc.simulate:
+        if k not in keys:
+            # the budget of distinct simulations goes to the best-ranked; rows nothing else predicts are all simulated
+            if len(keys) >= pc.simulate and r["peak_bytes"] is not None:
                 continue
+            keys.add(k)
             progress(f"membench: simulating {r['label']} ...")
-            simulated[k] = sim.simulate(
-                wcfg, r["_techs"], run.batch_size, run.seed, pc.max_layers or None, sim_device(dev)
-            )
-        s = simulated[k]
-        kept, left = sim.split(r["_techs"])  # per row: rows share a simulation but not what it left out
-        if left:
-            full = r["predictions"]["analytic"]["states"]
-            delta = _device_bytes(full) - _device_bytes(model_states(wl.model, wl.blocks(), kept, run.world_size))
-            r["predictions"]["hybrid"] = {"peak_bytes": s["peak_bytes"] + delta, "simulated_peak_bytes": s["peak_bytes"],
-                                          "state_delta_bytes": delta, "method": s["method"], "left_out": [t.kind for t in left]}  # fmt: skip
-        else:
-            r["predictions"]["simulation"] = {
-                k2: s[k2] for k2 in ("peak_bytes", "by_category", "method", "seconds", "device")
-            }
-        finish(r)
+        states = r["predictions"]["analytic"]["states"]
+        name, pred = simulated(simulate(k, r["_techs"], b1), r["_techs"], states)
+        _, pred2 = simulated(simulate(k, r["_techs"], b2), r["_techs"], states)
+        r["predictions"][name] = pred
+        finish(r, budget, gap, b1, later={"pred": pred2, "batch": b2})
     rows.sort(key=rank_key)
     for r in rows:
         r.pop("_techs")
-        r.pop("config")
         r["predictions"]["analytic"].pop("states")
     return {
         "workload": base["workload"]["preset"],
@@ -337,11 +400,12 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         "budget_mib": run.memory_budget_mib,
         "results_dir": run.results_dir,
         "overrides": user,
+        "fixed_techniques": list(fixed),
         "plan": dataclasses.asdict(pc),
         "candidates": len(cells),
         "rejected": rejected,
         "calibration_records": len(cal.records),
-        "simulations": len(simulated),
+        "simulations": len(sims),
         "seconds": time.perf_counter() - t0,
         "rows": rows,
     }
@@ -366,13 +430,16 @@ def table(result: dict, top: int) -> str:
         "| # | techniques | fits | peak MiB | by | analytic MiB | host MiB | max batch | step x | quality |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    f = lambda v: "n/a" if v is None else f"{v / mib:.1f}"  # noqa: E731
     for i, r in enumerate(result["rows"][:top], 1):
         q = r["quality"]
         qt = q["risk"] + (f" ({q['metric']} {q['delta']:+.3f})" if "delta" in q else "")
+        fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
         lines.append(
-            f"| {i} | {r['label']} | {'yes' if r['fits'] else 'no'} | {r['peak_bytes'] / mib:.1f} | "
-            f"{r['best_predictor']} | {r['predictions']['analytic']['peak_bytes'] / mib:.1f} | "
-            f"{r['host_bytes'] / mib:.1f} | {r['max_batch']} | {r['time_ratio']:.2f} ({r['time_source'].split(' ')[0]}) | {qt} |"
+            f"| {i} | {r['label']} | {fits} | {f(r['peak_bytes'])} | {r['best_predictor'] or 'none'} | "
+            f"{f(r['predictions']['analytic']['peak_bytes'])} | {r['host_bytes'] / mib:.1f} | "
+            f"{'n/a' if r['max_batch'] is None else r['max_batch']} | "
+            f"{r['time_ratio']:.2f} ({r['time_source'].split(' ')[0]}) | {qt} |"
         )
     return "\n".join(lines)
 
@@ -410,7 +477,7 @@ def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
     base_step = cal.baseline_step_s(result["workload"], result["batch_size"])
     out = []
     for r in [r for r in result["rows"] if r["fits"]][:k]:
-        cfg = compose_cells(user, [r["overrides"]])[0]
+        cfg = compose_cells(without_list(user), [r["overrides"]])[0]
         progress(f"membench: verifying {r['label']} ...")
         record = run_cell(cfg, cfg["run"]["results_dir"], cfg["run"]["timeout_s"])
         m = _measured(record)
@@ -420,7 +487,7 @@ def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
             "label": r["label"],
             "predictor": r["best_predictor"],
             "predicted_peak_bytes": r["peak_bytes"],
-            "predicted_by": {n: p["peak_bytes"] for n, p in r["predictions"].items()},
+            "predicted_by": {n: p["peak_bytes"] for n, p in r["predictions"].items() if p["peak_bytes"] is not None},
             "predicted_fits": r["fits"],
             "budget_mib": result["budget_mib"],
             "predicted_step_s": pred_step,
@@ -429,7 +496,9 @@ def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
             "measured": m,
             "peak_error": (r["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None,
             "peak_error_by": {
-                n: (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"] if m["peak_bytes"] else None
+                n: (p["peak_bytes"] - m["peak_bytes"]) / m["peak_bytes"]
+                if m["peak_bytes"] and p["peak_bytes"]
+                else None
                 for n, p in r["predictions"].items()
             },  # fmt: skip
             "step_error": (pred_step - m["median_step_s"]) / m["median_step_s"]
@@ -466,31 +535,30 @@ def verify_table(checks: list[dict]) -> str:
 
 
 def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dict:
-    """Best prediction (simulation, else hybrid, else analytic) of one composed config."""
+    """Best prediction (simulation, else hybrid: never analytic, which some workloads lack) of one composed config."""
     run, wcfg, techs = validated(cfg, device_type_of_cfg(cfg))
     b = batch_size or run.batch_size
     wl = fake_workload(wcfg, run.seed)
     a = analytic(wl, techs, b, run.world_size)
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
-    kept, _ = sim.split(techs)
-    delta = _device_bytes(a["states"]) - _device_bytes(model_states(wl.model, wl.blocks(), kept, run.world_size))
-    name = "hybrid" if s["left_out"] else "simulation"
-    return {"peak_bytes": s["peak_bytes"] + delta, "predictor": name, "analytic_bytes": a["peak_bytes"],
-            "act_per_sample": a["act_per_sample"], "method": s["method"]}  # fmt: skip
+    name, pred = simulated(s, techs, a["states"])
+    return {**pred, "predictor": name, "analytic_bytes": a["peak_bytes"], "batch": b}
 
 
 def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
-    """Largest batch under run.memory_budget_mib: predicted, then a short search of real runs."""
+    """Largest batch under run.memory_budget_mib: predicted from two simulated batch sizes (each phase affine in
+    batch), then a short search of real runs."""
 
     runner = runner or (lambda c: run_cell(c, c["run"]["results_dir"], c["run"]["timeout_s"]))
     budget_mib = cfg["run"].get("memory_budget_mib")
     if not budget_mib:
         raise ConfigError("run.memory_budget_mib=null: fit needs a budget; e.g. run.memory_budget_mib=512")
     budget = budget_mib * 2**20
-    p1 = predict_one(cfg, pc, 1)
-    p2 = predict_one(cfg, pc, 2)
-    slope = p2["peak_bytes"] - p1["peak_bytes"]  # peak is affine in batch: two simulated points fix it
-    predicted = max(0, 1 + math.floor((budget - p1["peak_bytes"]) / slope)) if slope > 0 else 0
+    b1 = cfg["run"]["batch_size"]
+    p1 = predict_one(cfg, pc, b1)
+    p2 = predict_one(cfg, pc, 2 * b1)
+    predicted = max_batch(p1, b1, p2, 2 * b1, budget) or 0
+    slope = (p2["peak_bytes"] - p1["peak_bytes"]) / b1
     tried: dict[int, dict] = {}
 
     def ok(b: int) -> bool:
@@ -518,7 +586,7 @@ def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
     best = tried.get(lo, {})
     return {
         "predicted_batch": predicted,
-        "predicted_peak_at_1": p1["peak_bytes"],
+        "predicted_peak_at": {str(b1): p1["peak_bytes"], str(2 * b1): p2["peak_bytes"]},
         "predicted_bytes_per_sample": slope,
         "predictor": p1["predictor"],
         "batch": found,
@@ -528,6 +596,11 @@ def fit(cfg: dict, pc: PlanConfig, runner=None, progress=print) -> dict:
         "runs": {str(k): v for k, v in sorted(tried.items())},
         "budget_mib": budget_mib,
     }
+
+
+def _fits_measured(status: str) -> str:
+    """What a run says about fitting: yes (ok), no (oom), else its status (an error or timeout proves nothing)."""
+    return {"ok": "yes", "oom": "no"}.get(status, status)
 
 
 def study_table(records: list[dict]) -> str:
@@ -547,6 +620,6 @@ def study_table(records: list[dict]) -> str:
             f"| {r['config']['workload']['preset']} | {r['config']['run']['batch_size']} | {c['budget_mib']:g} | "
             f"{c.get('label', c['techniques'])} | {m['status']} | {c['predictor']} | "
             f"{c['predicted_peak_bytes'] / mib:.2f} | {meas} | {err} | {'n/a' if ae is None else f'{ae:+.1%}'} | "
-            f"{'yes' if c['predicted_fits'] else 'no'}/{'no' if c['over_budget'] else 'yes'} |"
+            f"{'yes' if c['predicted_fits'] else 'no'}/{_fits_measured(m['status'])} |"
         )
     return "\n".join(lines)

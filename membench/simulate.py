@@ -1,15 +1,17 @@
-"""Predictor (b): one real training step of the configured model on fake tensors, measured by MemTracker.
+"""Predictor (b): one real training step of the configured model on fake tensors, measured by MemTracker per phase.
 
 torch's FakeTensorMode gives every tensor a shape, dtype and device but no storage, so the workload, its
 techniques and a warm-up + measured step run as written (torchtitan estimates memory the same way) while
-MemTracker counts bytes by category exactly as in a real run. Large presets: when `max_layers` is set and the
-workload has more blocks, the step is simulated at two layer counts and extrapolated per layer (the blocks
-are identical), which is exact when peak bytes are affine in the layer count.
+MemTracker counts bytes by category exactly as in a real run. The measured step is split into phases (forward,
+backward, optimizer step): each phase keeps the categories at its own peak, so a technique left out of the
+simulation can have its model-state bytes put in place of the simulated ones phase by phase (`replace_states`),
+and the peak may move to another phase. Large presets: when `max_layers` is set and the workload has more
+blocks, the step is simulated at two layer counts and each phase extrapolated per layer (the blocks are
+identical), which is exact when each phase's bytes are affine in the layer count; `affine` does the same in batch.
 
 Each technique declares how it runs here (membench/technique.py): as itself, as a stand-in (e.g. fp16 as bf16
 autocast: same bytes), dropped (post-training techniques: a training step is the baseline's), or not at all, with
-the reason in its `not_simulated` (no fake-tensor kernels, or data-dependent host reads). The planner adds the
-analytic model-state difference for the techniques left out (predictor "hybrid").
+the reason in its `not_simulated` (no fake-tensor kernels, or data-dependent host reads): predictor "hybrid".
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from membench import measure
 from membench import technique as compose
 from membench.technique import Context
+
+PHASES = ("forward", "backward", "optimizer")
+STATE_CATEGORIES = ("params", "grads", "optimizer")
 
 
 def split(techniques) -> tuple[list, list]:
@@ -43,51 +48,134 @@ def layer_key(wcfg) -> str | None:
     return getattr(wcfg, "depth_knob", None)
 
 
-def _step(wl, model, optimizer, patch, batch_size, device, after_forward=None) -> None:
+def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` on fake tensors: Module.to() swaps fake parameters with swap_tensors, which refuses
+    tensors FakeTensorMode holds weak references to; setting `.data` keeps each Parameter (and tied weights)
+    as Module.to() does on real tensors. Buffers follow too (Llama's fp32 RoPE tables become bf16, as in a run)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None and b.is_floating_point():
+                m._buffers[k] = b.to(dtype)
+
+
+def _step(wl, model, optimizer, patch, batch_size, device, mark) -> None:
     batch = wl.batch(0, batch_size, device)  # made inside the step, as in execute.py: the tracker counts it
     with patch.step_context():
         loss = wl.loss(model, batch)
-    if after_forward:
-        after_forward()
+    mark("forward")
     loss.backward()
+    mark("backward")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark("optimizer")
+
+
+def _warm_up(model, optimizer) -> None:
+    """What a run's warm-up step leaves behind for the measured one: the optimizer's state. Zero gradients give it
+    without a forward and backward (half of a simulation's time on large presets); the measured step runs in full."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
+def _by_ref(snapshot: dict) -> dict[str, dict[str, int]]:
+    """A MemTracker snapshot as {device: {reference type: bytes}}, its Total left out."""
+    out: dict[str, dict[str, int]] = {}
+    for dev, stats in snapshot.items():
+        d = out.setdefault(str(dev), {})
+        for ref, nbytes in stats.items():
+            name = getattr(ref, "name", str(ref))
+            if name != "Total":
+                d[name] = d.get(name, 0) + int(nbytes)
+    return out
+
+
+def _phase_marker(holder: dict, phases: dict):
+    """mark(name): the tracker's peak since the previous mark becomes that phase's; the peak restarts from now
+    (MemTracker keeps one peak per step and has no public reset between phases, hence its two fields)."""
+
+    def mark(name: str) -> None:
+        mt = holder.get("mt")
+        if mt is None:  # the warm-up step runs untracked
+            return
+        phases[name] = _by_ref(mt.get_tracker_snapshot("peak"))
+        now = mt.get_tracker_snapshot("current")
+        mt._peak_mem_snap = {d: dict(s) for d, s in now.items()}
+        mt._peak_mem = {d: s["Total"] for d, s in now.items()}
+        if name in ("forward", "backward"):  # held for backward; at the end of backward every gradient is live
+            phases[f"_end_{name}"] = _by_ref(now)
+
+    return mark
+
+
 def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
-    """One warm-up step (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
+    """A warm-up (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
     fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
     device = torch.device(device)
-    build_dtype = next((t.fake_build_dtype for t in techniques if t.fake_build_dtype is not None), None)
-    default_dtype = torch.get_default_dtype()
+    cast = next((t.fake_build_dtype for t in techniques if t.fake_build_dtype is not None), None)
+    holder: dict = {}
+    raw: dict = {}
+    mark = _phase_marker(holder, raw)
+
+    def tracker(model, optimizer):
+        holder["mt"] = mt = MemTracker()
+        mt.track_external(model, optimizer)
+        return mt
+
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.manual_seed(seed)
-        # Module.to() cannot swap fake parameters: a stand-in may ask for the model built in its dtype (same bytes)
-        torch.set_default_dtype(build_dtype or default_dtype)
-        try:
-            with device:  # Module.to() cannot swap fake parameters either: build on the device directly
-                wl = wcfg.build(seed)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        with device:  # Module.to(device) cannot move fake parameters: build on the device directly
+            wl = wcfg.build(seed)
+        if cast is not None:  # built as a run builds it (fp32), then cast as a run's model.to(dtype) does
+            cast_floating(wl.model, cast)
         ctx = Context(workload=wl, device=device, run=None)
         model, patch = compose.apply_all(compose.ordered(techniques), wl.model, ctx)
         wl.model = model
         optimizer = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        _step(wl, model, optimizer, patch, batch_size, device)
-        step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device)
-        split, _ = measure.measure_memory(step, model, optimizer)
+        _warm_up(model, optimizer)
+        step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device, mark)
+        split, _ = measure.measure_memory(lambda after_forward: step(), model, optimizer, tracker_factory=tracker)
         state = sum(
             v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
         )
     dev = max(split.peak, key=split.total) if split.peak else str(device)  # the simulated device's own split
-    cats = measure.categorise(split.peak.get(dev, {}), state, split.category_map)
-    after = measure.categorise(split.after_forward.get(dev, {}), state, split.category_map)
-    return {"peak_bytes": sum(cats.values()), "by_category": cats, "after_forward": after}
+    phases = {p: measure.categorise(raw[p].get(dev, {}), state, split.category_map) for p in PHASES}
+    end = measure.categorise(raw["_end_backward"].get(dev, {}), state, split.category_map)
+    states = {"params": end["params"], "grads": end["grads"], "optimizer": state}
+    after = measure.categorise(raw["_end_forward"].get(dev, {}), state, split.category_map)
+    return _summary(phases, states, after)
+
+
+def _summary(phases: dict, states: dict, after_forward: dict) -> dict:
+    """`after_forward`: what the step holds right after the loss (what forward saved for backward)."""
+    top = max(PHASES, key=lambda p: sum(phases[p].values()))
+    return {"peak_bytes": sum(phases[top].values()), "by_category": dict(phases[top]), "peak_phase": top,
+            "phases": phases, "states": states, "after_forward": after_forward}  # fmt: skip
+
+
+def affine(a: dict, b: dict, f: float) -> dict:
+    """a + f (b - a) for every phase category and measured state: two simulations (layer counts or batch sizes)
+    extended along the line through them."""
+
+    def line(x: dict, y: dict) -> dict:
+        return {c: x[c] + f * (y[c] - x[c]) for c in x}
+
+    phases = {p: line(a["phases"][p], b["phases"][p]) for p in PHASES}
+    return _summary(phases, line(a["states"], b["states"]), line(a["after_forward"], b["after_forward"]))
 
 
 def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:
-    """Fake-tensor peak of the simulatable `techniques`; per-layer extrapolation above `max_layers` blocks.
-    Returns peak_bytes, by_category, method, the kinds left out, and the seconds it took."""
+    """Fake-tensor step of the simulatable `techniques`, per phase; per-layer extrapolation above `max_layers`
+    blocks. Returns peak_bytes, by_category (at the peak phase), phases, states (the measured model states),
+    method, the kinds left out, and the seconds it took."""
     t0 = time.perf_counter()
     sim, rest = split(techniques)
     key = layer_key(wcfg)
@@ -100,9 +188,29 @@ def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int |
         lo, hi = period, 2 * period
         a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device)
         b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device)
-        f = (n - lo) / (hi - lo)
-        cats = {c: a["by_category"][c] + f * (b["by_category"][c] - a["by_category"][c]) for c in a["by_category"]}
-        out = {"peak_bytes": a["peak_bytes"] + f * (b["peak_bytes"] - a["peak_bytes"]), "by_category": cats}
+        out = affine(a, b, (n - lo) / (hi - lo))
         method = f"fake-tensor steps at {key}={lo},{hi}, extrapolated per layer to {n}"
     out.update(device=str(device), method=method, left_out=[t.kind for t in rest], seconds=time.perf_counter() - t0)
     return out
+
+
+def replace_states(s: dict, device_states: dict, other: dict) -> dict:
+    """The hybrid prediction: in every phase, the model-state categories of the simulation (which ran without the
+    techniques it left out) are replaced by `device_states` (all techniques' pure `states` steps), each scaled by
+    how much of that category the phase held (gradients build up during backward: a phase holding a third of the
+    simulated gradients holds a third of the predicted ones); a category the simulation had none of is taken whole
+    from the optimizer step on (params and optimizer state: in every phase). `other`: named device buffers the
+    simulation cannot see (DeepSpeed's buckets), added to every phase. Nothing is subtracted from a measured peak."""
+    phases = {}
+    for p in PHASES:
+        cats = dict(s["phases"][p])
+        for c in STATE_CATEGORIES:
+            full, measured = device_states.get(c, 0.0), s["states"][c]
+            if measured > 0:
+                cats[c] = cats[c] * full / measured
+            else:
+                cats[c] = full if (c != "grads" or p == "optimizer") else 0.0
+        for name, nbytes in other.items():
+            cats[name] = cats.get(name, 0.0) + nbytes
+        phases[p] = cats
+    return _summary(phases, dict(device_states), s["after_forward"])

@@ -147,7 +147,7 @@ class Technique:
     loss_rtol: ClassVar[float] = 0.0  # declared tolerance on the training loss for approximate ones
     incompatible: ClassVar[dict[str, str]] = {}  # kind -> why they cannot run together (declared by one side)
     not_simulated: ClassVar[str] = ""  # why fake tensors cannot run it ("": they can; see simulated())
-    fake_build_dtype: ClassVar[torch.dtype | None] = None  # on fake tensors: build the model in this dtype
+    fake_build_dtype: ClassVar[torch.dtype | None] = None  # on fake tensors: the built model is cast to this dtype
     family: ClassVar[str] = ""  # planner family (members are alternatives); "": the planner leaves it out
     label_opts: ClassVar[tuple[str, ...]] = ()  # knobs that name it in plan labels and calibration keys
     hybrid_margin: ClassVar[float] = 0.0  # `fits` margin when a hybrid prediction leaves it out (unseen kernels)

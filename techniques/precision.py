@@ -100,8 +100,8 @@ class BF16Pure(Technique):
 
 @dataclass(frozen=True)
 class _BuiltInBF16(BF16Pure):
-    """bf16_pure on fake tensors: Module.to() cannot swap fake parameters, so the model is built in bf16 instead
-    (same bytes) and only the input cast is applied."""
+    """bf16_pure on fake tensors: Module.to() cannot swap fake parameters, so the simulation casts the built model
+    itself, buffers included (membench.simulate.cast_floating), and only the input cast is applied."""
 
     fake_build_dtype: ClassVar[torch.dtype | None] = torch.bfloat16
 

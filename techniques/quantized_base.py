@@ -1,11 +1,14 @@
-"""QLoRA-style training: the linear layers of the workload's blocks are stored as frozen bitsandbytes
-Linear8bitLt (int8 rows) or Linear4bit (nf4/fp4, optional double quantization) and only low-rank adapters
-train, trading quality (a frozen, quantized base) and dequantization time for weight, grad and optimizer bytes.
+"""QLoRA: the linear layers of the workload's blocks are stored as frozen bitsandbytes Linear8bitLt (int8 rows) or
+Linear4bit (nf4/fp4, optional double quantization) and only low-rank adapters train, trading quality (a frozen,
+quantized base) and dequantization time for weight, grad and optimizer bytes.
 
-Uses bitsandbytes layers; the LoRA adapter is our own 20-line module rather than peft's, because peft picks
-targets by module-name patterns (we select the workload's declared blocks by identity) and imports
-transformers in every run's process. Limits: bitsandbytes has no conv layers (the digits CNN has no linear
-layer in its blocks: quantize_outside_blocks=true quantizes its head only); embeddings stay full precision.
+Adapters come from PEFT (techniques/lora.py: `peft.inject_adapter_in_model` on the exact module paths of the
+swapped layers; the model carries transformers' `is_loaded_in_4bit`/`is_loaded_in_8bit` flag, so PEFT dispatches
+its bitsandbytes LoRA layers, which run on CPU too). Two spellings: `quantized_base` alone keeps its meaning in
+the committed studies (quantized base + rank/alpha/dropout adapters on every swapped layer, the rest trainable
+unless freeze_rest); `[quantized_base,lora]` quantizes here and takes the adapters (targets by role, base frozen)
+from lora's knobs, lora replacing the ones added here. Limits: bitsandbytes has no conv layers (the digits CNN has
+no linear layer in its blocks: quantize_outside_blocks=true quantizes its head only); embeddings stay full precision.
 """
 
 from __future__ import annotations
@@ -13,36 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from membench.errors import ConfigError
+from membench.techniques import lora
 from membench.techniques import quantization as q
 from membench.techniques.base import Context, Patch, Prediction, States, Technique
-
-
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / rank) * B(A(dropout(x))); B starts at zero so training starts from the base."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, dtype: torch.dtype, device):
-        super().__init__()
-        self.base = base
-        self.lora_a = nn.Linear(base.in_features, rank, bias=False, dtype=dtype, device=device)
-        self.lora_b = nn.Linear(rank, base.out_features, bias=False, dtype=dtype, device=device)
-        nn.init.zeros_(self.lora_b.weight)
-        self.drop = nn.Dropout(dropout)
-        self.scale = alpha / rank
-
-    @property
-    def in_features(self) -> int:  # workloads read these (GPT derives its head size from q.out_features)
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_b(self.lora_a(self.drop(x))) * self.scale
 
 
 @dataclass(frozen=True)
@@ -102,8 +81,10 @@ class QuantizedBase(Technique):
                 f"technique.quantized_base: workload {ctx.workload.name} has no nn.Linear in its blocks "
                 "(bitsandbytes has no conv layers); quantize_outside_blocks=true quantizes the linear head only"
             )
-        if self.freeze_rest:
-            model.requires_grad_(False)
+        names = {id(m): n for n, m in model.named_modules()}
+        paths = [f"{names[id(parent)]}.{name}".lstrip(".") for parent, name in targets]
+        swapped = {id(p) for parent, name in targets for p in getattr(parent, name).parameters()}
+        keep = [] if self.freeze_rest else [p for p in model.parameters() if p.requires_grad and id(p) not in swapped]
         shapes, layers = [], []
         for parent, name in targets:
             lin = getattr(parent, name)
@@ -111,14 +92,18 @@ class QuantizedBase(Technique):
                             ctx.device)  # fmt: skip
             shapes.append((lin.out_features, lin.in_features))
             layers.append(base)
-            setattr(parent, name, LoRALinear(base, self.rank, self.alpha, self.dropout, lin.weight.dtype, ctx.device))
-        return Patch(extra_state=q.extra_state_fn(model, layers), info=self._info(model, shapes, layers),
-                     applied={"shapes": shapes, "layers": layers})  # fmt: skip
+            setattr(parent, name, base)
+        # transformers sets these on a model it loaded quantized; PEFT picks its bitsandbytes LoRA layers by them
+        model.is_loaded_in_4bit, model.is_loaded_in_8bit = self.quant_type != "int8", self.quant_type == "int8"
+        adapters = lora.inject(model, paths, self.rank, self.alpha, self.dropout, lora.float_dtype(model))
+        for p in keep:  # PEFT froze all but the adapters; what was left alone trains as before, unless freeze_rest
+            p.requires_grad_(True)
+        return Patch(extra_state=q.extra_state_fn(model, layers), info=self._info(model, shapes, layers, adapters),
+                     applied={"shapes": shapes, "layers": layers, "adapters": len(adapters)})  # fmt: skip
 
-    def _info(self, model: nn.Module, shapes: list, layers: list) -> dict:
+    def _info(self, model: nn.Module, shapes: list, layers: list, adapters: list) -> dict:
         n_q = sum(o * i for o, i in shapes)
         stored = sum(q.storage_bytes([b.weight, *q.side_tensors(b)]) for b in layers)
-        adapters = [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a.weight, m.lora_b.weight)]
         return {
             "quantized_layers": len(layers),
             "quantized_params": n_q,
@@ -130,6 +115,7 @@ class QuantizedBase(Technique):
                 o * i * q.formula_bits(self.quant_type, self.blocksize, self.double_quant, i) for o, i in shapes
             )
             / n_q,  # fmt: skip
+            # these two as applied here; with lora in the run, lora's own info has the adapters that train
             "adapter_params": sum(p.numel() for p in adapters),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             # bitsandbytes ops whose FLOPs FlopCounterMode cannot see and that are counted from their shapes
@@ -144,21 +130,26 @@ class QuantizedBase(Technique):
         adapters = [n for lin in targets for n in (self.rank * lin.in_features, self.rank * lin.out_features)]
         s.param_extra += sum(q.layout_bytes(lin.out_features, lin.in_features, self.quant_type, self.blocksize,
                                             self.double_quant) for lin in targets)  # fmt: skip
-        s.dense += sum(adapters) - dense
+        # bitsandbytes casts a base's bias to compute_dtype in place on its first forward (fp32 under bf16_pure)
+        bias = sum(lin.bias.numel() for lin in targets if lin.bias is not None)
+        s.param_extra += bias * q.DTYPES[self.compute_dtype].itemsize
+        s.dense += sum(adapters) - dense - bias
         frozen = {id(p) for lin in targets for p in lin.parameters()}  # the quantized base keeps its bias frozen
         rest = [p.numel() for p in s.model.parameters() if id(p) not in frozen]
         s.trainable = adapters if self.freeze_rest else adapters + rest
+        setattr(s, lora.ADAPTERS, adapters)  # lora, when it follows, replaces these adapters with its own
         s.rule.append(f"{len(targets)} {self.quant_type} bases + rank-{self.rank} LoRA")
 
     def predict(self, pred: Prediction, ctx: Context) -> None:
         model = ctx.workload.model
         shapes, layers = ctx.applied[self.kind]["shapes"], ctx.applied[self.kind]["layers"]
-        quantized = {id(b.weight) for b in layers}
+        quantized = {id(p) for b in layers for p in b.parameters()}
         rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
         layout = sum(q.layout_bytes(o, i, self.quant_type, self.blocksize, self.double_quant) for o, i in shapes)
+        bias = sum(b.bias.numel() for b in layers if b.bias is not None) * q.DTYPES[self.compute_dtype].itemsize
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        pred.params_total = layout + rest * pred.param_bytes + buffers
+        pred.params_total = layout + bias + rest * pred.param_bytes + buffers
         pred.grads_total = trainable * pred.grad_bytes
         tensors = sum(1 for p in model.parameters() if p.requires_grad)
         pred.optimizer_total = trainable * pred.optimizer_bytes + 4 * tensors  # + torch AdamW's fp32 step scalars

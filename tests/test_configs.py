@@ -47,6 +47,7 @@ REJECTED_PAIRS = {
     ("prune_structured", "prune_unstructured"): "each pretrains and reports its own before/after quality",
     ("prune_unstructured", "quantized_base"): "the quantizer replaces the nn.Linear modules that hold the masks",
     ("prune_unstructured", "weight_quant"): "the quantizer replaces the nn.Linear modules that hold the masks",
+    ("lora", "weight_quant"): "would also quantize the adapters",
     ("quantized_base", "weight_quant"): "both quantize the same linear layers",
     ("quantized_base", "zero"): "shard floating-point parameters only",
     ("weight_quant", "zero"): "shard floating-point parameters only",

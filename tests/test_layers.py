@@ -137,10 +137,6 @@ def test_no_import_cycle_counting_function_local_imports():
     assert cycles(edges()) == []
 
 
-# simulate.py and techniques/precision.py belong to the technique-registry change, which makes the hook public
-KNOWN_PRIVATE = {"membench.simulate: from membench.techniques.precision import _cast_float_inputs"}
-
-
 def test_no_private_name_is_imported_across_modules():
     bad = [
         f"{m}: from {module} import {n}"
@@ -150,7 +146,7 @@ def test_no_private_name_is_imported_across_modules():
         for n in names
         if n.startswith("_") and n != "__version__"
     ]
-    assert sorted(set(bad) - KNOWN_PRIVATE) == []
+    assert bad == []
 
 
 def test_a_function_local_project_import_defers_a_heavy_dependency():

@@ -80,7 +80,7 @@ def test_plan_ranks_fitting_simulated_plans_first(tmp_path):
     "args,msg",
     [
         (["plan", "workload=gpt_tiny", "run.memory_budget_mib=8", "plan.techniques=[foo]"], "plan.techniques=foo"),
-        (["plan", "workload=gpt_tiny", "run.memory_budget_mib=8", "technique=[bf16]"], "technique: plan enumerates"),
+        (["plan", "workload=gpt_tiny", "run.memory_budget_mib=8", "technique=[bf16,fp16]"], "incompatible"),
         (["plan", "workload=gpt_tiny"], "run.memory_budget_mib=null"),
         (["plan", "workload=gpt_tiny", "run.memory_budget_mib=8", "plan.simulate=x"], "plan.simulate"),
     ],

@@ -14,7 +14,7 @@ from membench.errors import ConfigError
 from membench.techniques import quantization as q
 from membench.techniques.base import Context
 from membench.techniques.optim8bit import Optimizer8bit
-from membench.techniques.quantized_base import LoRALinear, QuantizedBase
+from membench.techniques.quantized_base import QuantizedBase
 from membench.techniques.weight_quant import WeightQuant
 from membench.workloads.digits import DigitsConfig
 from membench.workloads.gpt import GPTConfig
@@ -38,16 +38,20 @@ def _linears_in_blocks(wl) -> int:
 
 @pytest.mark.parametrize("quant_type", ["int8", "nf4", "fp4"])
 def test_swaps_exactly_the_block_linears(quant_type):
+    from peft.tuners.lora import bnb as peft_bnb
+
     wl = _gpt()
     n_block_linears, head = _linears_in_blocks(wl), wl.model.head
     t = QuantizedBase(quant_type=quant_type)
     patch = t.apply(wl.model, _ctx(wl))
-    wrapped = [m for m in wl.model.modules() if isinstance(m, LoRALinear)]
+    # PEFT's own bitsandbytes LoRA layers (QLoRA), dispatched from the model's is_loaded_in_4bit/8bit flag
+    peft_type = peft_bnb.Linear8bitLt if quant_type == "int8" else peft_bnb.Linear4bit
+    wrapped = [m for m in wl.model.modules() if isinstance(m, peft_type)]
     assert len(wrapped) == n_block_linears == patch.info["quantized_layers"] == 12
     assert wl.model.head is head  # the head stays a full-precision nn.Linear by default
     assert type(wl.model.tok) is nn.Embedding and head.weight.dtype == torch.float32
     bnb_type = bnb.nn.Linear8bitLt if quant_type == "int8" else bnb.nn.Linear4bit
-    assert all(type(m.base) is bnb_type and not m.base.weight.requires_grad for m in wrapped)
+    assert all(type(m.get_base_layer()) is bnb_type and not m.get_base_layer().weight.requires_grad for m in wrapped)
     assert _linears_in_blocks(wl) == 2 * n_block_linears  # the only plain linears left: adapters A and B
 
 

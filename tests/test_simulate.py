@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from membench.simulate import simulate
+from membench.simulate import STATE_CATEGORIES as STATES
+from membench.simulate import replace_states, simulate
 from membench.technique import discover
 from tests.helpers import SHORT_RUN, compose, exact_step_bytes
 from tests.helpers import config_parts as _parts
@@ -33,8 +34,20 @@ SHORT = (*SHORT_RUN, "run.device=cpu")
         ("workload=gpt_tiny", "technique=[bf16_pure]"),
         ("workload=gpt_tiny", "technique=[activation_checkpointing,bf16]", "run.batch_size=5"),
         ("workload=digits_cnn_tiny", "technique=[activation_checkpointing]"),
+        ("workload=llama_tiny", "technique=[bf16_pure]"),  # fp32 RoPE tables: cast with the model, as in a run
+        ("workload=llama_tiny", "workload.tie_embeddings=true", "technique=[bf16_pure]"),
     ],
-    ids=["base", "ac_selective", "ac_every_k", "fp16", "bf16_pure", "ac_bf16_b5", "digits_ac"],
+    ids=[
+        "base",
+        "ac_selective",
+        "ac_every_k",
+        "fp16",
+        "bf16_pure",
+        "ac_bf16_b5",
+        "digits_ac",
+        "llama_bf16_pure",
+        "llama_tied_bf16_pure",
+    ],  # fmt: skip
 )
 def test_fake_step_matches_real_tracker(overrides):
     """Category by category, the simulated step holds what a real step's tensors hold: parameters and optimizer
@@ -51,6 +64,32 @@ def test_fake_step_matches_real_tracker(overrides):
     }, (held, real)
     assert held["grads"] == 0 and 0 <= sim["by_category"]["grads"] <= real["grads"]
     assert sim["peak_bytes"] >= real["params"] + real["optimizer"] + real["activations"]
+
+
+def test_phases_hold_the_peak_and_the_states():
+    """The step's phases: the peak is the largest phase; the optimizer step holds every model state; forward holds
+    no gradients (zeroed with set_to_none)."""
+    wcfg, techs = _parts(compose("workload=gpt_tiny"))
+    out = simulate(wcfg, techs, 4)
+    totals = {p: sum(c.values()) for p, c in out["phases"].items()}
+    assert out["peak_bytes"] == max(totals.values()) and out["by_category"] == out["phases"][out["peak_phase"]]
+    opt = out["phases"]["optimizer"]
+    assert (opt["params"], opt["grads"], opt["optimizer"]) == tuple(out["states"][c] for c in STATES)
+    assert out["phases"]["forward"]["grads"] == 0
+
+
+def test_replaced_states_never_subtract():
+    """A left-out technique's states replace the simulated ones in each phase, scaled by how much of the category
+    the phase held; the result is never below those states."""
+    s = {"phases": {"forward": {"params": 4, "grads": 0, "optimizer": 8, "activations": 30},
+                    "backward": {"params": 4, "grads": 2, "optimizer": 8, "activations": 10},
+                    "optimizer": {"params": 4, "grads": 4, "optimizer": 8, "optimizer_temp": 1}},
+         "states": {"params": 4, "grads": 4, "optimizer": 8}, "after_forward": {}}  # fmt: skip
+    full = {"params": 1.0, "grads": 40.0, "optimizer": 80.0}
+    h = replace_states(s, full, {"bucket": 3.0})
+    assert h["phases"]["backward"] == {"params": 1, "grads": 20, "optimizer": 80, "activations": 10, "bucket": 3}
+    assert h["peak_phase"] == "optimizer" and h["peak_bytes"] == 1 + 40 + 80 + 1 + 3  # the peak moved
+    assert h["peak_bytes"] >= sum(full.values())
 
 
 def test_per_layer_extrapolation_equals_full_simulation():

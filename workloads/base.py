@@ -124,3 +124,10 @@ class Workload:
 
     def info(self) -> dict[str, Any]:
         return {}
+
+    def linear_roles(self) -> dict[str, str]:
+        """{module path in self.model: role} of the linear layers a technique may target by role (lora): q, k, v,
+        o, mlp, head, or block (a linear inside the blocks with no finer role). Default: every nn.Linear (also a
+        bitsandbytes one) inside the blocks is "block"; workloads that know their layers say more."""
+        inside = {id(m) for m in self.blocks().modules()}
+        return {n: "block" for n, m in self.model.named_modules() if id(m) in inside and isinstance(m, nn.Linear)}

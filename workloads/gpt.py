@@ -219,3 +219,9 @@ class GPTWorkload(Workload):
             "train_bytes": len(self.corpus.train),
             "eval_bytes": len(self.corpus.eval),
         }
+
+    def linear_roles(self) -> dict[str, str]:
+        """Attention q/k/v and its output projection, the MLP's two linears, the output head."""
+        per_block = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "o", "fc": "mlp", "fc_out": "mlp"}
+        roles = {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in per_block.items()}
+        return roles | {"head": "head"}

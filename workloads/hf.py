@@ -158,6 +158,15 @@ class HFWorkload(TokenLMWorkload):
             "num_blocks": len(self._blocks),
         }
 
+    def linear_roles(self) -> dict[str, str]:
+        """transformers' own names of the Llama-family projections (q_proj .. down_proj) give the roles; any other
+        linear inside the blocks is "block"; the output embedding is "head"."""
+        names = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "mlp", "up_proj": "mlp",
+                 "down_proj": "mlp", "fc1": "mlp", "fc2": "mlp"}  # fmt: skip
+        roles = {p: names.get(p.rpartition(".")[2], r) for p, r in super().linear_roles().items()}
+        head = self.model.get_output_embeddings()
+        return roles | {n: "head" for n, m in self.model.named_modules() if m is head and isinstance(m, nn.Linear)}
+
 
 def find_blocks(model: nn.Module, class_names: set[str]) -> nn.Module:
     """The nn.ModuleList (or nn.Sequential) whose children are all instances of the named block classes."""

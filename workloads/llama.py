@@ -363,3 +363,9 @@ class LlamaWorkload(TokenLMWorkload):
         n_matmul = c.n_layer * per_layer + c.d_model * c.vocab_size
         tokens_ = batch_size * c.seq_len
         return 6 * n_matmul * tokens_ + 12 * c.n_layer * c.seq_len * c.d_model * tokens_
+
+    def linear_roles(self) -> dict[str, str]:
+        """Attention q/k/v/o, the SwiGLU MLP's gate/up/down, the output head."""
+        per_block = {f"attn.{r}": r for r in "qkvo"} | dict.fromkeys(("gate", "up", "down"), "mlp")
+        roles = {f"blocks.{i}.{p}": r for i in range(len(self.model.blocks)) for p, r in per_block.items()}
+        return roles | {"head": "head"}
