@@ -6,6 +6,7 @@ without the knobs that do not change what is measured), so sweeps can skip cells
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from membench import SCHEMA_VERSION, gpuinfo
+from membench.confpath import locate
 from membench.sections import OK_SECTIONS, Env, Memory
 
 STATUSES = ("ok", "oom", "error", "timeout")
@@ -62,7 +64,24 @@ def config_hash(config: dict) -> str:
     for k in _NOT_IDENTITY:
         ident.get("run", {}).pop(k, None)
     ident.pop("experiment", None)
+    _drop_added_defaults(ident.get("workload"))
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _drop_added_defaults(node: dict | None) -> None:
+    """Fields a workload schema added after records were committed (its `identity_added`) are left out of the cell
+    identity while at their default, so a cell recorded before the field existed keeps its hash."""
+    target = (node or {}).get("_target_")
+    if not target:
+        return
+    try:
+        cls = locate(target)
+    except (ImportError, AttributeError):  # a record of a workload not importable here: hash it as written
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    for name in getattr(cls, "identity_added", ()):
+        if name in node and node[name] == defaults.get(name, dataclasses.MISSING):
+            del node[name]
 
 
 def new_run_id(chash: str) -> str:

@@ -29,7 +29,8 @@ UNAVAILABLE: dict[str, str] = {}  # technique YAML name -> why its module cannot
 
 @dataclass
 class Context:
-    """What a technique may look at: the workload (blocks, presets), device, and the run knobs. `applied` holds,
+    """What a technique may look at: the workload (blocks, head, presets), device, and the run knobs; a technique may
+    replace the workload's `loss_fn` (workloads/base.py: the LM loss from hidden states and head). `applied` holds,
     per kind, what each technique's apply learned (its Patch.applied), for its record prediction."""
 
     workload: Any
@@ -83,6 +84,9 @@ class Prediction:
     act_extra_bytes: float = 0.0  # bytes a technique adds to what forward holds (e.g. pruning's masked weights)
     other: dict[str, float] = field(default_factory=dict)  # named device bytes outside the model states
     notes: list[str] = field(default_factory=list)
+    # Fused linear-cross-entropy in force: tokens per chunk of logits (0: automatic); the workload's activation
+    # model (its `loss_chunk_tokens` argument) then saves an fp32 logsumexp per token instead of the logits.
+    loss_chunk_tokens: int | None = None
 
 
 @dataclass

@@ -105,7 +105,7 @@ EXPECTED = {
         "prune_unstructured": "the workload's blocks have no",
         "prune_structured": NOT_A_TENSOR,
     },
-    "custom": {},
+    "custom": {"fused_ce": "technique=[fused_ce] on workload custom: has no language-model head"},
 }
 PAIRS = [pytest.param(w, t, id=f"{w}-{t}") for w in EXPECTED for t in TECHNIQUES]
 # full checkpointing (the default mode) over a quantized base: the review's plan row whose run failed in evaluate

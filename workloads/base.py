@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Workload config schemas by name: a preset YAML extends one (`- /schema/workload/NAME@_here_`); register_schema
@@ -25,6 +28,38 @@ def schema(name: str, depth: str | None = None):
     return register
 
 
+# The language-model loss from the hidden states the head reads: (hidden [N, d], head module, targets [N]) -> mean
+# cross-entropy. LM workloads route their loss through `Workload.loss_fn`, so a technique may replace it (fused_ce).
+LossFn = Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """The plain loss: the head's full logits, upcast to fp32, then cross-entropy (the default `loss_fn`)."""
+    return F.cross_entropy(head(hidden).float(), targets)
+
+
+MIN_LOSS_CHUNK = 256  # tokens: below this, re-reading the head weight for every chunk dominates the step on CPU
+
+
+def loss_chunk(tokens: int, vocab: int, d_model: int, chunk_size: int = 0) -> int:
+    """Tokens per chunk of a fused linear-cross-entropy: `chunk_size`, or for 0 Liger's rule (chunks whose logits
+    are about as large as the hidden states: tokens / ceil(vocab / d_model), rounded up to a power of 2), but at
+    least MIN_LOSS_CHUNK tokens."""
+    if chunk_size:
+        return min(chunk_size, tokens)
+    liger = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / d_model)))))
+    return min(tokens, max(liger, MIN_LOSS_CHUNK))
+
+
+def logits_bytes(tokens: int, vocab: int, d_model: int, autocast: bool, fused: bool) -> float:
+    """What the loss saves of the logits for backward: all of them in fp32 (plus the 16-bit head weight copy under
+    autocast), or with a fused linear-cross-entropy (`fused`) an fp32 logsumexp per token; its chunks of logits are
+    backward's temporaries (techniques/fused_ce.py names them in the prediction's other terms)."""
+    if fused:
+        return tokens * 4
+    return tokens * vocab * 4 + (2 * d_model * vocab if autocast else 0)
+
+
 @dataclass
 class Quality:
     metric: str  # e.g. "eval_loss" or "test_accuracy"
@@ -40,10 +75,23 @@ class Workload:
     preset: str
     model: nn.Module
     tokens_per_sample: int = 1
+    # LM workloads: a technique may set another loss (same signature) on the built workload in its apply (fused_ce:
+    # logits never materialised); the loss is then loss_fn(hidden, lm_head(), targets), taken inside the model's
+    # forward. With this default the loss is taken on the model's logits as it always was (tracing by hooks, such as
+    # prune_structured's, sees the head's output as the model's).
+    loss_fn: LossFn = staticmethod(linear_cross_entropy)
+
+    def plain_loss(self) -> bool:
+        return self.loss_fn is linear_cross_entropy
 
     def blocks(self) -> nn.ModuleList:
         """The repeated blocks; techniques wrap or swap entries of this list, never match names."""
         return self.model.blocks
+
+    def lm_head(self) -> nn.Module | None:
+        """The output head of a language model (the nn.Linear mapping the last hidden states to the vocabulary),
+        which `loss_fn` receives; None for workloads without one (a technique needing it rejects them)."""
+        return None
 
     def batch(self, step: int, batch_size: int, device: torch.device) -> Any:
         raise NotImplementedError

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload, schema
+from membench.workloads.base import LossFn, Quality, Workload, linear_cross_entropy, logits_bytes, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 
@@ -29,6 +30,9 @@ class GPTConfig(CorpusTraining):
     seq_len: int = 64
     vocab_size: int = 256  # byte-level
     dropout: float = 0.0
+    tie_embeddings: bool = False  # true: the head reuses the token embedding (GPT-2 does; d_model x vocab fewer params)
+    # Added after records were committed: left out of the cell identity at their default (records.config_hash).
+    identity_added: ClassVar[tuple[str, ...]] = ("tie_embeddings",)
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
@@ -86,6 +90,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.head.weight = self.tok.weight
         self.apply(self._init)
         for b in self.blocks:  # GPT-2 scaled init of residual projections
             for m in (b.attn.proj, b.fc_out):
@@ -98,12 +104,17 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_fn: LossFn = linear_cross_entropy):
+        """Logits, or with `targets` the loss `loss_fn(hidden, head, targets)` over the flattened tokens: the loss is
+        taken inside forward, so wrappers (DDP, FSDP, DeepSpeed) see the head used where they expect it."""
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.drop(self.tok(idx) + self.pos(pos))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is None:
+            return self.head(x)
+        return loss_fn(x.reshape(-1, x.shape[-1]), self.head, targets.reshape(-1))
 
 
 class GPTWorkload(Workload):
@@ -129,10 +140,15 @@ class GPTWorkload(Workload):
         x, y = self._windows(self.corpus.train, starts)
         return x.to(device), y.to(device)
 
+    def lm_head(self) -> nn.Module:
+        return self.model.head
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if self.plain_loss():
+            logits = model(x)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return model(x, targets=y, loss_fn=self.loss_fn)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> Quality:
@@ -152,12 +168,16 @@ class GPTWorkload(Workload):
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.c.lr, weight_decay=self.c.weight_decay)
 
-    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
+    def activation_model(
+        self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False, loss_chunk_tokens=None
+    ):
         """Bytes saved for backward, following the per-layer terms of Korthikanti et al. 2022
         ("Reducing Activation Recomputation in Large Transformer Models", sec. 4.1), adapted to this model:
         flash attention keeps q, k, v and an fp32 logsumexp instead of the 5as^2b softmax and dropout terms
         (measured with saved_tensors_hooks: the kernel's output is not held apart from the projection input);
-        dropout masks (1 byte/element) only when dropout > 0. Under autocast the residual stream (LayerNorm
+        dropout masks (1 byte/element) only when dropout > 0. `loss_chunk_tokens` (not None): a fused
+        linear-cross-entropy (techniques/fused_ce.py) saves an fp32 logsumexp per token instead of all the logits
+        (and no 16-bit head weight copy). Under autocast the residual stream (LayerNorm
         inputs) stays fp32, each of q/k/v casts the fp32 LayerNorm output to its own 16-bit copy, and the
         16-bit weight copies of non-checkpointed blocks are held until backward. Widths are read from each
         block's modules, so structurally pruned heads and MLP neurons are followed.
@@ -180,7 +200,7 @@ class GPTWorkload(Workload):
             else:  # ln1 in | ln1 out copies, q,k,v, proj in | ln2 in | ln2 out, fc out, gelu out
                 layers += 2 * r * sb * h + ((in_copies + 1) * h + 4 * hq + 2 * f) * e * sb + lse
                 layers += mask * (2 * h) + (2 * (4 * h * hq + 2 * h * f) if autocast else 0)  # 16-bit weights
-        head = r * sb * h + e * sb * h + sb * c.vocab_size * 4 + (2 * h * c.vocab_size if autocast else 0)
+        head = r * sb * h + e * sb * h + logits_bytes(sb, c.vocab_size, h, autocast, loss_chunk_tokens is not None)
         return {"layers": layers, "embedding_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:

@@ -6,11 +6,14 @@ classes the model lists in `_no_split_modules` (the unit `accelerate` never spli
 GPT2Block, ...). Data: the byte corpus mapped onto the config's vocab_size as workloads/llama.py does.
 Needs the optional extra `membench[hf]`. Limits: no analytic activation model (the record's activation
 prediction is empty); a model whose blocks use fused or Conv1D projections (GPT-2) gives bitsandbytes and
-torch-pruning no nn.Linear to work on inside its blocks.
+torch-pruning no nn.Linear to work on inside its blocks. A replaced `loss_fn` (fused_ce) gets the hidden states the
+head reads from the model's base (`base_model`, the transformers convention) while the forward is asked for no
+logits (`logits_to_keep` an empty index); models whose forward takes no `logits_to_keep` offer no `lm_head()`.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,14 +114,32 @@ class HFWorkload(TokenLMWorkload):
             cfg, dtype=torch.float32, attn_implementation=c.attn_implementation
         )
         self._blocks = find_blocks(self.model, set(self.model._no_split_modules or ()))
+        # kept as built: the model may be wrapped (DDP) later; the hidden-state path rejects replaced heads (fused_ce)
+        self._base, self._head = self.model.base_model, self.model.get_output_embeddings()
+        self._no_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def blocks(self) -> nn.Module:
         return self._blocks
 
+    def lm_head(self) -> nn.Module | None:
+        return self.model.get_output_embeddings() if self._no_logits else None
+
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(input_ids=x, use_cache=False).logits
 
-    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
+    def fused_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen = []
+        hook = self._base.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+        try:  # through the (possibly wrapped) model's own forward, which computes no logits here
+            model(input_ids=x, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long, device=x.device))
+        finally:
+            hook.remove()
+        hidden = seen[-1]
+        return self.loss_fn(hidden.reshape(-1, hidden.shape[-1]), self._head, y.reshape(-1))
+
+    def activation_model(
+        self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False, loss_chunk_tokens=None
+    ):
         """No analytic model for arbitrary architectures: the prediction is left empty (None), not guessed."""
         return {"total": None}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from membench.errors import ConfigError
-from membench.workloads.base import Quality, Workload, schema
+from membench.workloads.base import LossFn, Quality, Workload, linear_cross_entropy, logits_bytes, schema
 from membench.workloads.corpus import CorpusTraining, load_corpus
 
 BYTE_VOCAB = 256
@@ -63,6 +64,8 @@ class LlamaConfig(CorpusTraining):
     # SDPA path for the k/v heads (see attention_path): auto | grouped (enable_gqa, torch picks the kernel) |
     # expand (k/v repeated to n_head heads, then a fused kernel) | math (torch's math kernel, s^2 scores saved)
     attention_kernel: str = "auto"
+    # Added after records were committed: left out of the cell identity at their default (records.config_hash).
+    identity_added: ClassVar[tuple[str, ...]] = ("attention_kernel",)
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_dim", "seq_len"):
@@ -200,13 +203,18 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_fn: LossFn = linear_cross_entropy):
+        """Logits, or with `targets` the loss `loss_fn(hidden, head, targets)` over the flattened tokens (taken inside
+        forward, so wrappers see the head used where they expect it)."""
         t = idx.shape[1]
         cos, sin = self.cos[:t], self.sin[:t]
         x = self.tok(idx)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        if targets is None:
+            return self.head(x)
+        return loss_fn(x.reshape(-1, x.shape[-1]), self.head, targets.reshape(-1))
 
 
 class TokenLMWorkload(Workload):
@@ -230,13 +238,21 @@ class TokenLMWorkload(Workload):
         x, y = self._windows(self.train_ids, starts)
         return x.to(device), y.to(device)
 
+    def lm_head(self) -> nn.Module:
+        return self.model.head
+
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        logits = self.logits(model, x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if self.plain_loss():
+            logits = self.logits(model, x)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return self.fused_loss(model, x, y)
+
+    def fused_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, targets=y, loss_fn=self.loss_fn)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> Quality:
@@ -277,7 +293,9 @@ class LlamaWorkload(TokenLMWorkload):
         torch.manual_seed(seed)
         self.model = Llama(c)
 
-    def activation_model(self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False):
+    def activation_model(
+        self, batch_size: int, elem_bytes: int, checkpoint=None, autocast: bool = False, loss_chunk_tokens=None
+    ):
         """Bytes saved for backward, following the per-layer terms of Korthikanti et al. 2022 ("Reducing
         Activation Recomputation in Large Transformer Models", sec. 4.1) as workloads/gpt.py does, adapted:
         GQA gives k and v n_kv_head heads; flash attention keeps q, k, v, its output and an fp32 logsumexp (no
@@ -291,6 +309,7 @@ class LlamaWorkload(TokenLMWorkload):
         checkpointing: the q @ k^T product instead of the softmax). Under autocast the residual stream
         and norm outputs stay fp32, the matmuls each cast their input to 16 bits (q,k,v: 3 copies; gate, up:
         2) and 16-bit weight copies are held until backward. Widths are read from the modules (pruning).
+        `loss_chunk_tokens` (not None): a fused linear-cross-entropy saves no logits (workloads/base.py).
         """
         c, b, s, h = self.c, batch_size, self.c.seq_len, self.c.d_model
         sb, e = s * b, elem_bytes
@@ -329,8 +348,11 @@ class LlamaWorkload(TokenLMWorkload):
                 layers += 2 * norm + (r if not autocast else 2) * sb * h * sum(copies) + attn + 4 * f * e * sb
                 if autocast:  # 16-bit copies of the block's weights, cast once per step and kept for backward
                     layers += 2 * (h * (2 * hq + 2 * hkv) + 3 * h * f)
-        head = norm + (2 if autocast else r) * sb * h + sb * c.vocab_size * 4
-        head += 2 * h * c.vocab_size if autocast else 0
+        head = (
+            norm
+            + (2 if autocast else r) * sb * h
+            + logits_bytes(sb, c.vocab_size, h, autocast, loss_chunk_tokens is not None)
+        )
         return {"layers": layers, "norm_and_head": head, "total": layers + head}
 
     def model_flops(self, batch_size: int) -> float:
