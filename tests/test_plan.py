@@ -72,7 +72,10 @@ def test_plan_ranks_fitting_simulated_plans_first(tmp_path):
     rows = r["rows"]
     assert [x["best_predictor"] for x in rows] == ["simulation"] * 6  # baseline, 3 selective policies, every_k, full
     assert [x["fits"] for x in rows] == sorted((x["fits"] for x in rows), reverse=True)
-    assert {x["label"] for x in rows if not x["fits"]} == {"baseline"}
+    # megatron's policy recomputes only the attention core (little at this size): it is the one selective row over
+    # (each policy has its own simulation now; they shared one before)
+    over = sorted(x["label"] for x in rows if not x["fits"])
+    assert over == ["activation_checkpointing:selective", "baseline"], over
     assert all(x["time_source"] == "prior" for x in rows)  # no records under tmp_path
 
 
