@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine for tests/test_slurm_real.py (Debian/Ubuntu, root, no systemd needed):
+# A one-node Slurm cluster on this machine for tests/e2e/test_slurm_real.py (Debian/Ubuntu, root, no systemd needed):
 # munged, slurmctld and slurmd from the distribution's slurm-wlm, one partition `debug` over all cores and 2/3 of
 # the memory; with ACCOUNTING=1 also MariaDB + slurmdbd, so sacct answers (ACCOUNTING=0, the default here: squeue
 # only, as on a cluster without accounting; membench needs neither).

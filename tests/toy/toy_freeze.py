@@ -1,4 +1,4 @@
-"""A toy technique defined outside membench (tests/test_registry.py, docs/extending.md): freezes the workload's
+"""A toy technique defined outside membench (tests/e2e/test_registry.py, docs/extending.md): freezes the workload's
 first block, trading its gradients and optimizer state for not training it. Approximate: the loss changes.
 One module and one YAML (technique/toy_freeze.yaml); nothing in the repository names it."""
 

@@ -12,7 +12,7 @@ from membench import SCHEMA_VERSION
 from membench.records import validate_record
 from membench.sections import OK_SECTIONS, Distributed, Memory, OomMemory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS = sorted((ROOT / "results").rglob("runs/*.json"))
 
 

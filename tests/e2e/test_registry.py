@@ -16,7 +16,7 @@ from membench import technique
 from membench.errors import ConfigError
 from membench.records import validate_record
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "tests" / "toy"
 # Harness modules allowed to name techniques: study definitions and the README generator.
 EXEMPT = {"studies.py", "readme.py"}

@@ -13,7 +13,7 @@ from membench.mlflow_log import check_uri, log_if_configured
 from membench.records import skeleton
 
 mlflow = pytest.importorskip("mlflow")
-STUDY = Path(__file__).resolve().parent.parent / "results" / "zero_stages" / "runs"
+STUDY = Path(__file__).resolve().parents[2] / "results" / "zero_stages" / "runs"
 
 
 def _two_rank_record(uri: str) -> dict:

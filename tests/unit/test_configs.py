@@ -30,7 +30,7 @@ def test_every_workload_composes(workload):
 
 # Pairs rejected when the config is composed (run.device=cpu), each with the reason its message must give.
 # Every pair not listed must compose. Rejections that need a built model (digits has no nn.Linear in its blocks
-# for quantized_base) are apply-time and tested in tests/test_quantization.py.
+# for quantized_base) are apply-time and tested in tests/runs/test_quantization.py.
 REJECTED_PAIRS = {
     ("bf16", "bf16_pure"): "bf16_pure already runs everything in bf16",
     ("bf16", "fp16"): "two autocast dtypes in one step",
@@ -152,7 +152,7 @@ def test_bad_input_from_the_real_cli_exits_nonzero_and_keeps_earlier_records(tmp
         ],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         timeout=120,
     )
     assert proc.returncode == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from membench.records import validate_record
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

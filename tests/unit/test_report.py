@@ -9,7 +9,7 @@ from membench.cli import main
 from membench.records import config_hash
 from membench.report import mean_ci, table
 
-RECORDS = Path(__file__).resolve().parent.parent / "results" / "checkpointing" / "runs"
+RECORDS = Path(__file__).resolve().parents[2] / "results" / "checkpointing" / "runs"
 MiB = 2**20
 
 

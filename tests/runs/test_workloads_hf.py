@@ -89,7 +89,7 @@ def test_a_bad_config_json_is_one_line(tmp_path, capsys):
 
 
 # Every technique x every new workload: what applying it, one training step, the before-eval hooks and the evaluation
-# do (zero: composition only, it needs a process group; tests/test_zero.py runs it). "ok" or the start of the one-line
+# do (zero: composition only, it needs a process group; tests/e2e/test_zero.py runs it). "ok" or the start of the one-line
 # rejection.
 TECHNIQUES = sorted(p.stem for p in (CONF_DIR / "technique").glob("*.yaml"))
 NO_LINEAR = "has no nn.Linear in its blocks"

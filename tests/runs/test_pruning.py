@@ -230,7 +230,7 @@ def test_bad_input_is_a_config_error(overrides, key):
 
 
 def test_study_cells_compose():
-    cells = experiment_cells("pruning")  # composed once per session (tests/test_configs.py composes it too)
+    cells = experiment_cells("pruning")  # composed once per session (tests/unit/test_configs.py composes it too)
     assert len(cells) >= 16 and all(c["run"]["results_dir"] == "results/pruning" for c in cells)
 
 

@@ -12,7 +12,7 @@ from membench.config import build
 from membench.records import config_hash
 from tests.helpers import compose, run_inprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _gpt(*over):

@@ -16,7 +16,7 @@ import pytest
 
 from membench.records import validate_record
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 FACTORY = """
 import torch, torch.nn.functional as F

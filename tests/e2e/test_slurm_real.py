@@ -24,7 +24,7 @@ from membench.records import load_records
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["workload=gpt_tiny", "run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2", "run.launcher=slurm"]
 
 

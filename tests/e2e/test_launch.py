@@ -1,7 +1,7 @@
 """Where cells run and how they end: kill -9 of a sweep leaves no process and resumes cleanly, a cancel leaves no
 record, a cell locked elsewhere is not started twice, and submitit's local executor runs the Slurm code path. The
 Slurm launcher's decisions (resources, sbatch rejections, the state of a task without a record) are checked here
-without a cluster; tests/test_slurm_real.py runs it against a real one."""
+without a cluster; tests/e2e/test_slurm_real.py runs it against a real one."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from membench.cli import main
 from membench.records import load_records, validate_record
 from membench.runner import read_lock, release_lock, try_lock
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["workload=gpt_tiny", "run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2"]
 
 

@@ -21,7 +21,7 @@ from membench.cli import main
 from membench.compare import Tolerances, time_verdict
 from membench.records import config_hash
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "results" / "checkpointing" / "runs"
 
 

@@ -10,7 +10,7 @@ from membench.cli import main
 from membench.plots import pareto_figure, pareto_front
 from membench.records import load_records
 
-RECORDS = Path(__file__).resolve().parent.parent / "results" / "checkpointing"
+RECORDS = Path(__file__).resolve().parents[2] / "results" / "checkpointing"
 
 
 def test_pareto_front_by_hand():

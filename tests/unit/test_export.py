@@ -14,7 +14,7 @@ import pytest
 from membench.cli import main
 from membench.records import skeleton, write_record
 
-STUDY = Path(__file__).resolve().parent.parent / "results" / "zero_stages"
+STUDY = Path(__file__).resolve().parents[2] / "results" / "zero_stages"
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 from membench.cli import main
 from membench.history import change_points
 
-RECORDS = Path(__file__).resolve().parent.parent / "results" / "checkpointing" / "runs"
+RECORDS = Path(__file__).resolve().parents[2] / "results" / "checkpointing" / "runs"
 
 
 def test_history_orders_commits_by_time_and_filters_cells(tmp_path, capsys):

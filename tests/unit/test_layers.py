@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = (("membench", "membench"), ("techniques", "membench.techniques"), ("workloads", "membench.workloads"))
 # imported inside functions so that a command that does not need them does not pay for them
 HEAVY = {
