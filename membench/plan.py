@@ -184,9 +184,13 @@ def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
         t.activation_terms(pred)
     states = model_states(wl.model, wl.blocks(), techs, world_size)
 
+    # a loss that never holds the full logits (fused cross-entropy) is passed only where a technique set it: the
+    # activation models without an LM head (digits, custom) take no such argument
+    chunk = {} if pred.loss_chunk_tokens is None else {"loss_chunk_tokens": pred.loss_chunk_tokens}
+
     def act(b: int) -> float | None:
-        terms = wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None)
-        return terms["total"]
+        autocast = pred.autocast_dtype is not None
+        return wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=autocast, **chunk)["total"]
 
     acts = act(batch_size)
     by_cat = {**states["device"], "activations": acts, **states["other"]}  # other: named buffers (DeepSpeed's bucket)

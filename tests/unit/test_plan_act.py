@@ -160,3 +160,15 @@ def test_study_table_prints_the_measured_status():
                           "predicted_peak_bytes": 2**20, "peak_error": None, "peak_error_by": {}, "predicted_fits": True,
                           "over_budget": False, "measured": {"status": "error", "peak_bytes": None}}}  # fmt: skip
     assert pl.study_table([rec]).splitlines()[-1].endswith("| yes/error |")
+
+
+def test_fused_ce_lowers_the_analytic_activations_by_the_fp32_logits():
+    """The analytic predictor passes fused cross-entropy's chunking to the activation model: the plan's analytic
+    activations fall by the fp32 logits of the batch (b x s x V x 4 bytes) less the fp32 logsumexp kept per token."""
+    common = ("workload=llama_tiny", "workload.vocab_size=8192", "run.batch_size=2", "run.memory_budget_mib=512",
+              "plan.techniques=[]")  # fmt: skip
+    (plain,) = _plan(*common, simulate=0)[0]["rows"]
+    (fused,) = _plan(*common, "technique=[fused_ce]", simulate=0)[0]["rows"]
+    act = [r["predictions"]["analytic"]["by_category"]["activations"] for r in (plain, fused)]
+    tokens = 2 * 64  # batch x llama_tiny's sequence length
+    assert act[0] - act[1] >= tokens * 8192 * 4 - tokens * 4, act
