@@ -58,6 +58,6 @@ def loose_blocks(seed: int) -> CustomParts:  # blocks not held in a ModuleList: 
 
 
 def test_blocks_outside_a_module_list_are_refused():
-    cfg = compose("workload=custom", "workload.factory=tests.test_workloads_custom:loose_blocks")
+    cfg = compose("workload=custom", "workload.factory=tests.runs.test_workloads_custom:loose_blocks")
     with pytest.raises(ConfigError, match="no nn.ModuleList/Sequential holds only blocks of _Block"):
         build(cfg["workload"], "workload").build(0)
