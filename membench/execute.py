@@ -54,13 +54,17 @@ class Trainer:
         self.wl = wcfg.build(run.seed)
         ctx = Context(workload=self.wl, device=device, run=run)
         self.techs = compose.ordered(techs)
-        self.model, self.patch = compose.apply_all(self.techs, self.wl.model.to(device), ctx)
+        model = self.wl.model.to(device)
+        # the record's model-state prediction: the planner's pure rule, on the model before any technique touches it
+        states = compose.model_states(model, self.wl.blocks(), self.techs, distributed.world_size(),
+                                      roles=self.wl.linear_roles())  # fmt: skip
+        self.model, self.patch = compose.apply_all(self.techs, model, ctx)
         self.wl.model = self.model
         make = self.patch.optimizer_factory or (
             lambda m: self.wl.make_optimizer([p for p in m.parameters() if p.requires_grad])
         )
         self.optimizer = make(self.model)
-        self.predicted = predict(self.wl, self.techs, self.model, ctx, run.batch_size)
+        self.predicted = predict(self.wl, self.techs, states, ctx, run.batch_size)
         self.model.train()
         self.losses: list[float] = []
         # data parallelism: each rank reads its own shard of the batch stream (run.batch_size is per rank)

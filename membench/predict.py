@@ -1,8 +1,12 @@
 """Analytic memory prediction by category, next to the measured one.
 
-Model states from bytes-per-parameter rules of the techniques in force (fp32 AdamW: 4 + 4 + 8 bytes per
-parameter; Rajbhandari et al. 2020, "ZeRO", sec. 3.1), buffers at their exact size, activations from the
-workload's analytic model. `other` (temporaries, autocast weight copies, allocator slack) is not predicted.
+Model states: `model_states` (membench/technique.py), each technique's pure `states` step over the model as built,
+in apply order (fp32 AdamW: 4 + 4 + 8 bytes per parameter plus torch's fp32 `step` per tensor; Rajbhandari et al.
+2020, "ZeRO", sec. 3.1), buffers at their exact size. The planner calls the same function on a fake or meta model;
+a run's record on its real model right before the techniques are applied (membench/execute.py: Trainer).
+Activations from the workload's analytic model, with the techniques' activation terms (and what a technique's
+`predict` adds that only the run knows). `other` (temporaries, autocast weight copies, allocator slack) is not
+predicted as a category; named buffers outside the states are listed in `other_terms`.
 """
 
 from __future__ import annotations
@@ -10,37 +14,33 @@ from __future__ import annotations
 from membench.technique import Context, Prediction, model_states
 
 
-def predict(workload, techniques, model, ctx: Context, batch_size: int) -> dict:
-    pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
+def predict(workload, techniques, states: dict, ctx: Context, batch_size: int) -> dict:
+    """The record's prediction. `states`: model_states(...) of the model as built (per rank: device and host)."""
+    pred = Prediction()
     for t in techniques:
         t.predict(pred, ctx)
-    n = sum(p.numel() for p in model.parameters())
-    n_trainable = round(n * pred.trainable_fraction)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     act = workload.activation_model(
         batch_size, pred.act_elem_bytes, pred.checkpoint, autocast=pred.autocast_dtype is not None
     )
     if pred.act_extra_bytes and act["total"] is not None:  # workloads without an activation model predict none
         act = {**act, "technique_extra": pred.act_extra_bytes, "total": act["total"] + pred.act_extra_bytes}
+    device, host = states["device"], states["host"]
     return {
+        # device + host: the measured model states they are compared with are summed over every device
         "by_category": {
-            "params": pred.params_total if pred.params_total is not None else n * pred.param_bytes + buffers,
-            "grads": pred.grads_total if pred.grads_total is not None else n_trainable * pred.grad_bytes,
-            "optimizer": pred.optimizer_total
-            if pred.optimizer_total is not None
-            else n_trainable * pred.optimizer_bytes,
+            **{k: device[k] + host.get(k, 0.0) for k in device},
             "activations": act["total"],
             "other": None,
         },
         "activation_terms": act,
+        "model_states": {"device": device, "host": host, "psi": states["psi"]},
         "rules": {
-            "param_bytes": pred.param_bytes,
-            "grad_bytes": pred.grad_bytes,
-            "optimizer_bytes": pred.optimizer_bytes,
+            "model_states": states["rule"],
             "act_elem_bytes": pred.act_elem_bytes,
             "checkpoint": pred.checkpoint,
         },
-        "other_terms": pred.other,  # named device bytes outside the states (DeepSpeed's reduce bucket)
+        # named device bytes outside the states: the states' own (DeepSpeed's reduce bucket), then the run's
+        "other_terms": {**states["other"], **pred.other},
         "notes": pred.notes,
     }
 
@@ -53,7 +53,4 @@ def relative_error(measured: dict, predicted: dict) -> dict:
     return out
 
 
-# ---- the planner's model-state predictor ----------------------------------------------------------------------
-# Needs no applied techniques: each technique's pure `states` step (membench/technique.py) transforms a description
-# of the model as built, so the planner calls it for every candidate on one fake or meta model, at any world size.
 __all__ = ["model_states", "predict", "relative_error"]

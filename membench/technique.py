@@ -68,21 +68,17 @@ class Patch:
 
 @dataclass
 class Prediction:
-    """Analytic inputs the techniques adjust before the byte prediction is computed (see membench/predict.py)."""
+    """Activation-model inputs the techniques adjust (see membench/predict.py). Model states are not priced here:
+    they come from each technique's pure `states` step (States, model_states), for the record and the planner."""
 
-    param_bytes: float  # bytes per parameter as stored
-    grad_bytes: float  # bytes per trainable parameter
-    optimizer_bytes: float  # bytes per trainable parameter (AdamW: 2 states)
+    param_bytes: float = 4  # kept for callers that still pass the fp32 AdamW rates; no prediction reads them
+    grad_bytes: float = 4
+    optimizer_bytes: float = 8
     act_elem_bytes: int = 4  # bytes per activation element saved for backward
     checkpoint: tuple[str, int] | None = None  # (mode, every_k) when activation checkpointing is on
     autocast_dtype: torch.dtype | None = None
-    trainable_fraction: float = 1.0
-    # Absolute overrides (bytes) where a per-parameter rule does not fit (quantized formats, pruned models):
-    params_total: float | None = None
-    grads_total: float | None = None
-    optimizer_total: float | None = None
     act_extra_bytes: float = 0.0  # bytes a technique adds to what forward holds (e.g. pruning's masked weights)
-    other: dict[str, float] = field(default_factory=dict)  # named device bytes outside the model states
+    other: dict[str, float] = field(default_factory=dict)  # named device bytes outside the states (run-dependent)
     notes: list[str] = field(default_factory=list)
     # Fused linear-cross-entropy in force: tokens per chunk of logits (0: automatic); the workload's activation
     # model (its `loss_chunk_tokens` argument) then saves an fp32 logsumexp per token instead of the logits.
@@ -101,6 +97,7 @@ class States:
     world_size: int
     psi: int  # parameters of the model as built
     buffers: float  # buffer bytes (kept whole on every rank)
+    float_buffers: tuple[int, float]  # (elements, bytes) of the floating-point buffers (bf16_pure casts them)
     dense: int  # parameters stored at `param_rate` bytes each
     trainable: list[int]  # element counts of the tensors that train (carry grads and optimizer state)
     param_rate: float = 4
@@ -113,14 +110,18 @@ class States:
     other: dict[str, float] = field(default_factory=dict)  # named device bytes outside the states (buffers...)
     post: list[Callable[[dict, dict], None]] = field(default_factory=list)  # (device, host) -> None, in order
     rule: list[str] = field(default_factory=lambda: ["fp32 AdamW 4+4+8"])
+    roles: dict[str, str] | None = None  # the workload's linear_roles() where the caller has them (lora's targets)
 
     @classmethod
-    def of(cls, model: torch.nn.Module, blocks, world_size: int) -> States:
+    def of(cls, model: torch.nn.Module, blocks, world_size: int, roles: dict[str, str] | None = None) -> States:
         params = list(model.parameters())
         psi = sum(p.numel() for p in params)
+        floats = [b for b in model.buffers() if b.is_floating_point()]
+        float_bytes = float(sum(b.numel() * b.element_size() for b in floats))
         return cls(model=model, blocks=blocks, world_size=world_size, psi=psi, dense=psi,
                    buffers=float(sum(b.numel() * b.element_size() for b in model.buffers())),
-                   trainable=[p.numel() for p in params if p.requires_grad])  # fmt: skip
+                   float_buffers=(sum(b.numel() for b in floats), float_bytes),
+                   trainable=[p.numel() for p in params if p.requires_grad], roles=roles)  # fmt: skip
 
     def totals(self) -> tuple[dict, dict]:
         n = sum(self.trainable)
@@ -169,7 +170,8 @@ class Technique:
         raise NotImplementedError
 
     def predict(self, pred: Prediction, ctx: Context) -> None:
-        """Adjust the record's analytic prediction (states may read ctx.applied). Called after apply().
+        """The record's activation prediction, called after apply(): what only the run knows (ctx.applied, the run's
+        batch) on top of the pure activation terms. Model states are never priced here (`states` is the one rule).
         Default: its pure activation terms."""
         self.activation_terms(pred)
 
@@ -310,10 +312,13 @@ def _prefixed(kind: str, hook, model) -> dict:
     return {f"{kind}.{k}": v for k, v in hook(model).items()}
 
 
-def model_states(model, blocks, techniques: list[Technique], world_size: int) -> dict:
+def model_states(model, blocks, techniques: list[Technique], world_size: int,
+                 roles: dict[str, str] | None = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
-    of `model` as built, transformed by each technique's pure `states` step in apply order."""
-    s = States.of(model, blocks, world_size)
+    of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
+    apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
+    its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles()."""
+    s = States.of(model, blocks, world_size, roles)
     for t in ordered(techniques):
         t.states(s)
     device, host = s.totals()

@@ -160,15 +160,6 @@ class Lora(Technique):
         backward (and the dropout mask when dropout > 0); the base's own input is saved anyway (A's backward
         reuses it). At rank 8 that is 1/8 of a 64-wide linear's saved input, 1/96 of a 768-wide one's."""
 
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        """Stored bytes stay the default rule (every parameter, adapters included, at param_bytes) unless
-        quantized_base priced them; grads and optimizer state cover the trainable (adapter) tensors only."""
-        trainable = [p for p in ctx.workload.model.parameters() if p.requires_grad]
-        n = sum(p.numel() for p in trainable)
-        pred.grads_total = n * pred.grad_bytes
-        pred.optimizer_total = n * pred.optimizer_bytes + 4 * len(trainable)  # + torch AdamW's fp32 step scalars
-        pred.notes.append(f"lora: {ctx.applied[self.kind]['adapter_params']:,} adapter params train; base frozen")
-
     def simulated(self) -> Technique | None:
         return SimLora(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=list(self.targets))
 

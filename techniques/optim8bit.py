@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.base import Context, Patch, States, Technique
 
 BACKENDS = ("bitsandbytes", "torchao")
 PAGED = ("auto", "on", "off")
@@ -106,15 +106,6 @@ class Optimizer8bit(Technique):
     def states(self, s: States) -> None:
         s.optimizer = self.total_bytes(s.trainable, s.param_rate)  # after a quantized base: its adapters only
         s.rule.append(f"{self.bits}-bit {self.backend} states")
-
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        params = [p for p in ctx.workload.model.parameters() if p.requires_grad]
-        quantized = [p for p in params if p.numel() >= self.min_8bit_size]
-        pred.optimizer_total = self.total_bytes([p.numel() for p in params], params[0].element_size() if params else 4)
-        pred.notes.append(
-            f"optimizer_8bit: {len(quantized)}/{len(params)} tensors (>= {self.min_8bit_size} elements) "
-            f"hold {self.bits}-bit states; the rest fp32"
-        )
 
 
 def _step(step, facts: dict, *args, **kwargs):

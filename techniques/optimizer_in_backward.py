@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.base import Context, Patch, States, Technique
 
 
 class InBackwardOptimizer(torch.optim.Optimizer):
@@ -76,14 +76,13 @@ class OptimizerInBackward(Technique):
         return Patch(optimizer_factory=factory, info={"optimizer": "per-parameter, stepped in backward"})
 
     def states(self, s: States) -> None:
-        # at the peak at most one parameter's gradient is alive (the one being stepped): the largest bounds it
-        s.grad_rate = s.grad_rate * max(s.trainable, default=0) / max(1, sum(s.trainable))
-        s.rule.append("grads: the largest parameter's only (step in backward)")
+        # at the peak at most one parameter's gradient is alive (the one being stepped): the largest bounds it;
+        # a post step, so that later steps' trainable tensors and rates count and the bytes stay an exact integer
+        def largest(device: dict, host: dict) -> None:
+            device["grads"] = float(max(s.trainable, default=0) * s.grad_rate)
 
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        trainable = [p.numel() for p in ctx.workload.model.parameters() if p.requires_grad]
-        pred.grads_total = max(trainable, default=0) * pred.grad_bytes
-        pred.notes.append("optimizer_in_backward: grads at the peak are the largest parameter's only")
+        s.post.append(largest)
+        s.rule.append("grads: the largest parameter's only (step in backward)")
 
     def time_prior(self) -> float:
         return 1.02  # per-parameter for-loop steps instead of one foreach step

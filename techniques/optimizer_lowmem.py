@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.base import Context, Patch, States, Technique
 
 ALGOS = ("adafactor", "adam_mini", "galore", "apollo")
 SCALE_TYPES = ("channel", "tensor")
@@ -138,12 +138,6 @@ class OptimizerLowmem(Technique):
     def states(self, s: States) -> None:
         s.optimizer = self.total_bytes(s.model, s.blocks, _Dims.of(s.model), int(s.param_rate))
         s.rule.append(f"{self.algo} states")
-
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        model = ctx.workload.model
-        e = next(p.element_size() for p in model.parameters())
-        pred.optimizer_total = self.total_bytes(model, ctx.workload.blocks(), _Dims.of(model), e)
-        pred.notes.append(f"optimizer_lowmem: {self.algo} states from the parameter shapes")
 
     @classmethod
     def plan_values(cls, world_size: int, device_type: str) -> list[dict]:

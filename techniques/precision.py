@@ -81,17 +81,14 @@ class BF16Pure(Technique):
         model.register_forward_pre_hook(_cast_float_inputs)
         return Patch()
 
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        pred.param_bytes = 2
-        pred.grad_bytes = 2
-        pred.optimizer_bytes = 4  # AdamW exp_avg + exp_avg_sq in the parameter dtype
-        self.activation_terms(pred)
-
     def activation_terms(self, pred: Prediction) -> None:
         pred.act_elem_bytes = 2
 
     def states(self, s: States) -> None:
-        s.param_rate, s.grad_rate, s.opt_rate = 2, 2, 4
+        s.param_rate, s.grad_rate, s.opt_rate = 2, 2, 4  # AdamW exp_avg + exp_avg_sq in the parameter dtype
+        elems, nbytes = s.float_buffers  # Module.to(bfloat16) casts the floating-point buffers too
+        s.buffers += 2 * elems - nbytes
+        s.float_buffers = (elems, 2.0 * elems)
         s.rule = ["bf16_pure 2+2+4"]
 
     def simulated(self) -> Technique:

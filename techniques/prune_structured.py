@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Technique
+from membench.techniques.base import Context, Patch, States, Technique
 from membench.techniques.pruning import BOTH, check_fraction, check_not_negative, param_bytes, pretrain, quality
 
 KEY = "technique.prune_structured"
@@ -60,6 +60,25 @@ class PruneStructured(Technique):
         if not 0.0 <= self.head_ratio < 1.0:
             raise ConfigError(f"{KEY}.head_ratio={self.head_ratio}: must be in [0, 1) (0 keeps every head)")
         check_not_negative(f"{KEY}.pretrain_steps", self.pretrain_steps)
+
+    def states(self, s: States) -> None:
+        """Pure estimate of the pruned model (the exact count needs torch-pruning's run on real weights: the record's
+        technique_info has it as `after`). Embeddings and the output layer keep their width, so only parameters
+        inside the blocks shrink, each tensor by one factor: amount_of=params removes `ratio` of the whole model's
+        parameters (what the search aims at, within SEARCH_TOL); amount_of=channels removes `ratio` of each
+        block tensor (one pruned dimension per layer: exact for an MLP's neurons, an under-estimate where a
+        layer loses input and output channels both). Buffers are left as built."""
+        params = list(s.model.parameters())
+        inside = {id(p) for p in s.blocks.parameters()}
+        in_blocks = sum(p.numel() for p in params if id(p) in inside)
+        removed = self.ratio * (s.psi if self.amount_of == "params" else in_blocks)
+        keep = max(0.0, 1.0 - removed / in_blocks) if in_blocks else 1.0
+        size = {id(p): round(p.numel() * keep) if id(p) in inside else p.numel() for p in params}
+        after = sum(size.values())
+        s.dense -= s.psi - after
+        s.psi = after
+        s.trainable = [size[id(p)] for p in params if p.requires_grad]
+        s.rule.append(f"prune_structured: {self.ratio:g} of the {self.amount_of} (block tensors x {keep:.3f})")
 
     def apply(self, model: nn.Module, ctx: Context) -> Patch:
         info = pretrain(model, ctx, self.pretrain_steps, self.pretrain_cache)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
 from membench.techniques.pruning import check_fraction, check_not_negative, cubic_sparsity, pretrain, quality
 
 SCOPES = ("global", "layer")
@@ -67,9 +67,14 @@ class PruneUnstructured(Technique):
         if self.pattern == "2:4" and device_type != "cuda":
             raise ConfigError(f"{KEY}.pattern=2:4: torch's semi-structured sparsity is CUDA-only; use unstructured")
 
+    def layers(self, blocks: nn.Module) -> list[nn.Module]:
+        """The layers it prunes: every nn.Linear (and, unless 2:4, nn.Conv2d) inside the blocks."""
+        kinds = (nn.Linear,) if self.pattern == "2:4" else (nn.Linear, nn.Conv2d)
+        return [m for m in blocks.modules() if isinstance(m, kinds)]
+
     def targets(self, ctx: Context) -> list[nn.Module]:
         kinds = (nn.Linear,) if self.pattern == "2:4" else (nn.Linear, nn.Conv2d)
-        mods = [m for m in ctx.workload.blocks().modules() if isinstance(m, kinds)]
+        mods = self.layers(ctx.workload.blocks())
         if not mods:
             raise ConfigError(f"{KEY}.pattern={self.pattern}: the workload's blocks have no {kinds} layer to prune")
         return mods
@@ -119,8 +124,17 @@ class PruneUnstructured(Technique):
         for m, mask in zip(mods, self.masks([effective(m) for m in mods], sparsity), strict=True):
             m.weight_mask.copy_(mask)  # in place: same buffer, so nothing the harness tracks is replaced
 
+    def states(self, s: States) -> None:
+        """torch.nn.utils.prune keeps the weight as `weight_orig` (same parameter count) and adds a `weight_mask`
+        buffer of the weight's shape and dtype per pruned layer: no saving in any state, the masks on top."""
+        weights = [m.weight for m in self.layers(s.blocks)]
+        elems, nbytes = sum(w.numel() for w in weights), sum(w.numel() * w.element_size() for w in weights)
+        s.buffers += nbytes
+        s.float_buffers = (s.float_buffers[0] + elems, s.float_buffers[1] + nbytes)  # bf16_pure casts them too
+        s.rule.append(f"prune_unstructured: + {len(weights)} weight masks")
+
     def predict(self, pred: Prediction, ctx: Context) -> None:
-        # params already count weight_orig and the weight_mask buffers; forward adds weight = orig * mask per layer
+        # the states count weight_orig and the weight_mask buffers; forward adds weight = orig * mask per layer
         pred.act_extra_bytes += sum(nbytes(m.weight_orig) for m in self.targets(ctx))
         pred.notes.append("prune_unstructured: dense weight_orig + weight_mask buffer + a recomputed masked weight")
 

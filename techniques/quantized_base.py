@@ -21,7 +21,7 @@ from torch import nn
 from membench.errors import ConfigError
 from membench.techniques import lora
 from membench.techniques import quantization as q
-from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.base import Context, Patch, States, Technique
 
 
 @dataclass(frozen=True)
@@ -139,21 +139,3 @@ class QuantizedBase(Technique):
         s.trainable = adapters if self.freeze_rest else adapters + rest
         setattr(s, lora.ADAPTERS, adapters)  # lora, when it follows, replaces these adapters with its own
         s.rule.append(f"{len(targets)} {self.quant_type} bases + rank-{self.rank} LoRA")
-
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        model = ctx.workload.model
-        shapes, layers = ctx.applied[self.kind]["shapes"], ctx.applied[self.kind]["layers"]
-        quantized = {id(p) for b in layers for p in b.parameters()}
-        rest = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-        layout = sum(q.layout_bytes(o, i, self.quant_type, self.blocksize, self.double_quant) for o, i in shapes)
-        bias = sum(b.bias.numel() for b in layers if b.bias is not None) * q.DTYPES[self.compute_dtype].itemsize
-        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        pred.params_total = layout + bias + rest * pred.param_bytes + buffers
-        pred.grads_total = trainable * pred.grad_bytes
-        tensors = sum(1 for p in model.parameters() if p.requires_grad)
-        pred.optimizer_total = trainable * pred.optimizer_bytes + 4 * tensors  # + torch AdamW's fp32 step scalars
-        pred.notes.append(
-            f"quantized_base: {len(layers)} {self.quant_type} layers at their layout bytes; "
-            f"{trainable:,} trainable params (adapters + unfrozen) carry grads and optimizer state"
-        )

@@ -20,7 +20,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.base import Context, Patch, States, Technique
 
 BACKENDS = ("deepspeed", "torch")
 OFFLOAD = ("none", "cpu")
@@ -168,25 +168,9 @@ class Zero(Technique):
                 host["params"], device["params"] = device["params"] - buffers, float(buffers)
 
         s.post.append(shard)
-        s.rule.append(f"ZeRO stage {self.stage} over N={n}")
-
-    def predict(self, pred: Prediction, ctx: Context) -> None:
-        """ZeRO paper (Rajbhandari et al. 2020, sec. 5): per-rank model states with stage s over N ranks."""
-        facts = ctx.applied[self.kind]
-        n, psi = facts["n"], facts["psi"]
-        if self.backend == "deepspeed" and facts["dtype"] != torch.float32:
-            pred.param_bytes, pred.grad_bytes, pred.optimizer_bytes = 2, 2, 12  # mixed precision: 2 + 2 + K=12
-        bucket = self.bucket_bytes(psi, pred.grad_bytes)
-        if bucket:
-            pred.other["deepspeed_reduce_bucket"] = bucket
-        pred.params_total = psi * pred.param_bytes / (n if self.stage >= 3 else 1) + facts["buffers"]
-        pred.grads_total = psi * pred.grad_bytes / (n if self.stage >= 2 else 1)
-        pred.optimizer_total = psi * pred.optimizer_bytes / (n if self.stage >= 1 else 1)
-        pred.notes.append(
-            f"zero stage {self.stage} over N={n}: paper formula, {pred.param_bytes:g}+{pred.grad_bytes:g}+"
-            f"{pred.optimizer_bytes:g} bytes/param; DeepSpeed's fp32 master copy (4 bytes/param/N) is recorded as "
-            "fp32_master and is part of K=12 only in mixed precision"
-        )
+        s.rule.append(f"ZeRO stage {self.stage} over N={n}"
+                      + ("; DeepSpeed's fp32 master partition is recorded as fp32_master" if self.backend == "deepspeed"
+                         else ""))  # fmt: skip
 
     def expected_comm(self, facts: dict) -> dict:
         """ZeRO paper sec. 7: 2 Psi elements per rank per step for DP and stages 1-2, 3 Psi for stage 3.

@@ -107,20 +107,19 @@ def test_4bit_forward_flops_are_counted_like_the_same_dense_matmuls(monkeypatch)
 
 def test_quantized_base_prediction_equals_measured_state_bytes():
     from membench.execute import state_bytes
+    from membench.technique import model_states
 
     wl = _gpt()
     t = QuantizedBase(quant_type="nf4", double_quant=True)
-    ctx = _ctx(wl)
-    patch = t.apply(wl.model, ctx)
-    ctx.applied[t.kind] = patch.applied  # what apply_all does
+    fresh = _gpt()
+    predicted = model_states(fresh.model, fresh.blocks(), [t], 1)["device"]  # the record's and the planner's rule
+    patch = t.apply(wl.model, _ctx(wl))
     extra = patch.extra_state()
-    pred = __import__("membench.techniques.base", fromlist=["Prediction"]).Prediction(4, 4, 8)
-    t.predict(pred, ctx)
     opt = wl.make_optimizer([p for p in wl.model.parameters() if p.requires_grad])
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     opt.step()
     states = state_bytes(wl.model, opt, extra)["cpu"]
-    assert states == {"params": pred.params_total, "grads": pred.grads_total, "optimizer": pred.optimizer_total}
+    assert states == predicted
 
 
 def test_adapters_train_and_the_quantized_base_stays_bit_identical():
@@ -199,23 +198,26 @@ def test_adamw8bit_state_is_a_quarter_of_fp32_plus_block_scales():
     assert 0.25 < b8 / b32 < 0.26  # 1 byte per state instead of 4, plus one fp32 scale per 256 values
 
 
+def _predicted_optimizer(t) -> float:
+    from membench.technique import model_states
+
+    fresh = _gpt()
+    return model_states(fresh.model, fresh.blocks(), [t], 1)["device"]["optimizer"]
+
+
 def test_optimizer_8bit_prediction_matches_measured():
     from membench.execute import state_bytes
-    from membench.techniques.base import Prediction
 
     wl = _gpt()
     t = Optimizer8bit()
     opt = t.apply(wl.model, _ctx(wl)).optimizer_factory(wl.model)
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     opt.step()
-    pred = Prediction(4, 4, 8)
-    t.predict(pred, _ctx(wl))
-    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == pred.optimizer_total
+    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == _predicted_optimizer(t)
 
 
 def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
     from membench.execute import state_bytes
-    from membench.techniques.base import Prediction
 
     wl = _gpt()
     t = Optimizer8bit(backend="torchao", bits=4)
@@ -223,9 +225,7 @@ def test_torchao_optimizer_state_bytes_match_prediction_eagerly():
     wl.loss(wl.model, wl.batch(0, 2, CPU)).backward()
     with torch.compiler.set_stance("force_eager"):  # skip the tens-of-seconds compile in a unit test
         opt.step()
-    pred = Prediction(4, 4, 8)
-    t.predict(pred, _ctx(wl))
-    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == pred.optimizer_total
+    assert state_bytes(wl.model, opt, {})["cpu"]["optimizer"] == _predicted_optimizer(t)
 
 
 def test_weight_quant_reports_before_and_after_and_torchao_int4_is_eight_bits():

@@ -12,7 +12,7 @@ import torch
 from membench.cli import main
 from membench.config import CONF_DIR, build
 from membench.errors import ConfigError
-from membench.predict import predict
+from membench.predict import model_states, predict
 from membench.techniques import compose as tcompose
 from membench.techniques.base import Context
 from tests.helpers import compose, run_inprocess
@@ -126,9 +126,10 @@ def test_every_technique_on_the_new_workloads(workload, technique):
     ctx = Context(workload=wl, device=device, run=run)
     expected = EXPECTED[workload].get(technique, "ok")
     try:
+        states = model_states(wl.model, wl.blocks(), techs, 1, roles=wl.linear_roles())  # as Trainer does
         model, patch = tcompose.apply_all(techs, wl.model, ctx)
         wl.model = model
-        predict(wl, techs, model, ctx, 2)
+        predict(wl, techs, states, ctx, 2)
         with patch.step_context():
             loss = wl.loss(model, wl.batch(0, 2, device))
         loss.backward()
