@@ -4,7 +4,7 @@ Overrides follow Hydra's grammar. Sweeps (`-m`, e.g. `run.seed=0,1` or `techniqu
 expanded with Hydra's own sweeper; `+experiment=NAME` adds the experiment's cells. Every cell is composed and
 validated (schemas, technique combinations, the user's own input files) before the first one runs. Hydra's errors
 are rewritten into one line that names the key, why it failed and what is allowed. Used by the CLI (`run`, `fit`),
-the planner (membench/plan.py), the multi-node spec writer (membench/distributed.py), tests and scripts.
+the planner (membench/plan/), the multi-node spec writer (membench/distributed.py), tests and scripts.
 """
 
 from __future__ import annotations

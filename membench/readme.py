@@ -26,7 +26,7 @@ RENDERERS = {
     "quantization": "membench.studies:quantization_table",
     "pruning": "membench.studies:pruning_table",
     "device": "membench.device_table:table",
-    "plan": "membench.plan:study_table",
+    "plan": "membench.plan.tables:study_table",
 }
 
 
@@ -39,7 +39,7 @@ def render(text: str, results: Path = ROOT / "results") -> str:
     def sub(m: re.Match) -> str:
         name, kind = m.group("name"), m.group("kind") or "main"
         if kind == "planjson":  # a saved `membench plan` result: results/plan/NAME.json, its top rows
-            from membench.plan import table
+            from membench.plan.tables import table  # the package imports torch
 
             body = table(json.loads((results / "plan" / f"{name}.json").read_text()), top=8)
             return f"{m.group(1)}{body}\n{m.group(5)}"

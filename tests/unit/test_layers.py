@@ -66,10 +66,29 @@ def imports(path: Path):
 
 
 def project_targets(module: str, names: list[str]) -> list[str]:
-    """The project modules an import statement names: `from membench import plan` names membench.plan (the package
-    itself is light: its __init__ imports nothing of the project)."""
+    """The project modules an import statement names: `from membench import plan` names membench.plan, `from
+    membench.plan import table` names membench.plan too (a name its __init__ re-exports, not a module)."""
     submodules = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
     return submodules or ([module] if module in MODULES else [])
+
+
+def packages_above(module: str) -> list[str]:
+    """The project packages a module sits in, innermost first: importing it runs their __init__ first (membench.plan
+    for membench.plan.tables; membench.techniques for membench.techniques.zero)."""
+    root = max((pkg for _, pkg in PACKAGES if module == pkg or module.startswith(pkg + ".")), key=len, default="")
+    parts = module.split(".")
+    return [q for i in range(len(parts) - 1, 0, -1) if len(q := ".".join(parts[:i])) >= len(root) and q in MODULES]
+
+
+def loaded(importer: str, module: str, names: list[str]) -> list[str]:
+    """What an import statement in `importer` runs: the modules it names and the packages above them, less the
+    packages above the importer that it does not name (already imported before it). A package's modules import
+    each other, not the package: naming it (`from membench import plan` in membench.plan.tables) is an edge."""
+    done = {importer, *packages_above(importer)}
+    out = []
+    for t in project_targets(module, names):
+        out += [x for x in (t, *(q for q in packages_above(t) if q not in done)) if x != importer and x not in out]
+    return out
 
 
 def edges(top_level_only: bool = False) -> dict[str, set[str]]:
@@ -78,7 +97,7 @@ def edges(top_level_only: bool = False) -> dict[str, set[str]]:
         for module, names, local in imports(p):
             if top_level_only and local:
                 continue
-            graph[m] |= {t for t in project_targets(module, names) if t != m}
+            graph[m] |= set(loaded(m, module, names))
     return graph
 
 
@@ -116,7 +135,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def heavy_modules() -> set[str]:
     """Project modules that import a heavy library at import time, directly or through another project module."""
-    graph = edges(top_level_only=True)
+    graph = edges(top_level_only=True)  # a package is heavy when its __init__ imports a heavy module
     heavy = {
         m
         for m, p in MODULES.items()
@@ -131,6 +150,18 @@ def heavy_modules() -> set[str]:
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_an_import_of_a_package_module_runs_the_package():
+    """membench/plan/ re-exports its modules' names: a module outside it that imports membench.plan.tables also runs
+    membench/plan/__init__.py (which imports torch); membench.plan.rank importing membench.plan.config does not."""
+    assert loaded("membench.readme", "membench.plan.tables", ["table"]) == ["membench.plan.tables", "membench.plan"]
+    assert loaded("membench.cli", "membench", ["plan"]) == ["membench.plan"]
+    assert loaded("membench.plan.rank", "membench.plan.config", ["PlanConfig"]) == ["membench.plan.config"]
+    assert loaded("membench.plan", "membench.plan.rank", ["plan"]) == ["membench.plan.rank"]
+    assert loaded("membench.plan.tables", "membench", ["plan"]) == ["membench.plan"]  # a cycle with its __init__
+    assert packages_above("membench.techniques.zero") == ["membench.techniques"]
+    assert "membench.plan" in heavy_modules() and "membench.plan.tables" not in heavy_modules()
 
 
 def test_no_import_cycle_counting_function_local_imports():
@@ -157,7 +188,7 @@ def test_a_function_local_project_import_defers_a_heavy_dependency():
         for module, names, local in imports(p)
         if local
         for t in project_targets(module, names)
-        if t not in heavy
+        if not ({t, *packages_above(t)} - {m, *packages_above(m)}) & heavy
     ]
     assert bad == []
 
