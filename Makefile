@@ -20,8 +20,11 @@ run: setup
 	$(VENV)/bin/membench report results/demo --experiment demo
 
 # Every CPU test, the ones marked slow included (a bare `pytest` deselects those through pyproject's addopts).
+# The real-Slurm tests run in a process of their own: the session's other imports left its slurmd fixture unable to
+# run two cells at once (seen only in one process with the whole suite; each alone passes).
 test: setup
-	$(PY) -m pytest -q -m 'slow or not slow'
+	$(PY) -m pytest -q -m 'slow or not slow' --ignore=tests/e2e/test_slurm_real.py
+	$(PY) -m pytest -q -m 'slow or not slow' tests/e2e/test_slurm_real.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -73,7 +73,7 @@ StateSaveLocation=/var/spool/membench-slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(( $(free -m | awk '/^Mem:/{print $2}') * 2 / 3 )) State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc --all) RealMemory=$(( $(free -m | awk '/^Mem:/{print $2}') * 2 / 3 )) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 

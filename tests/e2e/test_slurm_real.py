@@ -48,7 +48,11 @@ def slurm():
         pytest.skip(f"real Slurm: not running, and {up.name} needs root to start slurmctld/slurmd")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("real Slurm: slurm-wlm is not installed and there is no apt-get to install it")
-    p = subprocess.run(["bash", str(up)], capture_output=True, text=True, timeout=600)
+    # up.sh sizes the node with `nproc`, which follows this process's CPU affinity and OMP_NUM_THREADS: a test
+    # session that narrowed either must not make a one-CPU node (the 2-rank and the two-cell tests need 2)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+    p = subprocess.run(["bash", str(up)], capture_output=True, text=True, timeout=600, env=env,
+                       preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1)))  # fmt: skip
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [""]
         pytest.skip(f"real Slurm: {up} could not start it (exit {p.returncode}): {tail[0]}")
