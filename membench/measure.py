@@ -229,7 +229,8 @@ class _NoHook:
         pass
 
 
-def _by_name(snapshot: dict) -> dict[str, dict[str, int]]:
+def by_name(snapshot: dict) -> dict[str, dict[str, int]]:
+    """A MemTracker snapshot as {device: {reference type: bytes}}, its Total left out."""
     out: dict[str, dict[str, int]] = {}
     for dev, stats in snapshot.items():
         d = out.setdefault(str(dev), {})
@@ -293,7 +294,7 @@ def measure_memory(
     with _mod_tracker_grad_hooks_removed(), mt:
         result = step(after_forward)
     _collect_extra(mt, extra, owned, register=False)
-    peak, after = _by_name(mt.get_tracker_snapshot("peak")), _by_name(held)
+    peak, after = by_name(mt.get_tracker_snapshot("peak")), by_name(held)
     moved = _reattribute(mt, owned, peak, after)
     cmap = {**_MT_MAP, **(category_map or {})}
     return TrackerSplit(peak=peak, after_forward=after, extra=moved, category_map=cmap), result

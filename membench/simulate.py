@@ -84,18 +84,6 @@ def _warm_up(model, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _by_ref(snapshot: dict) -> dict[str, dict[str, int]]:
-    """A MemTracker snapshot as {device: {reference type: bytes}}, its Total left out."""
-    out: dict[str, dict[str, int]] = {}
-    for dev, stats in snapshot.items():
-        d = out.setdefault(str(dev), {})
-        for ref, nbytes in stats.items():
-            name = getattr(ref, "name", str(ref))
-            if name != "Total":
-                d[name] = d.get(name, 0) + int(nbytes)
-    return out
-
-
 def _phase_marker(holder: dict, phases: dict):
     """mark(name): the tracker's peak since the previous mark becomes that phase's; the peak restarts from now
     (MemTracker keeps one peak per step and has no public reset between phases, hence its two fields)."""
@@ -104,12 +92,12 @@ def _phase_marker(holder: dict, phases: dict):
         mt = holder.get("mt")
         if mt is None:  # the warm-up step runs untracked
             return
-        phases[name] = _by_ref(mt.get_tracker_snapshot("peak"))
+        phases[name] = measure.by_name(mt.get_tracker_snapshot("peak"))
         now = mt.get_tracker_snapshot("current")
         mt._peak_mem_snap = {d: dict(s) for d, s in now.items()}
         mt._peak_mem = {d: s["Total"] for d, s in now.items()}
         if name in ("forward", "backward"):  # held for backward; at the end of backward every gradient is live
-            phases[f"_end_{name}"] = _by_ref(now)
+            phases[f"_end_{name}"] = measure.by_name(now)
 
     return mark
 
