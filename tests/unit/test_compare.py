@@ -425,8 +425,8 @@ def test_bench_compare_judges_saved_rounds_like_compare(tmp_path, capsys):
 @pytest.mark.slow
 def test_confirm_reruns_a_real_cell(tmp_path, capsys):
     """--confirm with the real runner on a cheap gpt_tiny cell: a candidate 100x slower than its baseline (baseline
-    step times scaled down) is re-run and stays regressed; a candidate whose record was scaled up 100x is re-run,
-    runs at its real speed and is cleared. Each re-run writes a fresh record into the candidate folder."""
+    step times scaled down) is re-run and stays regressed; a candidate whose record was scaled up 300x (against a
+    baseline at 3x) is re-run, runs at its real speed and is cleared. Each re-run writes a fresh record into the candidate folder."""
     argv = [sys.executable, "-m", "membench.cli", "run", "workload=gpt_tiny", f"run.results_dir={tmp_path / 'real'}"]
     argv += ["run.num_threads=1", "run.train_steps=24", "run.warmup_steps=1", "run.measure_steps=20"]
     p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -444,7 +444,9 @@ def test_confirm_reruns_a_real_cell(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 regressed" in out and "confirmed: regressed again on a re-run" in out
     assert len(list((tmp_path / "cand" / "runs").glob("*.json"))) == 2
-    code = _compare(put("base", 1.0), put("slow_cand", 100.0), "--confirm")
+    # the baseline at 3x the measured times: a fresh run's speed differs from the first by up to 2x on a shared 2-core
+    # machine (docs/tracking.md's run-to-run drift), so a baseline at 1x would make the re-run's verdict that noise
+    code = _compare(put("base", 3.0), put("slow_cand", 300.0), "--confirm")
     out = capsys.readouterr().out
     assert code != 1 and "0 regressed" in out and "flagged, cleared by a re-run" in out
 
