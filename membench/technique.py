@@ -83,6 +83,9 @@ class Prediction:
     # Fused linear-cross-entropy in force: tokens per chunk of logits (0: automatic); the workload's activation
     # model (its `loss_chunk_tokens` argument) then saves an fp32 logsumexp per token instead of the logits.
     loss_chunk_tokens: int | None = None
+    # Activation offloading in force: on CUDA the saved activations live on the host (membench.predict.
+    # place_activations splits the activation model's total between device and host).
+    act_offload: bool = False
 
 
 @dataclass
