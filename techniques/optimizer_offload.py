@@ -1,6 +1,6 @@
-"""Optimizer offload: the AdamW states (and a host copy of each parameter and of its gradient, at the parameter's dtype) live in pinned host
-memory and the step runs on the CPU, trading a device-to-host gradient copy, a CPU step and a host-to-device parameter
-copy per step for the device's 8 bytes per parameter of optimizer state.
+"""Optimizer offload: the AdamW states (and a host copy of each parameter and of its gradient, at the parameter's
+dtype) live in pinned host memory and the step runs on the CPU, trading a device-to-host gradient copy, a CPU step
+and a host-to-device parameter copy per step for the device's 8 bytes per parameter of optimizer state.
 
 torchao's CPUOffloadOptimizer (torchao.optim): per parameter of >= `minimal_size` elements a host copy, a host grad and
 a host AdamW (fused CPU kernel), gradients copied out in their post-accumulate-grad hook on a side stream; smaller
@@ -42,7 +42,7 @@ def _offload_class():
 class OptimizerOffload(Technique):
     kind: ClassVar[str] = "optimizer_offload"
     # An optimizer replacement, built over the final parameter set (after casts and wrappers), like optimizer_8bit.
-    order: ClassVar[float] = 9.2
+    order: ClassVar[float] = 9.3
     exact: ClassVar[bool] = False  # CPU fused AdamW against the device's AdamW: same update, other rounding
     loss_rtol: ClassVar[float] = 1e-3
     family: ClassVar[str] = "optimizer_offload"
