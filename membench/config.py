@@ -80,7 +80,6 @@ class RunConfig:
         if self.train_steps < need:
             raise ConfigError(f"run.train_steps={self.train_steps}: must be >= warmup + measure + 2 = {need}")
 
-
     @property
     def micro_batch_size(self) -> int:
         """Samples per forward/backward: what activations scale with (the planner and the record predict at it)."""

@@ -173,7 +173,9 @@ def split_batch(batch, k: int) -> list:
         return [batch]
     if torch.is_tensor(batch):
         if batch.shape[0] % k:
-            raise ConfigError(f"run.grad_accum_steps={k}: a batch tensor of {batch.shape[0]} rows does not split in {k}")
+            raise ConfigError(
+                f"run.grad_accum_steps={k}: a batch tensor of {batch.shape[0]} rows does not split in {k}"
+            )
         return list(batch.tensor_split(k))
     if isinstance(batch, dict):
         parts = {key: split_batch(v, k) for key, v in batch.items()}

@@ -92,7 +92,9 @@ def test_on_cpu_it_runs_and_moves_nothing():
     assert off["technique_info"]["activation_offload.moves"].startswith("nothing: on cpu")
     assert off["memory"]["by_category"] == base["memory"]["by_category"]
     # no CUDA device: the record predicts every activation on the device, none on the host
-    assert off["memory"]["predicted_by_category"]["activations"] == base["memory"]["predicted_by_category"]["activations"]
+    assert (
+        off["memory"]["predicted_by_category"]["activations"] == base["memory"]["predicted_by_category"]["activations"]
+    )
 
 
 def test_the_planner_offers_it_on_cuda_only():

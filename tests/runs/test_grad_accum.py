@@ -57,8 +57,9 @@ def test_activations_are_a_micro_batchs(runs):
 
 
 def test_record_predicts_the_micro_batchs_activations(runs):
-    assert runs[2]["memory"]["predicted_by_category"]["activations"] == (
-        runs["half"]["memory"]["predicted_by_category"]["activations"]
+    assert (
+        runs[2]["memory"]["predicted_by_category"]["activations"]
+        == (runs["half"]["memory"]["predicted_by_category"]["activations"])
     )
     assert abs(runs[2]["memory"]["relative_error"]["activations"]) < 0.01
 
