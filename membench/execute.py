@@ -67,7 +67,7 @@ class Trainer:
         self.optimizer = make(self.model)
         if run.grad_accum_steps > 1 and self.patch.backward is not None:
             raise ConfigError(f"run.grad_accum_steps={run.grad_accum_steps}: the engine that owns backward and the "
-                              "step (zero backend=deepspeed) accumulates through its own config, not this loop")  # fmt: skip
+                              "step (Patch.backward, e.g. DeepSpeed's) accumulates through its own config, not this loop")  # fmt: skip
         # activations scale with the micro-batch; the gradients of all k micro-batches are one buffer (in states)
         self.predicted = predict(self.wl, self.techs, states, ctx, run.micro_batch_size)
         self.model.train()

@@ -114,7 +114,7 @@ class States:
     post: list[Callable[[dict, dict], None]] = field(default_factory=list)  # (device, host) -> None, in order
     rule: list[str] = field(default_factory=lambda: ["fp32 AdamW 4+4+8"])
     roles: dict[str, str] | None = None  # the workload's linear_roles() where the caller has them (lora's targets)
-    device_type: str = ""  # the run's / planned device where the caller says ("": unknown; optimizer_8bit's paged=auto)
+    device_type: str = ""  # the run's or planned device ("": unknown): for layouts that depend on it (paged states)
 
     @classmethod
     def of(cls, model: torch.nn.Module, blocks, world_size: int, roles: dict[str, str] | None = None,
