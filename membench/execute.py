@@ -50,6 +50,7 @@ class Trainer:
     """The model with its techniques applied, its optimizer, and one training step."""
 
     def __init__(self, run, wcfg, techs, device: torch.device):
+        compose.validate_run(techs, run)  # before anything is built: e.g. accumulation with a step in backward
         torch.manual_seed(run.seed)
         self.run, self.device = run, device
         self.wl = wcfg.build(run.seed)

@@ -192,6 +192,10 @@ class Technique:
         """Reject combinations/devices this technique cannot run with (raise membench.errors.ConfigError
         naming the key and why). `kinds` are all techniques of the run. Default: no constraint."""
 
+    def check_run(self, run) -> None:
+        """Reject run knobs it cannot run with (e.g. run.grad_accum_steps > 1): raise ConfigError naming the key.
+        Default: no constraint."""
+
     def check_model(self, model: torch.nn.Module, blocks) -> str | None:
         """Why it cannot apply to this (fake or meta) model, found by the planner before any run; None: it can."""
         return None
@@ -271,6 +275,12 @@ def validate(techniques: list[Technique], device_type: str) -> None:
                 raise ConfigError(f"technique=[{t.kind},{other}]: incompatible: {why}")
     for t in techniques:
         t.check(set(kinds), device_type)
+
+
+def validate_run(techniques: list[Technique], run) -> None:
+    """Each technique's check_run against the run knobs (RunConfig)."""
+    for t in ordered(techniques):
+        t.check_run(run)
 
 
 def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object, Patch]:

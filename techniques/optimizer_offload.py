@@ -70,10 +70,12 @@ class OptimizerOffload(Technique):
     def plan_values(cls, world_size: int, device_type: str) -> list[dict]:
         return [{"offload_gradients": False}, {"offload_gradients": True}] if device_type == "cuda" else []
 
-    def apply(self, model, ctx: Context) -> Patch:
-        if self.offload_gradients and ctx.run.grad_accum_steps > 1:
-            raise ConfigError(f"run.grad_accum_steps={ctx.run.grad_accum_steps}: technique.optimizer_offload."
+    def check_run(self, run) -> None:
+        if self.offload_gradients and run.grad_accum_steps > 1:
+            raise ConfigError(f"run.grad_accum_steps={run.grad_accum_steps}: technique.optimizer_offload."
                               "offload_gradients=true frees each gradient after one backward")  # fmt: skip
+
+    def apply(self, model, ctx: Context) -> Patch:
         c, made = ctx.workload.c, []
 
         def factory(m: torch.nn.Module) -> torch.optim.Optimizer:

@@ -78,3 +78,11 @@ def test_cuda_record_holds_the_offloaded_states_on_the_host(tmp_path):
     assert r["status"] == "ok", r.get("error")
     m = r["memory"]
     assert m["model_states_by_device"]["cpu"] == m["predicted_detail"]["model_states"]["host"]
+
+
+def test_offloaded_gradients_reject_accumulation_in_one_line():
+    from membench.config import RunConfig
+
+    OptimizerOffload().check_run(RunConfig(batch_size=8, grad_accum_steps=2))  # gradients kept: accumulation works
+    with pytest.raises(ConfigError, match=r"^run.grad_accum_steps=2: technique.optimizer_offload.offload_gradients"):
+        OptimizerOffload(offload_gradients=True).check_run(RunConfig(batch_size=8, grad_accum_steps=2))
