@@ -40,6 +40,10 @@ class Float8(Technique):
     family: ClassVar[str] = "float8"
     label_opts: ClassVar[tuple[str, ...]] = ("recipe",)
     not_simulated: ClassVar[str] = "float8 matmuls (torch._scaled_mm) need an SM 8.9+ GPU; fake tensors run on this CPU"
+    incompatible: ClassVar[dict[str, str]] = {
+        "quantized_base": "the quantizer replaces the nn.Linear modules float8 converts",
+        "weight_quant": "the quantizer replaces the nn.Linear modules float8 converts",
+    }
     recipe: str = "tensorwise"
 
     def __post_init__(self) -> None:

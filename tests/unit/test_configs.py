@@ -55,6 +55,8 @@ REJECTED_PAIRS = {
     ("optimizer_in_backward", "optimizer_offload"): "both replace the optimizer",
     ("optimizer_lowmem", "optimizer_offload"): "both replace the optimizer",
     ("optimizer_offload", "zero"): "DeepSpeed/DDP/FSDP own the step",
+    ("float8", "quantized_base"): "the quantizer replaces the nn.Linear modules float8 converts",
+    ("float8", "weight_quant"): "the quantizer replaces the nn.Linear modules float8 converts",
 }
 # CUDA-only techniques: composed with run.device=cpu, their check rejects them in one line (after the pair rules)
 CUDA_ONLY = {"float8", "optimizer_offload"}
