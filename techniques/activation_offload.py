@@ -28,12 +28,13 @@ from membench.techniques.base import Context, Patch, Prediction, Technique
 
 
 class _Saved:
-    """One offloaded tensor: its host copy, the event that ends that copy, and the device copy fetched back."""
+    """One offloaded tensor: its host copy, the device copy fetched back and the event that ends that fetch. The
+    fetch runs on the same side stream as the copy out, so it starts only once the host copy is complete."""
 
-    __slots__ = ("host", "copied", "device", "fetched", "index", "__weakref__")
+    __slots__ = ("host", "device", "fetched", "index", "__weakref__")
 
-    def __init__(self, host, copied, index: int):
-        self.host, self.copied, self.index = host, copied, index
+    def __init__(self, host, index: int):
+        self.host, self.index = host, index
         self.device, self.fetched = None, None
 
 
@@ -72,17 +73,14 @@ class Offloader:
         if saved is not None:
             return saved
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=self.cuda)
-        copied = None
         if self.cuda:
             self.side.wait_stream(torch.cuda.current_stream())  # t is complete on the compute stream
             with torch.cuda.stream(self.side):
                 host.copy_(t, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record()
             t.record_stream(self.side)  # its block is not reused before the copy has read it
         else:
             host.copy_(t)
-        saved = _Saved(host, copied, len(self.order))
+        saved = _Saved(host, len(self.order))
         self.order.append(weakref.ref(saved))
         self.seen[id(t)] = (weakref.ref(t), weakref.ref(saved))
         self.moved_bytes += nbytes
