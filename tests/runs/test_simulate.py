@@ -107,4 +107,5 @@ def test_what_cannot_be_simulated_is_left_out_and_named():
     not_simulated = {k: c.not_simulated for k, c in discover().items() if c.not_simulated}
     assert out["left_out"] == ["optimizer_8bit"] and "bitsandbytes" in not_simulated["optimizer_8bit"]
     assert set(not_simulated) == {"optimizer_8bit", "quantized_base", "zero", "prune_structured", "prune_unstructured",
-                                  "optimizer_in_backward", "optimizer_lowmem"}  # fmt: skip
+                                  "optimizer_in_backward", "optimizer_lowmem", "activation_offload",
+                                  "optimizer_offload", "float8"}  # fmt: skip
