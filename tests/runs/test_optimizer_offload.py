@@ -86,3 +86,17 @@ def test_offloaded_gradients_reject_accumulation_in_one_line():
     OptimizerOffload().check_run(RunConfig(batch_size=8, grad_accum_steps=2))  # gradients kept: accumulation works
     with pytest.raises(ConfigError, match=r"^run.grad_accum_steps=2: technique.optimizer_offload.offload_gradients"):
         OptimizerOffload(offload_gradients=True).check_run(RunConfig(batch_size=8, grad_accum_steps=2))
+
+
+@pytest.mark.gpu
+def test_cuda_record_counts_paged_codes_on_the_host(tmp_path):
+    """PagedAdamW8bit's managed buffers are CPU tensors to torch: the record finds them on device cpu, as predicted."""
+    from membench.sweep import run_cell
+
+    cfg = compose("workload=gpt_tiny", "workload.d_model=512", "run.device=cuda", "run.train_steps=4",
+                  "run.warmup_steps=1", "run.measure_steps=1", "technique=[optimizer_8bit]")  # fmt: skip
+    r = run_cell(cfg, str(tmp_path), 300)
+    assert r["status"] == "ok", r.get("error")
+    m = r["memory"]
+    host = m["predicted_detail"]["model_states"]["host"]["optimizer"]
+    assert host > 0 and m["model_states_by_device"]["cpu"]["optimizer"] == host
