@@ -70,10 +70,6 @@ def locks_dir(results_dir: str | Path) -> Path:
 REAP_WAIT_S = 2.0  # how long a re-run lets an orphaned cell end by itself (its owner watch) before killing it
 
 
-def alive(pid: int) -> bool:
-    return is_alive(pid)
-
-
 def read_lock(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
