@@ -243,3 +243,18 @@ def test_kill_9_of_a_real_sweep_alone_with_two_jobs(tmp_path):
     assert sorted(r["config"]["run"]["seed"] for r in records) == [0, 1], out
     assert not killed & {r["run_id"] for r in records}
     assert _none_left(mark) == []
+
+
+def test_kill_9_of_the_process_that_started_a_multi_rank_cell_leaves_no_rank(tmp_path):
+    """A multi-rank cell's agent (membench.distributed, its own session) dies with the process that started it,
+    and its ranks with the agent."""
+    mark = uuid.uuid4().hex
+    code = (f"import os, time; open(os.path.join({str(tmp_path)!r}, os.environ['RANK']), 'w')"
+            ".write(str(os.getpid())); time.sleep(120)")  # fmt: skip
+    agent = [PY, "-m", "membench.distributed", "2", PY, "-c", code]
+    owner = _start([PY, "-c", f"import subprocess, time; subprocess.Popen({agent!r}, start_new_session=True); "
+                    "time.sleep(600)"], mark)  # fmt: skip
+    _wait_for(lambda: len([p for p in tmp_path.iterdir() if p.read_text()]) == 2, owner)
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    assert _none_left(mark) == []
