@@ -121,22 +121,26 @@ def try_lock(
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{chash}.lock"
     me = {**identity(), "started": time.time(), "timeout_s": timeout_s, "label": label, "run_id": run_id}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if lock_is_live(holder):
-                return None, holder
-            reap(holder)
-            try:  # stale: move it aside atomically, so of two sweeps taking it over only one wins
-                os.rename(path, d / f".stale-{chash}-{os.getpid()}-{time.time_ns()}")
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path, None
+    tmp = d / f".new-{chash}-{os.getpid()}-{time.time_ns()}"
+    tmp.write_text(json.dumps(me))
+    os.chmod(tmp, 0o644)
+    try:
+        for _ in range(3):
+            try:  # a hard link creates the lock with its content or fails: no reader ever sees it half written
+                os.link(tmp, path)
+            except FileExistsError:
+                holder = read_lock(path)
+                if lock_is_live(holder):
+                    return None, holder
+                reap(holder)
+                try:  # stale: move it aside atomically, so of two sweeps taking it over only one wins
+                    os.rename(path, d / f".stale-{chash}-{os.getpid()}-{time.time_ns()}")
+                except FileNotFoundError:
+                    pass
+                continue
+            return path, None
+    finally:
+        tmp.unlink(missing_ok=True)
     holder = read_lock(path)
     return None, holder
 
