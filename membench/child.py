@@ -285,6 +285,7 @@ def forked_main(spec_path: str, log_path: str, env: dict[str, str]) -> None:
     sys.stderr.flush()
     os._exit(rc)  # skip the forkserver's inherited exit handlers
 
+
 if __name__ == "__main__":
     die_with_parent()
     sys.exit(main(sys.argv[1]))

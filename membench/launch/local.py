@@ -160,7 +160,9 @@ class Pool:
             cell.cancel()
         if self.running:
             try:  # after a SIGHUP the terminal may be gone
-                self.display.line(f"membench: killed {len(self.running)} running cell(s); no record is written for them")
+                self.display.line(
+                    f"membench: killed {len(self.running)} running cell(s); no record is written for them"
+                )
             except OSError:
                 pass
 

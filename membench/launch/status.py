@@ -14,12 +14,12 @@ import socket
 import time
 from pathlib import Path
 
+from membench.child import is_alive
 from membench.errors import ConfigError
 from membench.launch import sweeps_dir
 from membench.launch.progress import FAILED
 from membench.launch.slurm import SlurmUnreachable, slurm_states, task_state
 from membench.records import load_records
-from membench.child import is_alive
 from membench.runner import lock_is_live, locks_dir, read_lock
 
 

@@ -29,7 +29,9 @@ STEPS = 40  # x sleepy.STEP_S = 4 s per cell: long enough to kill it mid-run, sh
 
 def _start(argv: list[str], mark: str, **kw) -> subprocess.Popen:
     """A process in its own session and group, like a shell job, its environment tagged with the mark."""
-    env = dict(os.environ, MEMBENCH_TEST_MARK=mark, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, MEMBENCH_TEST_MARK=mark, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)  # fmt: skip
 

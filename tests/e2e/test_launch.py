@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from membench.child import identity
 from membench.cli import main
 from membench.records import load_records, validate_record
-from membench.child import identity
 from membench.runner import read_lock, release_lock, try_lock
 
 ROOT = Path(__file__).resolve().parents[2]
