@@ -151,6 +151,11 @@ class Pool:
                 self.running.remove(entry)
                 self.free.extend(held)
                 wall = time.monotonic() - cell.started
+                if cell.returncode() == -signal.SIGTERM:  # cancelled from outside (scancel signals every process)
+                    cell.cancel()  # a cancelled run has no result: no record, as for the sweep's own cancel
+                    why = "cancelled: the cell's process got SIGTERM; no record"
+                    self.display.finished(cell.label, {"status": "cancelled"}, why, wall)
+                    continue
                 record = cell.finish()
                 self.records.append(record)
                 self.display.finished(cell.label, record, summary_line(record), wall)
