@@ -15,9 +15,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed
 	touch $@
 
-run: setup
-	$(VENV)/bin/membench run +experiment=demo
-	$(VENV)/bin/membench report results/demo --experiment demo
+# Prints how long set-up (a no-op once .venv is installed) and the demo took, and the load average they ran under.
+run:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup || exit 1; t1=$$(date +%s); \
+	$(VENV)/bin/membench run +experiment=demo && $(VENV)/bin/membench report results/demo --experiment demo; \
+	rc=$$?; t2=$$(date +%s); \
+	echo "make run: set-up $$((t1 - t0)) s, demo $$((t2 - t1)) s (load average $$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null))"; \
+	exit $$rc
 
 # Every CPU test, the ones marked slow included (a bare `pytest` deselects those through pyproject's addopts).
 # The real-Slurm tests run in a process of their own: the session's other imports left its slurmd fixture unable to

@@ -6,8 +6,18 @@ function from the cell's config to the record's measured sections; the sweep pas
 this module knows how a cell's process lives and records, not what it runs. Whatever happens inside the run, the
 child writes a record with a status; if it dies before that (segfault, SIGKILL), the parent writes one instead.
 
-Either way the child asks the kernel to SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG, through ctypes:
-the standard library has no binding), so a killed sweep leaves no cell holding a device or writing a late record.
+A cell dies with its owner, the process that started it (the sweep, or a Slurm array task), however the owner
+ends, SIGKILL included. Three guards, each enough on Linux in the cases it covers:
+- the kernel: PR_SET_PDEATHSIG (prctl, through ctypes: the standard library has no binding) SIGKILLs the cell when
+  the thread that forked it ends. For an exec'd cell that is the owner itself. A forked cell's parent is the
+  forkserver, which exits when every holder of its "alive" pipe has closed it: the owner, and every forked client
+  (multiprocessing hands each one the pipe's write end), so a cell closes its copy at once (`forked_main`);
+- the owner watch: a thread that waits on a pidfd of the owner (the spec names it by pid and start time, so a
+  recycled pid is never taken for it) and SIGKILLs the cell's process group the moment the owner is gone. It does
+  not depend on who forked the cell nor on which thread did (PDEATHSIG follows the parent *thread*);
+- the record check: just before writing its record the cell checks that its owner is alive and that the cell's lock
+  (RESULTS_DIR/locks/HASH.lock) still names this run; otherwise it exits without writing. A record is never written
+  for a cell whose sweep has died and whose lock a re-run may have taken over.
 """
 
 from __future__ import annotations
@@ -15,9 +25,13 @@ from __future__ import annotations
 import ctypes
 import importlib
 import json
+import multiprocessing.forkserver
 import os
+import select
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -41,6 +55,119 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
         os._exit(1)
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid, a name no later
+    process can reuse. None when there is no such process (or no /proc)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def is_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process `pid` runs (not a zombie), and is the one that started at `start` when that is given."""
+    if start is not None:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            return False
+        return fields[0] not in ("Z", "X") and int(fields[19]) == int(start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def identity(pid: int | None = None) -> dict:
+    """pid, start time and host of a process (this one by default): how specs and locks name an owner or a cell."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "start": start_time(pid), "host": socket.gethostname()}
+
+
+def _die() -> None:
+    """SIGKILL this cell and whatever it started: its process group when it leads one (a cell starts its own
+    session), else this process only (a rank, or a child run by hand from a shell)."""
+    sys.stderr.write("membench: the sweep that started this cell is gone; the cell ends without a record\n")
+    sys.stderr.flush()
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class OwnerWatch:
+    """The owner (the process that started this cell) as a pidfd: `alive()` asks without blocking, `start()` runs
+    a thread that kills the cell (`_die`) when the owner ends. Without pidfd_open (not Linux >= 5.3) it polls the
+    owner's pid and start time every POLL_S seconds."""
+
+    POLL_S = 0.2
+
+    def __init__(self, owner: dict):
+        self.pid, self.start_ticks = int(owner["pid"]), owner.get("start")
+        self.fd: int | None = None
+        try:
+            self.fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # no pidfd here, or the owner is already gone (then alive() says so)
+            self.fd = None
+        self._gone = not is_alive(self.pid, self.start_ticks)  # checked after opening: the fd is the owner's
+        if self._gone and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def alive(self) -> bool:
+        if self._gone:
+            return False
+        if self.fd is not None:
+            return not select.select([self.fd], [], [], 0)[0]  # a pidfd is readable once its process has ended
+        return is_alive(self.pid, self.start_ticks)
+
+    def _watch(self) -> None:
+        if self.fd is not None:
+            select.select([self.fd], [], [])
+        else:
+            while is_alive(self.pid, self.start_ticks):
+                time.sleep(self.POLL_S)
+        _die()
+
+    def start(self) -> None:
+        if self._gone:
+            _die()
+        threading.Thread(target=self._watch, name="membench-owner-watch", daemon=True).start()
+
+
+_WATCH: list[OwnerWatch] = []  # this process's watch, once started (a forked cell starts it before main runs)
+
+
+def watch_owner(spec: dict) -> OwnerWatch | None:
+    """Start the owner watch the spec asks for (once per process); None for a spec without an owner (a cell run by
+    hand: `python -m membench.child SPEC.json`)."""
+    if not _WATCH and spec.get("owner") and spec["owner"].get("host") == socket.gethostname():
+        _WATCH.append(OwnerWatch(spec["owner"]))
+        _WATCH[0].start()
+    return _WATCH[0] if _WATCH else None
+
+
+def may_record(spec: dict) -> str | None:
+    """Why this cell must not write its record now (None: it may): its owner has ended, or its lock no longer names
+    this run (a re-run took the cell over). Checked right before the atomic rename of the record."""
+    watch = watch_owner(spec)
+    if watch is not None and not watch.alive():
+        return "the sweep that started this cell is gone"
+    lock = spec.get("lock")
+    if lock:
+        try:
+            with open(lock) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):
+            return f"its lock {lock} is gone"
+        if holder.get("run_id") != spec["run_id"]:
+            return f"its lock {lock} names another run ({holder.get('run_id')})"
+    return None
 
 
 def worker_path(worker: Callable[[dict], dict]) -> str:
@@ -84,6 +211,7 @@ def _oom_memory(e: BaseException, run: dict) -> dict:
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
+    watch_owner(spec)
     record = skeleton(spec["run_id"], spec["config_hash"], spec["config"], "error")
     launch = spec.get("launch") or {}
     t0 = time.perf_counter()
@@ -105,15 +233,33 @@ def main(spec_path: str) -> int:
     record["env"] = environment(record.get("timing", {}) and record["timing"].get("device"))
     record["launch"] = {**launch, "start": spec.get("start", "exec")}
     record["wall_s"] = time.perf_counter() - t0
+    why_not = may_record(spec)
+    if why_not:  # no late record: the sweep is gone, or the cell is no longer its to record
+        print(f"membench: no record written: {why_not}", file=sys.stderr, flush=True)
+        return 3
     write_record(spec["results_dir"], record)
     # a failed rank 0 exits non-zero so the launcher stops peers that may wait in a collective
     return 0 if record["status"] == "ok" or int(os.environ.get("WORLD_SIZE", 1)) == 1 else 1
 
 
+def _leave_forkserver() -> None:
+    """Close this process's copy of the forkserver's "alive" pipe. multiprocessing hands every forked client the
+    write end (so that it could start processes of its own), and the server exits only when all copies are closed:
+    a cell holding one would keep the forkserver, its parent, alive after the sweep died, and with it the cell
+    (its PDEATHSIG waits on the forkserver). Closed, the sweep's death ends the forkserver, and that ends the cell."""
+    server = multiprocessing.forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
+
+
 def forked_main(spec_path: str, log_path: str, env: dict[str, str]) -> None:
-    """Body of a cell forked from the sweep's forkserver: own session, dies with its parent, output to the log."""
+    """Body of a cell forked from the sweep's forkserver: own session, dies with its parent (the forkserver, which
+    dies with the sweep) and with its owner (the sweep, watched directly), output to the log."""
     os.setsid()
     die_with_parent()
+    _leave_forkserver()
     try:  # `ps -o comm`/top show the cell, not the forkserver's command line it was forked from
         ctypes.CDLL(None).prctl(_PR_SET_NAME, b"membench-cell", 0, 0, 0)
     except OSError:
@@ -130,6 +276,7 @@ def forked_main(spec_path: str, log_path: str, env: dict[str, str]) -> None:
     os.environ.update(env)
     with open(spec_path) as f:
         spec = json.load(f)
+    watch_owner(spec)  # before anything slow: a sweep killed while this cell was being forked ends it here
     spec["start"] = "fork"
     with open(spec_path, "w") as f:
         json.dump(spec, f)

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from membench import gpuinfo
 from membench.cells import configs
+from membench.child import die_with_parent
 from membench.errors import ConfigError
 from membench.records import config_hash, new_run_id
 
@@ -244,6 +245,7 @@ def main(argv: list[str]) -> int:
             print(f"membench: error: {e}", file=sys.stderr)
             return 2
         return 0
+    die_with_parent()  # the agent of a sweep's cell dies with the sweep, as a one-rank cell does (its ranks with it)
     return run_ranks(int(argv[0]), argv[1:])
 
 

@@ -7,11 +7,14 @@ server itself never runs a step, so each cell still starts from a clean state). 
 instead: the driver must not be initialised before a fork, and CUDA_VISIBLE_DEVICES is read when it is.
 
 Lifetime: the child starts its own session (the parent kills the whole group: ranks of a multi-rank cell included)
-and asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG, membench/child.py); the forkserver exits
-when the sweep dies, so a killed sweep leaves no cell behind. A lock file per cell (RESULTS_DIR/locks/HASH.lock,
-holder pid and host) keeps a cell that runs elsewhere from starting twice; a lock whose pid is dead on this host is
-stale and taken over. Written here rather than with a lock library because the check the sweep needs (is the holder
-alive, on which host) is the payload of the lock, not the locking.
+and dies with the process that started it, its owner, however that ends (membench/child.py: PR_SET_PDEATHSIG, a
+pidfd watch of the owner, and a check before the record is written). A lock file per cell
+(RESULTS_DIR/locks/HASH.lock) names its holder: the owner (pid, start time, host), the run, and once started the
+cell's own process (pid, start time). A lock whose owner runs is live and the cell is not started again; one whose
+owner is gone on this host is stale: a cell of it still running is killed first (it can no longer record: its
+owner is gone), then the lock is taken over and the records are read again, so a cell that recorded ok as its
+sweep died is not run twice. Written here rather than with a lock library because the check the sweep needs (is
+the holder alive, which process, on which host) is the payload of the lock, not the locking.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from membench import gpuinfo, mlflow_log
 from membench.cell_progress import read_progress
-from membench.child import forked_main, worker_path
+from membench.child import forked_main, identity, is_alive, worker_path
 from membench.records import config_hash, environment, new_run_id, runs_dir, skeleton, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,14 +67,7 @@ def locks_dir(results_dir: str | Path) -> Path:
     return Path(results_dir) / "locks"
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+REAP_WAIT_S = 2.0  # how long a re-run lets an orphaned cell end by itself (its owner watch) before killing it
 
 
 def read_lock(path: Path) -> dict | None:
@@ -82,52 +78,111 @@ def read_lock(path: Path) -> dict | None:
 
 
 def lock_is_live(holder: dict | None) -> bool:
-    """A lock held on this host by a dead pid is stale; one from another host counts as live (its pid cannot be
-    checked from here) until it is older than its cell's timeout plus a minute."""
+    """A lock held on this host is live while its owner runs (the same pid and start time: a recycled pid is not
+    the owner); one from another host counts as live (its pid cannot be checked from here) until it is older than
+    its cell's timeout plus a minute."""
     if holder is None:
         return False
     if holder.get("host") == socket.gethostname():
-        return alive(int(holder["pid"]))
+        return is_alive(int(holder["pid"]), holder.get("start"))
     return time.time() - float(holder.get("started", 0)) < float(holder.get("timeout_s", 0)) + 60
 
 
-def try_lock(results_dir: str | Path, chash: str, timeout_s: float, label: str = "") -> tuple[Path | None, dict | None]:
-    """(lock path, None) when this process now holds the cell's lock; (None, holder) when a live holder has it."""
+def reap(holder: dict | None, wait_s: float = REAP_WAIT_S) -> bool:
+    """End the cell process of a stale lock if it still runs on this host: let it end by itself for up to wait_s
+    (it watches its owner), then SIGKILL its process group; return once it is gone. True if there was one."""
+    cell = (holder or {}).get("cell") or {}
+    if not cell or cell.get("host") != socket.gethostname():
+        return False
+    pid, start = int(cell["pid"]), cell.get("start")
+    if not is_alive(pid, start):
+        return False
+    deadline = time.monotonic() + wait_s
+    while is_alive(pid, start) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_alive(pid, start):
+        for kill in (os.killpg, os.kill):  # its group (a cell leads its own session), then the pid itself
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 10.0
+        while is_alive(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return True
+
+
+def try_lock(
+    results_dir: str | Path, chash: str, timeout_s: float, label: str = "", run_id: str | None = None
+) -> tuple[Path | None, dict | None]:
+    """(lock path, None) when this process now holds the cell's lock; (None, holder) when a live holder has it.
+    A stale lock's cell, if it still runs, is killed before the lock is taken over (`reap`)."""
     d = locks_dir(results_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{chash}.lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "timeout_s": timeout_s}
-    me["label"] = label
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if lock_is_live(holder):
-                return None, holder
-            try:  # stale: move it aside atomically, so of two sweeps taking it over only one wins
-                os.rename(path, d / f".stale-{chash}-{os.getpid()}-{time.time_ns()}")
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path, None
+    me = {**identity(), "started": time.time(), "timeout_s": timeout_s, "label": label, "run_id": run_id}
+    tmp = d / f".new-{chash}-{os.getpid()}-{time.time_ns()}"
+    tmp.write_text(json.dumps(me))
+    os.chmod(tmp, 0o644)
+    try:
+        for _ in range(3):
+            try:  # a hard link creates the lock with its content or fails: no reader ever sees it half written
+                os.link(tmp, path)
+            except FileExistsError:
+                holder = read_lock(path)
+                if lock_is_live(holder):
+                    return None, holder
+                reap(holder)
+                try:  # stale: move it aside atomically, so of two sweeps taking it over only one wins
+                    os.rename(path, d / f".stale-{chash}-{os.getpid()}-{time.time_ns()}")
+                except FileNotFoundError:
+                    pass
+                continue
+            return path, None
+    finally:
+        tmp.unlink(missing_ok=True)
     holder = read_lock(path)
     return None, holder
+
+
+def name_cell_in_lock(path: Path | None, pid: int) -> None:
+    """Add the started cell's process (pid, start time, host) to the lock this process holds (atomic rewrite)."""
+    if path is None or (holder := read_lock(path)) is None or holder.get("pid") != os.getpid():
+        return
+    holder["cell"] = identity(pid)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(holder))
+    os.replace(tmp, path)
+
+
+def recorded_ok(results_dir: str | Path, chash: str) -> bool:
+    """Whether the cell has an ok record (its run ids end with the hash's first 10 characters: only those are read)."""
+    for p in runs_dir(results_dir).glob(f"*-{chash[:10]}.json"):
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if r.get("config_hash") == chash and r.get("status") == "ok":
+            return True
+    return False
 
 
 def clear_stale_lock(results_dir: str | Path, chash: str) -> None:
     """Remove the cell's lock if its holder is dead (a killed sweep's lock on a cell that had already finished)."""
     path = locks_dir(results_dir) / f"{chash}.lock"
-    if path.exists() and not lock_is_live(read_lock(path)):
+    if path.exists() and not lock_is_live(holder := read_lock(path)):
+        reap(holder)
         path.unlink(missing_ok=True)
 
 
 def release_lock(path: Path | None) -> None:
-    if path is not None:
+    """Remove the lock this process holds (not one another process took over meanwhile) and its stale copies."""
+    if path is None:
+        return
+    holder = read_lock(path)
+    if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
         path.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".stale-{path.stem}-*") if path is not None else []:
+    for stale in path.parent.glob(f".stale-{path.stem}-*"):
         stale.unlink(missing_ok=True)
 
 
@@ -171,7 +226,7 @@ class Cell:
 
     def lock(self) -> dict | None:
         """Take the cell's lock; return the live holder's lock data instead when another process runs it."""
-        self._lock, holder = try_lock(self.results_dir, self.chash, self.timeout_s, self.label)
+        self._lock, holder = try_lock(self.results_dir, self.chash, self.timeout_s, self.label, self.run_id)
         return holder
 
     def start(self) -> None:
@@ -201,6 +256,7 @@ class Cell:
             self._proc = p
         else:
             self._proc = self._exec(spec, env)
+        name_cell_in_lock(self._lock, self._proc.pid)
 
     def _write_spec(self, path: Path) -> Path:
         """The spec the child runs (membench/child.py): the config, the record's identity, the worker's name."""
@@ -212,6 +268,9 @@ class Cell:
             # absolute: a forked child works in the forkserver's directory, not the sweep's current one
             "results_dir": str(Path(self.results_dir).resolve()),
             "launch": {"threads": self.threads, "cuda_visible_devices": self.devices},
+            # the cell dies with this process and records only while it runs and the lock names the run (child.py)
+            "owner": identity(),
+            "lock": str(self._lock.resolve()) if self._lock is not None else None,
         }
         path.write_text(json.dumps(spec))
         return path

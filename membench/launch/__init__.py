@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from membench.child import start_time
 from membench.errors import ConfigError
 from membench.records import config_hash
 
@@ -87,6 +88,7 @@ def write_sweep_file(results_dir: str | Path, sweep: Sweep, argv: list[str], ext
         "sweep_id": sweep_id,
         "started": time.time(),
         "pid": os.getpid(),
+        "pid_start": start_time(os.getpid()),  # with the pid, names this process (a pid alone may be recycled)
         "host": socket.gethostname(),
         "argv": argv,
         "launcher": sweep.launcher,

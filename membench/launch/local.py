@@ -19,12 +19,12 @@ from membench.errors import ConfigError
 from membench.launch import Planned
 from membench.launch.progress import Display
 from membench.report import summary_line
-from membench.runner import Cell
+from membench.runner import Cell, recorded_ok
 
 LONG_CELL_S = 30.0  # a running cell older than this prints its step count every LONG_CELL_S seconds
 
 
-_CANCEL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_CANCEL_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class Cancelled(BaseException):
@@ -108,6 +108,11 @@ class Pool:
                 self.free.extend(held)
                 self.display.skipped(item.label, f"running elsewhere (pid {holder.get('pid')} on {holder.get('host')})")
                 continue
+            if not run["force"] and recorded_ok(run["results_dir"], cell.chash):  # recorded since the sweep looked
+                cell.cleanup()
+                self.free.extend(held)
+                self.display.skipped(item.label, "ok record exists (written since this sweep started)")
+                continue
             # a signal between the fork request and the handle being stored would orphan the cell: hold it
             signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
             try:
@@ -146,6 +151,11 @@ class Pool:
                 self.running.remove(entry)
                 self.free.extend(held)
                 wall = time.monotonic() - cell.started
+                if cell.returncode() == -signal.SIGTERM:  # cancelled from outside (scancel signals every process)
+                    cell.cancel()  # a cancelled run has no result: no record, as for the sweep's own cancel
+                    why = "cancelled: the cell's process got SIGTERM; no record"
+                    self.display.finished(cell.label, {"status": "cancelled"}, why, wall)
+                    continue
                 record = cell.finish()
                 self.records.append(record)
                 self.display.finished(cell.label, record, summary_line(record), wall)
@@ -154,7 +164,12 @@ class Pool:
         for cell, _ in self.running:
             cell.cancel()
         if self.running:
-            self.display.line(f"membench: killed {len(self.running)} running cell(s); no record is written for them")
+            try:  # after a SIGHUP the terminal may be gone
+                self.display.line(
+                    f"membench: killed {len(self.running)} running cell(s); no record is written for them"
+                )
+            except OSError:
+                pass
 
 
 def run_local(cells: list[Planned], jobs: str, display: Display, worker: Callable[[dict], dict]) -> list[dict]:
@@ -166,7 +181,13 @@ def run_local(cells: list[Planned], jobs: str, display: Display, worker: Callabl
     def on_term(signum, frame):
         raise Cancelled()
 
+    def on_hup(signum, frame):  # the terminal closed: cancel as for SIGTERM, exit 129 (128 + SIGHUP)
+        raise SystemExit(128 + signal.SIGHUP)
+
     old = signal.signal(signal.SIGTERM, on_term)
+    old_hup = signal.getsignal(signal.SIGHUP)
+    if old_hup is not signal.SIG_IGN:  # under nohup the sweep is meant to outlive its terminal
+        signal.signal(signal.SIGHUP, on_hup)
     try:
         while pool.pending or pool.running:
             pool.start_next()
@@ -178,4 +199,5 @@ def run_local(cells: list[Planned], jobs: str, display: Display, worker: Callabl
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGHUP, old_hup)
     return pool.records

@@ -14,16 +14,18 @@ import socket
 import time
 from pathlib import Path
 
+from membench.child import is_alive
 from membench.errors import ConfigError
 from membench.launch import sweeps_dir
 from membench.launch.progress import FAILED
 from membench.launch.slurm import SlurmUnreachable, slurm_states, task_state
 from membench.records import load_records
-from membench.runner import alive, lock_is_live, locks_dir, read_lock
+from membench.runner import lock_is_live, locks_dir, read_lock
 
 
 def _sweep_alive(sweep: dict) -> bool:
-    return sweep.get("host") != socket.gethostname() or alive(int(sweep.get("pid", 0)))
+    """The sweep's process runs (the same pid and start time, where the sweep file has it), or runs elsewhere."""
+    return sweep.get("host") != socket.gethostname() or is_alive(int(sweep.get("pid", 0)), sweep.get("pid_start"))
 
 
 def cell_states(results_dir: str | Path, sweep: dict) -> list[tuple[str, str, str]]:

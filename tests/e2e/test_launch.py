@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from membench.child import identity
 from membench.cli import main
 from membench.records import load_records, validate_record
 from membench.runner import read_lock, release_lock, try_lock
@@ -116,7 +117,7 @@ def test_a_cell_locked_by_a_live_process_is_not_started_and_a_stale_lock_is_take
     try:
         path, _ = try_lock(tmp_path, "abc", 60)
         lock = json.loads(path.read_text())
-        lock["pid"] = holder.pid  # as if another sweep on this host ran the cell
+        lock.update(identity(holder.pid))  # as if another sweep on this host ran the cell (its pid and start time)
         path.write_text(json.dumps(lock))
         assert try_lock(tmp_path, "abc", 60) == (None, lock)
         holder.kill()
@@ -136,7 +137,7 @@ def test_a_cell_locked_by_a_live_process_is_not_started_and_a_stale_lock_is_take
     cfg = plan([*TINY, f"run.results_dir={tmp_path}"], False)[0]
     path, _ = try_lock(tmp_path, config_hash(cfg), 60)
     lock = json.loads(path.read_text())
-    lock["pid"] = os.getppid()  # pytest's parent: alive, not this process
+    lock.update(identity(os.getppid()))  # pytest's parent: alive, not this process
     path.write_text(json.dumps(lock))
     assert main(["run", *TINY, f"run.results_dir={tmp_path}"]) == 0
     assert "running elsewhere" in capsys.readouterr().out and load_records(tmp_path) == []
