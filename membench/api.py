@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from membench.launch import split_sweep
 from membench.records import latest_by_cell, load_records
 
 __all__ = ["configs", "run_cell", "run", "plan", "load"]
@@ -68,7 +69,6 @@ def run_cell(overrides: list[str]) -> dict:
     when an ok record exists (no skip, no lock): for a sweep's resume and locking use run()."""
     from membench import sweep
     from membench.cells import plan_cells
-    from membench.launch import split_sweep
 
     planned = split_sweep(plan_cells(list(overrides), False)).cells
     if len(planned) != 1:
@@ -83,7 +83,6 @@ def run(overrides: list[str], multirun: bool = False) -> list[dict]:
     return the latest record of each of its cells, in the sweep's order."""
     from membench import sweep
     from membench.cells import plan_cells
-    from membench.launch import split_sweep
 
     planned = split_sweep(plan_cells(list(overrides), multirun)).cells
     with start_method():

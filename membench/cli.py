@@ -269,8 +269,15 @@ def _records_parsers(sub) -> None:
     e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2), like every other input error; -h shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"membench: error: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
+    p = Parser(prog="membench", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True)
     _sweep_parsers(sub)

@@ -179,7 +179,9 @@ class CorpusTraining:
         if not p.exists():
             raise ConfigError(f"{key}: no such file; allowed: a regular text file (or null for the built-in corpus)")
         if not p.is_file():
-            raise ConfigError(f"{key}: not a regular file; allowed: a regular text file (or null for the built-in corpus)")
+            raise ConfigError(
+                f"{key}: not a regular file; allowed: a regular text file (or null for the built-in corpus)"
+            )
         if p.stat().st_size == 0:
             raise ConfigError(f"{key}: the file is empty")
         max_bytes = int(node.get("max_corpus_bytes") or p.stat().st_size)

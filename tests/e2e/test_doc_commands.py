@@ -21,7 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-MARK = re.compile(r"^<!--\s*runnable(?::\s*(?P<extra>[^>]*?))?\s*-->\s*\n```(?:bash|sh)?\n(?P<body>.*?)^```", re.M | re.S)
+MARK = re.compile(
+    r"^<!--\s*runnable(?::\s*(?P<extra>[^>]*?))?\s*-->\s*\n```(?:bash|sh)?\n(?P<body>.*?)^```", re.M | re.S
+)
 SHIM = """#!/bin/sh
 if [ "$1" = run ] && [ -n "$MEMBENCH_DOC_EXTRA" ]; then exec "{python}" -m membench "$@" $MEMBENCH_DOC_EXTRA; fi
 exec "{python}" -m membench "$@"

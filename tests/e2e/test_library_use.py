@@ -16,7 +16,9 @@ import pytest
 from membench import api
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # membench_entry.py sits at the checkout's top level (an install puts it in site-packages)
+sys.path.insert(
+    0, str(ROOT)
+)  # membench_entry.py sits at the checkout's top level (an install puts it in site-packages)
 import membench_entry  # noqa: E402
 
 TINY = ["workload=gpt_tiny", "run.train_steps=4", "run.warmup_steps=1", "run.measure_steps=1"]

@@ -30,7 +30,9 @@ def test_every_named_model_type_runs_with_the_hf_preset(model_type):
     width = next(getattr(hf, k) for k in ("intermediate_size", "n_inner", "ffn_dim") if getattr(hf, k, None))
     assert width == 176
     adapted = wl.info()["hf_overrides_adapted"]
-    assert (getattr(hf, "num_key_value_heads", None) == 2) != any("num_key_value_heads" in i for i in adapted["ignored"])
+    assert (getattr(hf, "num_key_value_heads", None) == 2) != any(
+        "num_key_value_heads" in i for i in adapted["ignored"]
+    )
     record = run_inprocess("workload=hf", f"workload.model_type={model_type}", *STEPS)
     assert math.isfinite(record["quality"]["value"]) and record["quality"]["metric"] == "eval_loss"
     assert all(math.isfinite(x) for x in record["quality"]["loss_curve"])
@@ -42,5 +44,7 @@ def test_a_special_token_outside_the_vocabulary_is_dropped_and_recorded_or_refus
     wl = build(compose("workload=hf", "workload.model_type=phi3")["workload"], "workload").build(0)
     assert wl.hf_cfg.pad_token_id is None  # phi3's default 32000 cannot index a 256-byte vocabulary
     assert any(i.startswith("pad_token_id=32000") for i in wl.info()["hf_overrides_adapted"]["ignored"])
-    with pytest.raises(ConfigError, match=r"workload.overrides.pad_token_id=300: outside the vocabulary; allowed: 0..255"):
+    with pytest.raises(
+        ConfigError, match=r"workload.overrides.pad_token_id=300: outside the vocabulary; allowed: 0..255"
+    ):
         compose("workload=hf", "workload.model_type=phi3", "+workload.overrides.pad_token_id=300")

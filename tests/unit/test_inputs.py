@@ -54,7 +54,9 @@ def test_data_path_a_directory_a_binary_file_and_a_short_file_are_refused_in_one
         (short, "less than one sequence", "workload.seq_len=64"),
     ]
     for path, *words in cases:
-        _one_line(capsys, ["run", f"workload.data_path={path}", f"run.results_dir={res}"], "workload.data_path=", *words)
+        _one_line(
+            capsys, ["run", f"workload.data_path={path}", f"run.results_dir={res}"], "workload.data_path=", *words
+        )
     assert not res.exists()
 
 
@@ -174,7 +176,11 @@ def test_an_unforeseen_os_error_is_one_line_not_a_traceback(tmp_path, capsys, mo
 
 def _bf16_record(flags: list[str]) -> dict:
     """A committed bf16 record (CPU), its CPU flags replaced; its note kept as is or made the "native" one."""
-    r = next(r for p in sorted((RECORDS / "runs").glob("*.json")) if list((r := json.loads(p.read_text()))["config"]["technique"]) == ["bf16"])
+    r = next(
+        r
+        for p in sorted((RECORDS / "runs").glob("*.json"))
+        if list((r := json.loads(p.read_text()))["config"]["technique"]) == ["bf16"]
+    )
     r["env"]["cpu_flags"] = flags
     r["timing"]["note"] = "CPU has bf16 instructions (avx512_bf16/amx): 16-bit step times are native, not emulated"
     return r
@@ -242,3 +248,20 @@ def test_on_one_hardware_profile_exact_stays_bit_identical(tmp_path, capsys):
         p.write_text(json.dumps(r))
     assert main(["compare", str(RECORDS), str(b), "--time-min-effect", "0"]) == 1
     assert capsys.readouterr().out.count("exact technique: must reproduce") == 4
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["plan", "--verify", "abc"], ["membench plan: argument --verify: invalid int value"]),
+        (["compare", "a"], ["membench compare: the following arguments are required: candidate"]),
+        (["frob"], ["invalid choice: 'frob'"]),
+        (["list", "extra"], ["unrecognized arguments: extra"]),
+    ],
+)
+def test_usage_errors_are_one_line_too(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("membench: error: ")
+    assert all(w in err[0] for w in words), err
