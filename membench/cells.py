@@ -142,6 +142,8 @@ def check_inputs(cfg: dict) -> None:
         check(cfg["workload"])
     if "slurm" in cfg:
         SlurmConfig(**cfg["slurm"])
+        if cfg["run"].get("launcher") == "slurm" and cfg["slurm"].get("folder"):
+            check_writable("slurm.folder", cfg["slurm"]["folder"])
 
 
 def check_plan_inputs(overrides: list[str], out: str) -> None:

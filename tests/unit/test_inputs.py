@@ -92,6 +92,12 @@ def test_a_results_dir_under_a_file_or_unwritable_is_refused_before_anything_is_
     assert _tree(tmp_path) == ["afile"]
 
 
+def test_an_unwritable_slurm_folder_is_refused_before_anything_is_submitted(tmp_path, capsys):
+    argv = ["run", "run.launcher=slurm", "slurm.folder=/proc/membench-nope/s", "slurm.partition=gpu"]
+    _one_line(capsys, [*argv, f"run.results_dir={tmp_path / 'res'}"], "slurm.folder=", "not writable")
+    assert _tree(tmp_path) == []
+
+
 def test_a_read_only_results_dir_is_refused(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
