@@ -30,7 +30,10 @@ from membench.workloads.llama import TokenLMWorkload
 
 def _some(names) -> str:
     common = [n for n in COMMON_TYPES if n in names]
-    return f"{', '.join(common)}, ... ({len(names)} causal LM types)"
+    return (
+        f"{', '.join(common)} (each runs with the hf preset); the other {len(names) - len(common)} transformers "
+        "causal LM types compose, but may need overrides in their own attribute names and are not tested here"
+    )
 
 
 # Llama's name of a size -> what other causal LM configs call it, where transformers' attribute_map does not map it
