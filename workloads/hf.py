@@ -51,6 +51,16 @@ def _transformers():
     return transformers
 
 
+def _for_model(tf, key: str, shown: str, model_type: str, attrs: dict):
+    """transformers' config for `model_type`; its own validation errors (values out of range, strict-dataclass
+    checks) as one line naming the key."""
+    try:
+        return tf.AutoConfig.for_model(model_type, **attrs)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, TypeError or its own validation errors
+        first = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+        raise ConfigError(f"{key}={shown}: the {model_type} config refuses it ({type(e).__name__}: {first})") from None
+
+
 @schema("hf", depth=None)
 @dataclass
 class HFConfig(CorpusTraining):
@@ -94,10 +104,10 @@ class HFConfig(CorpusTraining):
         causal = tf.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         if model_type not in causal:
             raise ConfigError(f"{key}={shown}: not a transformers causal LM type; allowed: {_some(causal)}")
-        cfg = tf.AutoConfig.for_model(model_type, **body)
+        cfg = _for_model(tf, key, shown, model_type, body)
         overrides, renamed, ignored = self.translated(cfg, model_type)
         if overrides:  # rebuilt, not set afterwards: __init__ derives attributes (head_dim from hidden_size)
-            cfg = tf.AutoConfig.for_model(model_type, **{**body, **overrides})
+            cfg = _for_model(tf, "workload.overrides", str(overrides), model_type, {**body, **overrides})
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             token = getattr(cfg, key, None)
             if isinstance(token, int) and not 0 <= token < cfg.vocab_size:
@@ -107,7 +117,13 @@ class HFConfig(CorpusTraining):
                     )
                 # the type's default id (phi3: 32000) cannot index this small vocabulary (an embedding's padding_idx
                 # must): no token is special in the byte corpus, so the id is dropped, and the record says so
-                setattr(cfg, key, None)
+                try:
+                    setattr(cfg, key, None)
+                except Exception:  # noqa: BLE001 - a strict config (huggingface_hub's validation) wants an int
+                    raise ConfigError(
+                        f"workload.overrides.{key}: the {model_type} default {token} is outside vocab_size="
+                        f"{cfg.vocab_size}; allowed: +workload.overrides.{key}=ID with ID in 0..{cfg.vocab_size - 1}"
+                    ) from None
                 ignored.append(f"{key}={token} (outside vocab_size={cfg.vocab_size})")
         limit = getattr(cfg, "max_position_embeddings", None)
         if limit is not None and self.seq_len > limit:

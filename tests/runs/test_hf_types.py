@@ -48,3 +48,18 @@ def test_a_special_token_outside_the_vocabulary_is_dropped_and_recorded_or_refus
         ConfigError, match=r"workload.overrides.pad_token_id=300: outside the vocabulary; allowed: 0..255"
     ):
         compose("workload=hf", "workload.model_type=phi3", "+workload.overrides.pad_token_id=300")
+
+
+def test_a_config_transformers_refuses_is_one_line(monkeypatch):
+    import transformers
+
+    from membench.errors import ConfigError
+
+    def refuse(model_type, **kw):
+        raise ValueError("num_key_value_heads must match\nnum_attention_heads")
+
+    monkeypatch.setattr(transformers.AutoConfig, "for_model", refuse)
+    with pytest.raises(
+        ConfigError, match=r"the llama config refuses it \(ValueError: num_key_value_heads must match num"
+    ):
+        compose("workload=hf")
