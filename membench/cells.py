@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 from membench import confpath, technique
 from membench.config import CONF_DIR, SlurmConfig, build, build_run, locate, register_schema
 from membench.errors import ConfigError
+from membench.inputs import check_out, check_writable
 from membench.launch import split_sweep
 
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
@@ -133,12 +134,34 @@ def build_all(config: dict):
 
 
 def check_inputs(cfg: dict) -> None:
-    """Inputs a run would only trip over minutes later: the workload's own check_inputs (e.g. a data file)."""
+    """Inputs a run would only trip over minutes later: a results folder it cannot write, the workload's own
+    check_inputs (e.g. a data file)."""
+    check_writable("run.results_dir", cfg["run"]["results_dir"])
     check = getattr(locate(cfg["workload"]["_target_"]), "check_inputs", None)
     if check is not None:
         check(cfg["workload"])
     if "slurm" in cfg:
         SlurmConfig(**cfg["slurm"])
+        if cfg["run"].get("launcher") == "slurm" and cfg["slurm"].get("folder"):
+            check_writable("slurm.folder", cfg["slurm"]["folder"])
+
+
+def check_plan_inputs(overrides: list[str], out: str) -> None:
+    """`membench plan`: the results folder (or plan.out) it writes and the workload's input files, checked before
+    the planner composes and simulates its candidates (minutes for a large model)."""
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            node = OmegaConf.to_container(compose(overrides), resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(one_line(e)) from None
+    if out:
+        check_out("plan.out", out)
+    else:
+        check_writable("run.results_dir", node["run"]["results_dir"])
+    check = getattr(locate(node["workload"]["_target_"]), "check_inputs", None)
+    if check is not None:
+        check(node["workload"])
 
 
 def plan_cells(overrides: list[str], multirun: bool) -> list[tuple[dict, list[str]]]:

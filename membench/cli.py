@@ -11,6 +11,7 @@ timeout, 2 bad input (nothing ran), 130/143 cancelled by SIGINT/SIGTERM (no proc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from importlib import metadata
@@ -20,6 +21,7 @@ from membench import SCHEMA_VERSION, confpath
 from membench.compare import Tolerances, compare
 from membench.errors import ConfigError
 from membench.history import write_history
+from membench.inputs import check_out
 from membench.launch.listing import listing
 from membench.launch.local import Cancelled
 from membench.launch.status import status
@@ -29,6 +31,21 @@ from membench.runner import warm_up
 
 # the worker's module (membench.sweep.WORKER): the forkserver imports it while the parent plans the cells
 WORKER_MODULES = ("membench.execute",)
+
+
+# Numeric options and what each allows: checked before any command reads a record or runs a cell.
+_AT_LEAST_0 = ("peak_rtol", "flops_rtol", "quality_atol", "quality_atol_exact", "quality_rtol_other_hardware",
+               "time_min_effect", "time_noise_floor", "time_min_steps", "verify")  # fmt: skip
+
+
+def check_options(args: argparse.Namespace) -> None:
+    for name in _AT_LEAST_0:
+        value = getattr(args, name, None)
+        if value is not None and (value < 0 or value != value):
+            raise ConfigError(f"{args.cmd} --{name.replace('_', '-')}={value}: must be >= 0")
+    alpha = getattr(args, "time_alpha", None)
+    if alpha is not None and not 0 < alpha < 1:
+        raise ConfigError(f"{args.cmd} --time-alpha={alpha}: must be in (0, 1)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -52,6 +69,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     if not (Path(args.results_dir) / "runs").is_dir():
         raise ConfigError(f"report: {args.results_dir!r} has no runs/ folder of records")
+    check_out("report --out", args.out or str(Path(args.results_dir) / "REPORT.md"))
     text = write_report(args.results_dir, args.out, args.experiment)
     print(text)
     if args.plot:
@@ -69,6 +87,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         flops_rtol=args.flops_rtol,
         quality_atol=args.quality_atol,
         quality_atol_exact=args.quality_atol_exact,
+        quality_rtol_other_hardware=args.quality_rtol_other_hardware,
         time_alpha=args.time_alpha,
         time_min_effect=args.time_min_effect,
         time_min_steps=args.time_min_steps,
@@ -88,6 +107,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     if not (Path(args.results_dir) / "runs").is_dir():
         raise ConfigError(f"history: {args.results_dir!r} has no runs/ folder of records")
+    check_out("history --out", args.out or str(Path(args.results_dir) / "history.png"))
     tol = Tolerances(
         peak_rtol=args.peak_rtol, time_min_effect=args.time_min_effect, time_noise_floor=args.time_noise_floor
     )
@@ -101,6 +121,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from membench.export import export  # pandas
 
+    if args.out:
+        check_out("export --out", args.out)
     df = export(args.results_dir, args.out)
     if args.out:
         print(f"membench: {len(df)} record(s), {len(df.columns)} columns -> {args.out}")
@@ -109,10 +131,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from membench import plan as pl  # torch
+    from membench.cells import check_plan_inputs  # torch, hydra
 
     pc, user = pl.split_overrides(args.overrides)
-    if args.verify is not None:
-        pc.verify = args.verify
+    if args.verify is not None:  # through PlanConfig's own checks (plan.verify >= 0), like plan.verify=K
+        pc = dataclasses.replace(pc, verify=args.verify)
+    check_plan_inputs(user, pc.out)
     result = pl.plan(user, pc, progress=lambda m: print(m, file=sys.stderr, flush=True))
     if pc.verify:
         result["verified"] = pl.verify(
@@ -206,6 +230,12 @@ def _compare_parser(sub) -> None:
     c.add_argument(
         "--quality-atol-exact", type=float, default=0.0, help="exact techniques: allowed change (0: identical)"
     )
+    c.add_argument(
+        "--quality-rtol-other-hardware",
+        type=float,
+        default=1e-6,
+        help="exact techniques across hardware profiles (--any-hardware): allowed relative change (fp32 rounding)",
+    )
     c.add_argument("--time-alpha", type=float, default=0.01, help="Mann-Whitney U significance level on step times")
     c.add_argument("--time-min-effect", type=float, default=0.05, help="smallest relative slowdown flagged (0: off)")
     c.add_argument("--any-hardware", action="store_true", help="compare across hardware profiles (times labelled)")
@@ -239,8 +269,15 @@ def _records_parsers(sub) -> None:
     e.add_argument("--out", default=None, help="FILE.csv or FILE.parquet (default: CSV on stdout)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2), like every other input error; -h shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"membench: error: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="membench", description=__doc__.splitlines()[0])
+    p = Parser(prog="membench", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True)
     _sweep_parsers(sub)
@@ -277,9 +314,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        check_options(args)
         return COMMANDS[args.cmd](args)
     except ConfigError as e:
         print(f"membench: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the checks above did not foresee: one line, not a traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"membench: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("membench: cancelled (SIGINT)", file=sys.stderr)

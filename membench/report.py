@@ -89,6 +89,27 @@ def _step(rs: list[dict], b) -> str:
     return _num([r["timing"]["median_step_s"] for r in rs], ".1f", 1e-3)
 
 
+# CPU instructions that run bf16 dot products natively (AVX512-BF16, AMX tiles); without them autocast emulates
+# 16-bit arithmetic in fp32 and its step times say nothing about the technique (records carry env.cpu_flags).
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def half_emulated(r: dict) -> bool:
+    """From the record's fields: timed on a CPU, with a 16-bit compute technique, and the CPU's recorded flags
+    lack bf16 instructions. A record without env.cpu_flags (older schema) is not labelled: unknown is not emulated."""
+    env = r.get("env") or {}
+    flags = env.get("cpu_flags")
+    if (r["timing"].get("device") or env.get("device")) != "cpu" or flags is None or BF16_CPU_FLAGS & set(flags):
+        return False
+    for node in ((r.get("config") or {}).get("technique") or {}).values():
+        try:
+            if getattr(locate(node["_target_"]), "half_precision", False):
+                return True
+        except (ImportError, AttributeError, KeyError, TypeError):
+            continue
+    return False
+
+
 def time_caveat(rs: list[dict], b=None) -> str:
     """Why a time in this row may not mean what it seems: a loaded machine, emulated 16-bit arithmetic."""
     out = []
@@ -96,7 +117,7 @@ def time_caveat(rs: list[dict], b=None) -> str:
     if any(ld.get("loaded") for ld in loads):
         worst = max(ld["start"]["load_avg_1m"] for ld in loads if ld.get("loaded"))
         out.append(f"loaded machine (load {worst:.1f} on {loads[0]['cpu_count']} cores)")
-    if any("emulated" in (r["timing"].get("note") or "") for r in rs):
+    if any(half_emulated(r) for r in rs):
         out.append("bf16 emulated on this CPU")
     return "; ".join(out) or "-"
 

@@ -8,6 +8,7 @@ the workload at a user's own text file instead.
 from __future__ import annotations
 
 import hashlib
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,25 @@ STDLIB_FILES = sorted(
 )
 
 
+TEXT_SAMPLE_BYTES = 1 << 20  # the head of a user's data file checked for looking like text
+# A text file has no NUL byte; binary formats (archives, images, tensors, UTF-16) have one in ~256 bytes or more.
+# Without NULs, bytes that are mostly not UTF-8 are binary: random high bytes are ~100% invalid, while a Latin-1
+# or cp1252 text (one accented letter in 10, even in dense French) stays far under 30%, and passes.
+MAX_INVALID_UTF8 = 0.3
+
+
+def not_text(head: bytes) -> str | None:
+    """Why these bytes do not look like text (None if they do): NUL bytes, or mostly invalid UTF-8."""
+    nuls = head.count(0)
+    if nuls:
+        return f"{nuls} NUL byte(s) in its first {len(head)} bytes"
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_INVALID_UTF8 * len(head):
+        return f"{bad / len(head):.0%} of its first {len(head)} bytes are not UTF-8"
+    return None
+
+
 @dataclass
 class Corpus:
     train: torch.Tensor  # uint8 bytes
@@ -144,17 +164,47 @@ class CorpusTraining:
 
     @staticmethod
     def check_inputs(node: dict) -> None:
-        """Before any run starts (membench run/plan): the user's own data file must exist and hold data."""
+        """Before any run starts (membench run/plan): the user's own data file must be a readable regular file that
+        holds text (not a binary file the model would train on without a word) and at least one sequence (plus its
+        next-byte target) in each of the train and eval splits the run reads."""
         if node.get("data_path") is None:
             return
         path = str(node["data_path"])
+        key = f"workload.data_path={path}"
         if not path.strip():
             raise ConfigError("workload.data_path='': empty; give a text file, or null for the built-in corpus")
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise ConfigError(f"{key}: a directory; allowed: a regular text file (or null for the built-in corpus)")
+        if not p.exists():
+            raise ConfigError(f"{key}: no such file; allowed: a regular text file (or null for the built-in corpus)")
         if not p.is_file():
-            raise ConfigError(f"workload.data_path={path}: no such file")
+            raise ConfigError(
+                f"{key}: not a regular file; allowed: a regular text file (or null for the built-in corpus)"
+            )
         if p.stat().st_size == 0:
-            raise ConfigError(f"workload.data_path={path}: the file is empty")
+            raise ConfigError(f"{key}: the file is empty")
+        max_bytes = int(node.get("max_corpus_bytes") or p.stat().st_size)
+        try:
+            with p.open("rb") as f:
+                head = f.read(min(max_bytes, TEXT_SAMPLE_BYTES))
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot be read ({e.strerror}); allowed: a readable text file") from None
+        why = not_text(head)
+        if why:
+            raise ConfigError(f"{key}: does not look like text ({why}); allowed: a UTF-8 text file")
+        seq_len = node.get("seq_len")
+        if seq_len:
+            used = min(p.stat().st_size, max_bytes)
+            n_eval = max(int(used * float(node.get("eval_fraction", 0.1))), 1)
+            need = min(n_eval, used - n_eval)
+            if need <= seq_len + 1:
+                least = math.ceil((seq_len + 2) / min(float(node.get("eval_fraction", 0.1)), 0.5))
+                raise ConfigError(
+                    f"{key}: {used} bytes hold less than one sequence in its eval split "
+                    f"(workload.seq_len={seq_len} + 1 target byte, eval_fraction={node.get('eval_fraction', 0.1)}); "
+                    f"allowed: a file of at least ~{least} bytes, or a smaller workload.seq_len"
+                )
 
     def check_corpus(self) -> None:
         for key in ("batch_size", "max_corpus_bytes", "eval_batches"):

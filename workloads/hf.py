@@ -29,8 +29,18 @@ from membench.workloads.llama import TokenLMWorkload
 
 
 def _some(names) -> str:
-    common = [n for n in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3", "opt", "gpt_neox") if n in names]
-    return f"{', '.join(common)}, ... ({len(names)} causal LM types)"
+    common = [n for n in COMMON_TYPES if n in names]
+    return (
+        f"{', '.join(common)} (each runs with the hf preset); the other {len(names) - len(common)} transformers "
+        "causal LM types compose, but may need overrides in their own attribute names and are not tested here"
+    )
+
+
+# Llama's name of a size -> what other causal LM configs call it, where transformers' attribute_map does not map it
+SYNONYMS = {"intermediate_size": ("n_inner", "ffn_dim")}  # the MLP width: GPT-2, OPT
+WITHOUT_GQA = {"num_key_value_heads"}  # types with one K/V per head (GPT-2, OPT, GPT-NeoX) have no such attribute
+# the model types the one-line error names first (all of them run with the `hf` preset: tests/runs/test_workloads_hf.py)
+COMMON_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3", "opt", "gpt_neox")
 
 
 def _transformers():
@@ -39,6 +49,16 @@ def _transformers():
     except ImportError:
         raise ConfigError("workload=hf: needs transformers; allowed: pip install 'membench[hf]'") from None
     return transformers
+
+
+def _for_model(tf, key: str, shown: str, model_type: str, attrs: dict):
+    """transformers' config for `model_type`; its own validation errors (values out of range, strict-dataclass
+    checks) as one line naming the key."""
+    try:
+        return tf.AutoConfig.for_model(model_type, **attrs)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, TypeError or its own validation errors
+        first = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+        raise ConfigError(f"{key}={shown}: the {model_type} config refuses it ({type(e).__name__}: {first})") from None
 
 
 @schema("hf", depth=None)
@@ -61,6 +81,10 @@ class HFConfig(CorpusTraining):
         self.hf_config()  # fail at composition on a bad type, path or override
 
     def hf_config(self):
+        return self.adapted_config()[0]
+
+    def adapted_config(self):
+        """(the transformers config, what was adapted to its type: {"renamed": {...}, "ignored": [...]})."""
         tf = _transformers()
         if self.config_path is not None:
             path = Path(self.config_path).expanduser()
@@ -80,20 +104,55 @@ class HFConfig(CorpusTraining):
         causal = tf.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         if model_type not in causal:
             raise ConfigError(f"{key}={shown}: not a transformers causal LM type; allowed: {_some(causal)}")
-        cfg = tf.AutoConfig.for_model(model_type, **body)
+        cfg = _for_model(tf, key, shown, model_type, body)
+        overrides, renamed, ignored = self.translated(cfg, model_type)
+        if overrides:  # rebuilt, not set afterwards: __init__ derives attributes (head_dim from hidden_size)
+            cfg = _for_model(tf, "workload.overrides", str(overrides), model_type, {**body, **overrides})
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            token = getattr(cfg, key, None)
+            if isinstance(token, int) and not 0 <= token < cfg.vocab_size:
+                if key in overrides:
+                    raise ConfigError(
+                        f"workload.overrides.{key}={token}: outside the vocabulary; allowed: 0..{cfg.vocab_size - 1}"
+                    )
+                # the type's default id (phi3: 32000) cannot index this small vocabulary (an embedding's padding_idx
+                # must): no token is special in the byte corpus, so the id is dropped, and the record says so
+                try:
+                    setattr(cfg, key, None)
+                except Exception:  # noqa: BLE001 - a strict config (huggingface_hub's validation) wants an int
+                    raise ConfigError(
+                        f"workload.overrides.{key}: the {model_type} default {token} is outside vocab_size="
+                        f"{cfg.vocab_size}; allowed: +workload.overrides.{key}=ID with ID in 0..{cfg.vocab_size - 1}"
+                    ) from None
+                ignored.append(f"{key}={token} (outside vocab_size={cfg.vocab_size})")
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if limit is not None and self.seq_len > limit:
+            raise ConfigError(f"workload.seq_len={self.seq_len}: > the config's max_position_embeddings={limit}")
+        return cfg, {"renamed": renamed, "ignored": ignored}
+
+    def translated(self, cfg, model_type: str) -> tuple[dict, dict[str, str], list[str]]:
+        """The overrides in this type's own attribute names: (overrides, renamed {ours: theirs}, ignored).
+
+        The presets name Llama's attributes; transformers' `attribute_map` already maps most of them onto other
+        types (GPT-2's hidden_size is n_embd). Two it does not map: the MLP width (`intermediate_size`), which
+        GPT-2 calls n_inner and OPT ffn_dim, and `num_key_value_heads`, which a type without grouped-query
+        attention does not have (each head has its own K/V): there it is ignored, and the record lists it."""
         known = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}))
+        out, renamed, ignored = {}, {}, []
         for name, value in self.overrides.items():
-            if name not in known:
+            if name in known:
+                out[name] = value
+            elif name in SYNONYMS and any(s in known for s in SYNONYMS[name]):
+                renamed[name] = next(s for s in SYNONYMS[name] if s in known)
+                out[renamed[name]] = value
+            elif name in WITHOUT_GQA:
+                ignored.append(f"{name}={value} (no grouped-query attention in {model_type})")
+            else:
                 raise ConfigError(
                     f"workload.overrides.{name}={value}: not an attribute of the {model_type} config; allowed: "
                     f"{', '.join(k for k in sorted(cfg.to_dict()) if not k.startswith('_'))}"
                 )
-        if self.overrides:  # rebuilt, not set afterwards: __init__ derives attributes (head_dim from hidden_size)
-            cfg = tf.AutoConfig.for_model(model_type, **{**body, **self.overrides})
-        limit = getattr(cfg, "max_position_embeddings", None)
-        if limit is not None and self.seq_len > limit:
-            raise ConfigError(f"workload.seq_len={self.seq_len}: > the config's max_position_embeddings={limit}")
-        return cfg
+        return out, renamed, ignored
 
     def build(self, seed: int) -> HFWorkload:
         return HFWorkload(self, seed)
@@ -105,7 +164,7 @@ class HFWorkload(TokenLMWorkload):
     def __init__(self, c: HFConfig, seed: int):
         tf = _transformers()
         self.c, self.seed = c, seed
-        cfg = c.hf_config()
+        cfg, self.adapted = c.adapted_config()
         self.preset = c.preset
         self.hf_cfg = cfg
         self._load(c, cfg.vocab_size, c.seq_len)
@@ -153,6 +212,9 @@ class HFWorkload(TokenLMWorkload):
         return {
             **super().info(),
             "hf_model_type": self.hf_cfg.model_type,
+            # the preset's Llama names -> this type's (intermediate_size -> n_inner), and overrides left out
+            # (num_key_value_heads on a type without grouped-query attention, a special token id outside the vocab)
+            "hf_overrides_adapted": self.adapted,
             "hf_model_class": type(self.model).__name__,
             "block_class": type(self._blocks[0]).__name__,
             "num_blocks": len(self._blocks),

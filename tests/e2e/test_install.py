@@ -60,7 +60,7 @@ def test_a_wheel_installed_elsewhere_runs_a_custom_model_from_the_current_folder
     (wheel,) = wheels.glob("membench-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"membench"}, tops
+    assert tops == {"membench", "membench_entry.py"}, tops  # the package, and the console script's entry module
     for path in ("membench/conf/config.yaml", "membench/conf/technique/zero.yaml", "membench/conf/workload/gpt2.yaml",
                  "membench/techniques/zero.py", "membench/workloads/gpt.py"):  # fmt: skip
         assert path in names, path
