@@ -127,6 +127,7 @@ def build_all(config: dict):
     techs = [build(node, f"technique.{name}") for name, node in (config.get("technique") or {}).items()]
     device = resolve_device(run.device)
     technique.validate(techs, device.type)
+    technique.validate_run(techs, run)
     if run.world_size > 1 and not any(t.distributed for t in techs):
         need = " or ".join(technique.distributed_kinds())
         raise ConfigError(f"run.world_size={run.world_size}: needs technique {need} (stage 0 is plain DDP)")
