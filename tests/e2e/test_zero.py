@@ -28,10 +28,11 @@ LONG_STEPS = 24  # DeepSpeed's default clipping at 1.0 changes the trajectory fr
 # schedule does not depend on run.train_steps, so its first 5 losses are the 5-step run's (one run fewer per backend).
 LONG = [("torch", 0), ("deepspeed", 0)]
 CELLS = [("torch", s) for s in range(1, 4)] + [("deepspeed", s) for s in range(1, 4)]
+BF16_CELLS = [("torch", 2), ("torch", 3)]  # FSDP2 under its MixedPrecisionPolicy (bf16 gathers, fp32 reduce)
 
 
-def _overrides(backend: str, stage: int, n: int = 2, *extra: str) -> list[str]:
-    zero = ["technique=[zero]", f"technique.zero.backend={backend}", f"technique.zero.stage={stage}"]
+def _overrides(backend: str, stage: int, n: int = 2, *extra: str, techniques: str = "zero") -> list[str]:
+    zero = [f"technique=[{techniques}]", f"technique.zero.backend={backend}", f"technique.zero.stage={stage}"]
     return [*TINY, *zero, f"run.world_size={n}", *extra]
 
 
@@ -50,6 +51,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         out = execute(compose(*_overrides(backend, stage)))
         if rank == 0:
             Path(out_dir, f"{backend}{stage}.json").write_text(json.dumps(out, default=str))
+    for backend, stage in BF16_CELLS:
+        out = execute(compose(*_overrides(backend, stage, techniques="zero,bf16")))
+        if rank == 0:
+            Path(out_dir, f"{backend}{stage}-bf16.json").write_text(json.dumps(out, default=str))
     for backend, stage in LONG:
         out = execute(compose(*_overrides(backend, stage, 2, f"run.train_steps={LONG_STEPS}")))
         if rank == 0:
@@ -66,6 +71,7 @@ def two_ranks(tmp_path_factory) -> dict[tuple[str, int], dict]:
     runs = {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
     runs.update({(b, s, "long"): json.loads((out / f"{b}{s}-long.json").read_text()) for b, s in LONG})
     runs.update({(b, s): runs[(b, s, "long")] for b, s in LONG})
+    runs.update({(b, s, "bf16"): json.loads((out / f"{b}{s}-bf16.json").read_text()) for b, s in BF16_CELLS})
     return runs
 
 
@@ -102,6 +108,29 @@ def test_fsdp_stage2_keeps_unsharded_params_during_compute_and_stage3_does_not(t
     assert two_ranks[("torch", 3)]["memory"]["by_category"]["params_unsharded"] < 4 * psi / 2
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fsdp_with_bf16_runs_its_mixed_precision_policy_and_gathers_16_bit_parameters(two_ranks, stage):
+    """torch backend + bf16 at stages 2-3: FSDP2's MixedPrecisionPolicy (bf16 all-gathers and compute, fp32
+    gradient reduction) instead of autocast; the record says so, and FSDPMemTracker sees the all-gathered
+    parameters at 2 bytes each: half the fp32 run's, and what the states step predicts from the modules."""
+    rec, fp32 = two_ranks[("torch", stage, "bf16")], two_ranks[("torch", stage)]
+    info = rec["technique_info"]
+    assert info["zero.mixed_precision"] == {"policy": "FSDP2 MixedPrecisionPolicy", "param_dtype": "bfloat16",
+                                            "reduce_dtype": "float32", "autocast_dtype": None}  # fmt: skip
+    assert fp32["technique_info"]["zero.mixed_precision"]["policy"] == "none"
+    most = info["zero.fsdp_unsharded_params_max_bytes"]
+    assert 2 * most == fp32["technique_info"]["zero.fsdp_unsharded_params_max_bytes"]
+    assert most == rec["memory"]["predicted_detail"]["other_terms"]["fsdp_unsharded_params"]
+    if stage == 2:  # every parameter gathered before forward and kept through backward: at the peak too
+        assert rec["memory"]["by_category"]["params_unsharded"] == 2 * _psi(rec)
+    # sharded parameters, gradients and optimizer state stay fp32 (the policy casts only the gathered copies)
+    assert rec["memory"]["model_states"]["params"] == fp32["memory"]["model_states"]["params"]
+    assert rec["memory"]["model_states"]["grads"] == fp32["memory"]["model_states"]["grads"]
+    # approximate: within bf16's declared tolerance of fp32 data parallelism
+    rtol = rec["exactness"]["bf16"]["loss_rtol"]
+    assert _curve(rec) == pytest.approx(_curve(two_ranks[("torch", 0)]), rel=rtol)
+
+
 def test_zero_redundancy_optimizer_shards_state_within_one_parameter(two_ranks):
     rec = two_ranks[("torch", 1)]
     psi = _psi(rec)
@@ -134,8 +163,10 @@ def test_deepspeed_stage_runs_shards_and_tracks_stage0(two_ranks, stage):
     if stage >= 1:  # DeepSpeed keeps an fp32 master partition even in fp32 training
         assert st["fp32_master"] == 4 * psi // n
         assert st["optimizer"] - 8 * psi // n in range(0, 4 * 40)
-    if stage == 3:
-        assert st["params"] == 4 * psi // n
+    if stage == 3:  # DeepSpeed's default knobs: gpt_tiny's tensors are all under the 1e5-element persistence
+        # threshold, so each rank holds every parameter whole next to its partition
+        assert st["params"] == 4 * psi // n + 4 * psi == rec["memory"]["predicted_by_category"]["params"]
+        assert rec["technique_info"]["zero.deepspeed_zero_in_force"]["param_persistence_threshold"] == 100_000
     assert _curve(rec) == pytest.approx(_curve(two_ranks[("torch", 0)]), rel=1e-3)
 
 

@@ -196,6 +196,8 @@ def test_zero_claims():
     assert "(clipped)" not in page("docs/studies/zero_stages.md")
     last = {}
     for r in recs("zero_stages"):
+        if r["techniques"] != ["zero"]:  # the fp32 cells; the bf16 FSDP2 cells train in bf16
+            continue
         last.setdefault(r["config"]["run"]["world_size"], set()).add(f"{r['quality']['loss_curve'][-1]:.4f}")
     assert all(len(v) == 1 for v in last.values())
     claim("docs/studies/zero_stages.md", f"({last[1].pop()} at N=1, {last[2].pop()} at N=2)")
@@ -299,12 +301,14 @@ def test_quantization_bytes_claims():
     )
 
 
-def zero(backend: str, stage: int, n: int) -> dict:
+def zero(backend: str, stage: int, n: int, *extra: str, param_dtype: str = "auto") -> dict:
     (r,) = [
         r
         for r in recs("zero_stages")
         if (r["config"]["technique"]["zero"]["backend"], r["config"]["technique"]["zero"]["stage"]) == (backend, stage)
         and r["config"]["run"]["world_size"] == n
+        and sorted(r["techniques"]) == sorted([*extra, "zero"])
+        and r["config"]["technique"]["zero"].get("fsdp_param_dtype", "auto") == param_dtype
     ]
     return r
 
