@@ -28,7 +28,8 @@ LONG_STEPS = 24  # DeepSpeed's default clipping at 1.0 changes the trajectory fr
 # schedule does not depend on run.train_steps, so its first 5 losses are the 5-step run's (one run fewer per backend).
 LONG = [("torch", 0), ("deepspeed", 0)]
 CELLS = [("torch", s) for s in range(1, 4)] + [("deepspeed", s) for s in range(1, 4)]
-BF16_CELLS = [("torch", 2), ("torch", 3)]  # FSDP2 under its MixedPrecisionPolicy (bf16 gathers, fp32 reduce)
+# FSDP2 under its MixedPrecisionPolicy (16-bit gathers, fp32 reduce)
+HALF_CELLS = [("torch", 2, "bf16"), ("torch", 3, "bf16"), ("torch", 3, "fp16")]
 
 
 def _overrides(backend: str, stage: int, n: int = 2, *extra: str, techniques: str = "zero") -> list[str]:
@@ -51,10 +52,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         out = execute(compose(*_overrides(backend, stage)))
         if rank == 0:
             Path(out_dir, f"{backend}{stage}.json").write_text(json.dumps(out, default=str))
-    for backend, stage in BF16_CELLS:
-        out = execute(compose(*_overrides(backend, stage, techniques="zero,bf16")))
+    for backend, stage, half in HALF_CELLS:
+        out = execute(compose(*_overrides(backend, stage, techniques=f"zero,{half}")))
         if rank == 0:
-            Path(out_dir, f"{backend}{stage}-bf16.json").write_text(json.dumps(out, default=str))
+            Path(out_dir, f"{backend}{stage}-{half}.json").write_text(json.dumps(out, default=str))
     for backend, stage in LONG:
         out = execute(compose(*_overrides(backend, stage, 2, f"run.train_steps={LONG_STEPS}")))
         if rank == 0:
@@ -71,7 +72,7 @@ def two_ranks(tmp_path_factory) -> dict[tuple[str, int], dict]:
     runs = {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
     runs.update({(b, s, "long"): json.loads((out / f"{b}{s}-long.json").read_text()) for b, s in LONG})
     runs.update({(b, s): runs[(b, s, "long")] for b, s in LONG})
-    runs.update({(b, s, "bf16"): json.loads((out / f"{b}{s}-bf16.json").read_text()) for b, s in BF16_CELLS})
+    runs.update({(b, s, h): json.loads((out / f"{b}{s}-{h}.json").read_text()) for b, s, h in HALF_CELLS})
     return runs
 
 
@@ -108,14 +109,18 @@ def test_fsdp_stage2_keeps_unsharded_params_during_compute_and_stage3_does_not(t
     assert two_ranks[("torch", 3)]["memory"]["by_category"]["params_unsharded"] < 4 * psi / 2
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_fsdp_with_bf16_runs_its_mixed_precision_policy_and_gathers_16_bit_parameters(two_ranks, stage):
-    """torch backend + bf16 at stages 2-3: FSDP2's MixedPrecisionPolicy (bf16 all-gathers and compute, fp32
+@pytest.mark.parametrize(("stage", "half"), [(2, "bf16"), (3, "bf16"), (3, "fp16")])
+def test_fsdp_with_16_bit_precision_runs_its_mixed_precision_policy_and_gathers_16_bit_parameters(
+    two_ranks, stage, half
+):
+    """torch backend + bf16/fp16 at stages 2-3: FSDP2's MixedPrecisionPolicy (16-bit all-gathers and compute, fp32
     gradient reduction) instead of autocast; the record says so, and FSDPMemTracker sees the all-gathered
-    parameters at 2 bytes each: half the fp32 run's, and what the states step predicts from the modules."""
-    rec, fp32 = two_ranks[("torch", stage, "bf16")], two_ranks[("torch", stage)]
+    parameters at 2 bytes each: half the fp32 run's, and what the states step predicts from the modules.
+    fp16 keeps its GradScaler (DTensor all-reduces the scaler's inf check)."""
+    rec, fp32 = two_ranks[("torch", stage, half)], two_ranks[("torch", stage)]
     info = rec["technique_info"]
-    assert info["zero.mixed_precision"] == {"policy": "FSDP2 MixedPrecisionPolicy", "param_dtype": "bfloat16",
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[half]
+    assert info["zero.mixed_precision"] == {"policy": "FSDP2 MixedPrecisionPolicy", "param_dtype": dtype,
                                             "reduce_dtype": "float32", "autocast_dtype": None}  # fmt: skip
     assert fp32["technique_info"]["zero.mixed_precision"]["policy"] == "none"
     most = info["zero.fsdp_unsharded_params_max_bytes"]
@@ -126,8 +131,8 @@ def test_fsdp_with_bf16_runs_its_mixed_precision_policy_and_gathers_16_bit_param
     # sharded parameters, gradients and optimizer state stay fp32 (the policy casts only the gathered copies)
     assert rec["memory"]["model_states"]["params"] == fp32["memory"]["model_states"]["params"]
     assert rec["memory"]["model_states"]["grads"] == fp32["memory"]["model_states"]["grads"]
-    # approximate: within bf16's declared tolerance of fp32 data parallelism
-    rtol = rec["exactness"]["bf16"]["loss_rtol"]
+    # approximate: within the precision technique's declared tolerance of fp32 data parallelism
+    rtol = rec["exactness"][half]["loss_rtol"]
     assert _curve(rec) == pytest.approx(_curve(two_ranks[("torch", 0)]), rel=rtol)
 
 
