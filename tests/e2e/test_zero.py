@@ -38,8 +38,16 @@ def _overrides(backend: str, stage: int, n: int = 2, *extra: str, techniques: st
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
+    import faulthandler
+
     import torch.distributed as dist
 
+    # A rank that dies by a signal leaves only "terminated with signal ..." in the parent: keep its stderr (C++
+    # "terminate called after ..." lines included) and, on SIGABRT/SIGSEGV, every thread's Python stack in a file
+    # the fixture shows when the spawn fails.
+    log = open(Path(out_dir, f"rank{rank}.stderr"), "w")  # noqa: SIM115 (open for the life of the process)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -60,6 +68,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         out = execute(compose(*_overrides(backend, stage, 2, f"run.train_steps={LONG_STEPS}")))
         if rank == 0:
             Path(out_dir, f"{backend}{stage}-long.json").write_text(json.dumps(out, default=str))
+    dist.barrier()  # neither rank tears its gloo pairs down while the other still talks on them
     dist.destroy_process_group()
 
 
@@ -68,7 +77,11 @@ def two_ranks(tmp_path_factory) -> dict[tuple[str, int], dict]:
     from membench.distributed import _free_port
 
     out = tmp_path_factory.mktemp("zero2")
-    torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
+    try:
+        torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
+    except torch.multiprocessing.ProcessExitedException as e:
+        tails = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("rank*.stderr"))}
+        pytest.fail(f"{e}\n" + "\n".join(f"--- {name} (tail) ---\n{text}" for name, text in tails.items()))
     runs = {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
     runs.update({(b, s, "long"): json.loads((out / f"{b}{s}-long.json").read_text()) for b, s in LONG})
     runs.update({(b, s): runs[(b, s, "long")] for b, s in LONG})
@@ -168,6 +181,10 @@ def test_deepspeed_stage_runs_shards_and_tracks_stage0(two_ranks, stage):
     if stage >= 1:  # DeepSpeed keeps an fp32 master partition even in fp32 training
         assert st["fp32_master"] == 4 * psi // n
         assert st["optimizer"] - 8 * psi // n in range(0, 4 * 40)
+    if stage >= 1:  # DeepSpeed allocates its whole default reduce bucket (5e8 elements), however small the model
+        bucket = rec["technique_info"]["zero.deepspeed_zero_in_force"]["reduce_bucket_size"]
+        assert rec["memory"]["predicted_detail"]["other_terms"]["deepspeed_reduce_bucket"] == 4 * bucket
+        assert rec["memory"]["peak_bytes"] > 4 * bucket
     if stage == 3:  # DeepSpeed's default knobs: gpt_tiny's tensors are all under the 1e5-element persistence
         # threshold, so each rank holds every parameter whole next to its partition
         assert st["params"] == 4 * psi // n + 4 * psi == rec["memory"]["predicted_by_category"]["params"]

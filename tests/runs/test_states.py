@@ -39,10 +39,11 @@ def test_8bit_states_under_a_quantized_base_are_sized_over_the_trainable_paramet
     assert measured < everything  # what the planner used to predict: states over the whole model
 
 
-@pytest.mark.parametrize(("stage", "bucket"), [(0, 0), (1, 5_000_000), (2, 5_000_000), (3, 0)])
-def test_deepspeed_reduce_bucket_is_predicted_at_stages_1_and_2(stage, bucket):
-    """docs/zero.md: stages 1-2 reduce gradients through a bucket of reduce_bucket_size elements in the gradient
-    dtype (fp32: 4 bytes; DeepSpeed mixed precision: 2), no larger than the model's gradients."""
+@pytest.mark.parametrize(("stage", "bucket"), [(0, 0), (1, 5_000_000), (2, 5_000_000), (3, 5_000_000)])
+def test_deepspeed_reduce_bucket_is_predicted_at_stages_1_to_3(stage, bucket):
+    """docs/zero.md: stages 1-3 reduce gradients through a bucket of reduce_bucket_size elements in the gradient
+    dtype (fp32: 4 bytes; DeepSpeed mixed precision: 2), allocated whole even where the model has fewer gradients
+    (measured in tests/e2e/test_zero.py)."""
     with torch.device("meta"):  # 4 x 12 x 4096^2 + embeddings: far more than one bucket
         model = GPT(GPTConfig(n_layer=4, n_head=32, d_model=4096, seq_len=1024, vocab_size=5000))
     fp32 = model_states(model, model.blocks, [Zero(stage=stage, reduce_bucket_size=5_000_000)], world_size=8)
@@ -51,9 +52,9 @@ def test_deepspeed_reduce_bucket_is_predicted_at_stages_1_and_2(stage, bucket):
     assert sum(fp32["other"].values()) == 5_000_000 * 4 * (bucket > 0)
     assert sum(mixed["other"].values()) == 5_000_000 * 2 * (bucket > 0)
     assert "deepspeed_reduce_bucket" not in torch_backend["other"]
-    small = GPTConfig(**TINY).build(0).model  # fewer parameters than one bucket: the bucket holds them all
+    small = GPTConfig(**TINY).build(0).model  # fewer parameters than one bucket: DeepSpeed still allocates it whole
     tiny = model_states(small, small.blocks, [Zero(stage=2, reduce_bucket_size=10**9)], world_size=2)
-    assert tiny["other"] == {"deepspeed_reduce_bucket": 4 * sum(p.numel() for p in small.parameters())}
+    assert tiny["other"] == {"deepspeed_reduce_bucket": 4 * 10**9}
 
 
 def test_zero_defaults_are_deepspeeds_own():
