@@ -53,7 +53,9 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     # `import deepspeed` imports mlflow when installed (for its autotuner, unused here): ~4.5 s of CPU per rank
     sys.modules["mlflow"] = None
-    dist.init_process_group("gloo")
+    # a file rendezvous: a port picked by _free_port and bound later by rank 0's TCPStore can be taken in between
+    # by another session on this machine (measured: both groups then fail), a file in this session's tmp dir cannot
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'rendezvous')}", rank=rank, world_size=2)
     from membench.execute import execute
 
     for backend, stage in CELLS:
