@@ -94,26 +94,39 @@ MiB = 2**20
 _STATE_KEYS = ("params", "grads", "optimizer", "fp32_master")
 
 
+def _precision(r: dict) -> str:
+    """The mixed precision a zero run recorded (technique_info["zero.mixed_precision"]): fp32, autocast, or the
+    wrapper's own policy with its parameter and reduction dtypes."""
+    mp = (r.get("technique_info") or {}).get("zero.mixed_precision") or {}
+    if mp.get("policy", "none") == "none":
+        return mp.get("param_dtype", "float32")
+    if mp["policy"] == "autocast":
+        return f"autocast {mp['autocast_dtype']}"
+    return f"{mp['policy']} (param {mp['param_dtype']}, reduce {mp['reduce_dtype']})"
+
+
 def zero_table(records: list[dict]) -> str:
     """Markdown table of zero runs (latest per cell): per-rank model states measured (max over ranks) by category
     vs the ZeRO paper's per-rank formula, DeepSpeed's estimator, peak, step time and communication per step."""
     head = (
-        "| backend | stage | N | status | params MiB | grads MiB | optim MiB | fp32 master MiB | states MiB "
+        "| backend | stage | as the library names it | precision | N | status | params MiB | grads MiB | optim MiB | fp32 master MiB | states MiB "
         "| paper pred MiB | meas/pred | DS estimator MiB | vs stage 0 | peak MiB | unsharded params MiB "
-        "| step ms | comm (paper units) / Psi | paper | last train-step loss |\n|" + "---|" * 19
+        "| step ms | comm (paper units) / Psi | paper | last train-step loss |\n|" + "---|" * 21
     )
     rows, base = [head], {}
     zs = [r for r in records if "zero" in (r.get("techniques") or [])]
-    key = lambda r: (r["config"]["technique"]["zero"]["backend"], r["config"]["run"]["world_size"])  # noqa: E731
+    key = lambda r: (r["config"]["technique"]["zero"]["backend"], _precision(r), r["config"]["run"]["world_size"])  # noqa: E731
     for r in zs:
         if r["status"] == "ok" and r["config"]["technique"]["zero"]["stage"] == 0:
             base[key(r)] = sum(r["memory"]["model_states"].get(k, 0) for k in _STATE_KEYS)
     for r in sorted(zs, key=lambda r: (*key(r), r["config"]["technique"]["zero"]["stage"])):
         z, n = r["config"]["technique"]["zero"], r["config"]["run"]["world_size"]
+        info = r.get("technique_info") or {}
+        named = f"{z['backend']} | {z['stage']} | {info.get('zero.library_name', '-')} | {_precision(r)}"
         if r["status"] != "ok":
-            rows.append(f"| {z['backend']} | {z['stage']} | {n} | {r['status']} |" + " - |" * 15)
+            rows.append(f"| {named} | {n} | {r['status']} |" + " - |" * 15)
             continue
-        m, info = r["memory"], r.get("technique_info") or {}
+        m = r["memory"]
         st = m["model_states"]
         total = sum(st.get(k, 0) for k in _STATE_KEYS)
         pred = sum(m["predicted_by_category"][k] for k in MODEL_STATES)
@@ -122,8 +135,7 @@ def zero_table(records: list[dict]) -> str:
         psi = info.get("zero.psi") or 1
         b = base.get(key(r))
         cells = [
-            z["backend"],
-            str(z["stage"]),
+            named,
             str(n),
             "ok",
             *(f"{st.get(k, 0) / MiB:.2f}" for k in _STATE_KEYS),

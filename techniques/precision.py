@@ -2,12 +2,16 @@
 and bf16_pure (parameters, gradients and optimizer state all stored in bf16).
 
 Uses torch.autocast and torch.amp.GradScaler (fp16 only). Approximate: each declares a loss tolerance.
+Composition: a later technique that runs the 16-bit compute itself (FSDP2's MixedPrecisionPolicy in
+techniques/zero.py) says so with `replaces_autocast` in its Patch.applied; the autocast context then steps aside
+(checked at step time, when every technique has been applied), while the dtype and fp16's GradScaler stay.
 Limits: on CPUs without bf16/fp16 instructions autocast is far slower than fp32 (use it for memory
 numbers, not speed); bf16_pure without stochastic rounding loses small updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -15,6 +19,8 @@ from typing import ClassVar
 import torch
 
 from membench.techniques.base import Context, Patch, Prediction, States, Technique
+
+REPLACES_AUTOCAST = "replaces_autocast"  # a Patch.applied key (techniques/zero.py sets it under FSDP2's policy)
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,14 @@ class _Autocast(Technique):
     half_precision: ClassVar[bool] = True
 
     def _context(self, ctx: Context):
-        return functools.partial(torch.autocast, device_type=ctx.device.type, dtype=self.dtype)
+        autocast = functools.partial(torch.autocast, device_type=ctx.device.type, dtype=self.dtype)
+
+        def make():
+            if any(a.get(REPLACES_AUTOCAST) for a in ctx.applied.values()):
+                return contextlib.nullcontext()
+            return autocast()
+
+        return make
 
     def activation_terms(self, pred: Prediction) -> None:
         pred.act_elem_bytes = 2

@@ -1,11 +1,15 @@
 """ZeRO sharding: trades extra communication (1x-1.5x plain data parallelism) for holding only 1/N of the
 optimizer state (stage 1), also of the gradients (2), also of the parameters (3) on each of N ranks.
 
-Backends: `deepspeed` (deepspeed.initialize with a generated config; torch's AdamW via `torch_adam`, since
-DeepSpeed's CPU Adam is a minutes-long C++ build) and `torch` (0: DDP, 1: DDP + ZeroRedundancyOptimizer,
-2: FSDP2 fully_shard(reshard_after_forward=False), 3: FSDP2 fully_shard). Exact: fp32 losses match stage 0 up to
-float reassociation. Limits: torch stage 2 is not ZeRO-2 (FSDP2 also shards parameters at rest and all-gathers
-them once per step); ZeroRedundancyOptimizer shards whole parameters; offload needs a CUDA device.
+Backends: `deepspeed` (deepspeed.initialize with a generated config, DeepSpeed's own defaults unless a knob says
+otherwise; torch's AdamW via `torch_adam`, since DeepSpeed's CPU Adam is a minutes-long C++ build) and `torch`
+(0: DDP, 1: DDP + ZeroRedundancyOptimizer, 2: FSDP2 fully_shard(reshard_after_forward=False), what PyTorch calls
+SHARD_GRAD_OP, 3: FSDP2 fully_shard, FULL_SHARD). With bf16/fp16 in the run, FSDP2 runs as its users run it: a
+MixedPrecisionPolicy (16-bit all-gathers and compute, fp32 gradient reduction), and the precision technique's
+autocast steps aside (`REPLACES_AUTOCAST` in Patch.applied, read by techniques/precision.py); DDP and
+ZeroRedundancyOptimizer keep autocast. Exact: fp32 losses match stage 0 up to float reassociation. Limits: torch
+stage 2 is not ZeRO-2 (FSDP2 also shards parameters at rest and all-gathers them once per step);
+ZeroRedundancyOptimizer shards whole parameters; offload needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -20,11 +24,33 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, States, Technique
+from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.precision import REPLACES_AUTOCAST  # FSDP2's policy: autocast steps aside
 
 BACKENDS = ("deepspeed", "torch")
 OFFLOAD = ("none", "cpu")
-STAGE3_KNOBS = ("paper", "deepspeed")
+STAGE3_KNOBS = ("deepspeed", "paper")
+FSDP_PARAM_DTYPES = ("auto", "float32")
+# DeepSpeedZeroConfig's default stage3_param_persistence_threshold (elements), for the pure prediction (importing
+# DeepSpeed there would cost seconds per plan); tests/runs/test_states.py holds it to the installed package's default
+DS_PERSISTENCE_THRESHOLD = 100_000
+FSDP_REDUCE_DTYPES = ("float32", "bfloat16", "float16")
+# Each stage as its library names it (docs/zero.md, `membench list`, the study's table).
+LIBRARY_NAMES = {
+    "torch": {
+        0: "DDP",
+        1: "DDP + ZeroRedundancyOptimizer",
+        2: "FSDP2 fully_shard(reshard_after_forward=False) (SHARD_GRAD_OP)",
+        3: "FSDP2 fully_shard(reshard_after_forward=True) (FULL_SHARD)",
+    },
+    # deepspeed.runtime.zero.config.ZeroStageEnum
+    "deepspeed": {
+        0: "DeepSpeed ZeRO stage 0 (disabled)",
+        1: "DeepSpeed ZeRO-1 (optimizer_states)",
+        2: "DeepSpeed ZeRO-2 (gradients)",
+        3: "DeepSpeed ZeRO-3 (weights)",
+    },
+}
 # Techniques whose parameters or optimizer these wrappers cannot shard or rebuild.
 CANNOT = {
     "optimizer_8bit": "zero builds its own (sharded) optimizer from the workload's AdamW",
@@ -62,12 +88,15 @@ class Zero(Technique):
     backend: str = "deepspeed"
     offload_optimizer: str = "none"
     offload_params: str = "none"
-    reduce_bucket_size: int = 5_000_000
-    allgather_bucket_size: int = 5_000_000
+    reduce_bucket_size: int = 500_000_000  # DeepSpeed's default (DeepSpeedZeroConfig.reduce_bucket_size)
+    allgather_bucket_size: int = 500_000_000  # DeepSpeed's default (DeepSpeedZeroConfig.allgather_bucket_size)
     torch_adam: bool = True  # deepspeed: torch's AdamW instead of DeepSpeed's compiled Fused/CPU Adam
-    stage3_knobs: str = (
-        "paper"  # deepspeed stage 3: paper (shard and release every parameter) | deepspeed (its defaults)
-    )
+    # deepspeed stage 3: deepspeed (its own defaults) | paper (shard and release every parameter)
+    stage3_knobs: str = "deepspeed"
+    # torch stages 2-3 with bf16/fp16: FSDP2 MixedPrecisionPolicy param_dtype (auto: the run's 16-bit dtype;
+    # float32: no policy, autocast over fp32 all-gathers) and reduce_dtype (gradient reduce-scatter dtype)
+    fsdp_param_dtype: str = "auto"
+    fsdp_reduce_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -83,6 +112,9 @@ class Zero(Technique):
             raise ConfigError("technique.zero.offload_optimizer=cpu: needs stage >= 1")
         if self.stage3_knobs not in STAGE3_KNOBS:
             raise ConfigError(f"technique.zero.stage3_knobs={self.stage3_knobs!r}: allowed {', '.join(STAGE3_KNOBS)}")
+        for key, allowed in (("fsdp_param_dtype", FSDP_PARAM_DTYPES), ("fsdp_reduce_dtype", FSDP_REDUCE_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"technique.zero.{key}={getattr(self, key)!r}: allowed {', '.join(allowed)}")
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"technique.zero.{key}={getattr(self, key)}: must be > 0")
@@ -118,6 +150,18 @@ class Zero(Technique):
             if "bf16_pure" in kinds:
                 raise ConfigError("technique=[zero,bf16_pure]: DeepSpeed keeps fp32 masters; use technique=[zero,bf16]")
 
+    def fsdp_param_dtype_for(self, autocast: torch.dtype | None) -> torch.dtype | None:
+        """The MixedPrecisionPolicy param_dtype this run uses (torch stages 2-3 with a 16-bit precision technique in
+        force, as torchtitan and torchtune run FSDP2), or None: no policy (DDP, ZeroRedundancyOptimizer and DeepSpeed
+        keep their own precision handling; fsdp_param_dtype=float32 keeps autocast over fp32 all-gathers)."""
+        half = autocast in (torch.bfloat16, torch.float16)
+        if self.backend == "torch" and self.stage >= 2 and self.fsdp_param_dtype == "auto" and half:
+            return autocast
+        return None
+
+    def library_name(self) -> str:
+        return LIBRARY_NAMES[self.backend][self.stage]
+
     # ---- apply -------------------------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
         # sizes before wrapping (stage 3 partitions parameters to empty tensors) and the precision in force
@@ -128,20 +172,25 @@ class Zero(Technique):
             "largest": max(p.numel() for p in model.parameters()),
             "n": distributed.world_size(),
             "dtype": dtype,
+            "param_dtype": next(model.parameters()).dtype,  # as stored (bf16_pure casts the model before this)
         }
         patch = (_apply_deepspeed(self, facts, model, ctx) if self.backend == "deepspeed"
-                 else _apply_torch(self, model, ctx))  # fmt: skip
-        patch.info.update(psi=facts["psi"], world_size=facts["n"], stage=self.stage, backend=self.backend)
-        patch.applied = facts
+                 else _apply_torch(self, facts, model, ctx))  # fmt: skip
+        patch.info.update(psi=facts["psi"], world_size=facts["n"], stage=self.stage, backend=self.backend,
+                          library_name=self.library_name())  # fmt: skip
+        patch.applied = {**facts, REPLACES_AUTOCAST: self.fsdp_param_dtype_for(dtype) is not None}
         return patch
 
     # ---- predict (per rank) ------------------------------------------------------------------------------
     def bucket_bytes(self, psi: int, elem_bytes: float) -> float:
-        """DeepSpeed stages 1-2 reduce gradients through a bucket of reduce_bucket_size elements (no more than the
-        model has) in the gradient dtype, allocated during the step (docs/zero.md)."""
-        if self.backend != "deepspeed" or self.stage not in (1, 2):
+        """DeepSpeed stages 1-3 reduce gradients through a contiguous bucket (contiguous_gradients, its default) of
+        reduce_bucket_size elements in the gradient dtype, allocated whole however small the model: stages 1-2 in
+        each step (deepspeed/runtime/zero/stage_1_and_2.py `setup_buckets`, one buffer, two with overlap_comm),
+        stage 3 at engine init (stage3.py, one per communication dtype). Measured: 1907.3 MiB = 5e8 x 4 bytes on
+        gpt_small (docs/zero.md)."""
+        if self.backend != "deepspeed" or self.stage == 0:
             return 0.0
-        return float(min(self.reduce_bucket_size, psi) * elem_bytes)
+        return float(self.reduce_bucket_size * elem_bytes)
 
     def states(self, s: States) -> None:
         """ZeRO paper (Rajbhandari et al. 2020, sec. 5): stage s divides optimizer (s >= 1), grads (s >= 2),
@@ -154,6 +203,7 @@ class Zero(Technique):
         if bucket:
             s.other["deepspeed_reduce_bucket"] = bucket
         n, buffers = s.world_size, s.buffers
+        persistent = self.persistent_elements(s) * s.param_rate
 
         def shard(device: dict, host: dict) -> None:
             if self.stage >= 1:
@@ -161,16 +211,49 @@ class Zero(Technique):
             if self.stage >= 2:
                 device["grads"] /= n
             if self.stage >= 3:
-                device["params"] = (device["params"] - buffers) / n + buffers
+                device["params"] = (device["params"] - buffers) / n + buffers + persistent
             if self.offload_optimizer == "cpu":
                 host["optimizer"], device["optimizer"] = device["optimizer"], 0.0
             if self.offload_params == "cpu":
                 host["params"], device["params"] = device["params"] - buffers, float(buffers)
 
         s.post.append(shard)
+        gathered = self.fsdp_unsharded_elements(s)
+        if gathered:  # FSDP2's all-gathered parameters, in the policy's param_dtype (else as stored)
+            policy = self.fsdp_param_dtype_for(s.autocast)
+            rate = torch.empty((), dtype=policy).element_size() if policy is not None else s.param_rate
+            s.other["fsdp_unsharded_params"] = float(gathered * rate)
+            if policy is not None:
+                s.rule.append(f"FSDP2 MixedPrecisionPolicy(param_dtype={_name(policy)}, "
+                              f"reduce_dtype={self.fsdp_reduce_dtype})")  # fmt: skip
         s.rule.append(f"ZeRO stage {self.stage} over N={n}"
                       + ("; DeepSpeed's fp32 master partition is recorded as fp32_master" if self.backend == "deepspeed"
                          else ""))  # fmt: skip
+
+    def persistent_elements(self, s: States) -> int:
+        """DeepSpeed stage 3 with its default knobs keeps every parameter of at most
+        stage3_param_persistence_threshold elements whole on every rank, next to its partition (measured: the
+        rank holds both), so these add their full size to the Psi/N share."""
+        if self.backend != "deepspeed" or self.stage != 3 or self.stage3_knobs != "deepspeed":
+            return 0
+        return sum(p.numel() for p in s.model.parameters() if p.numel() <= DS_PERSISTENCE_THRESHOLD)
+
+    def fsdp_unsharded_elements(self, s: States) -> int:
+        """Parameters FSDP2 holds all-gathered at the peak (torch backend): every one at stage 2 (gathered before
+        forward, kept through backward); at stage 3 the root's own (FSDP2 keeps the root unsharded between forward
+        and backward) plus the largest block (one block gathered at a time; prefetching may add a second)."""
+        if self.backend != "torch" or self.stage < 2 or self.offload_params != "none":
+            return 0
+        if self.stage == 2:
+            return s.psi
+        sizes = [sum(p.numel() for p in b.parameters()) for b in s.blocks]
+        return s.psi - sum(sizes) + max(sizes, default=0)
+
+    def activation_terms(self, pred: Prediction) -> None:
+        """Under FSDP2's MixedPrecisionPolicy the blocks run with 16-bit parameters and no autocast: every saved
+        activation is 16-bit (residual stream and norms included) and there are no autocast weight copies."""
+        if self.fsdp_param_dtype_for(pred.autocast_dtype) is not None:
+            pred.autocast_dtype = None
 
     def expected_comm(self, facts: dict) -> dict:
         """ZeRO paper sec. 7: 2 Psi elements per rank per step for DP and stages 1-2, 3 Psi for stage 3.
@@ -188,19 +271,43 @@ def _optimizer_spec(ctx: Context, params) -> tuple[type, dict]:
     return cls, {k: v for k, v in probe.defaults.items() if k in names}
 
 
-def _apply_torch(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _apply_torch(z: Zero, facts: dict, model: torch.nn.Module, ctx: Context) -> Patch:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    stored, autocast = _name(facts["param_dtype"]), facts["dtype"]
+    half = autocast in (torch.bfloat16, torch.float16)
+    # what ran, for the record: DDP reduces gradients in the parameters' dtype; autocast only changes compute
+    info = {"mixed_precision": {"policy": "autocast" if half else "none", "param_dtype": stored,
+                                "reduce_dtype": stored, "autocast_dtype": _name(autocast) if half else None}}  # fmt: skip
     if z.stage >= 2:
         offload = CPUOffloadPolicy() if z.offload_params == "cpu" else OffloadPolicy()
+        param_dtype = z.fsdp_param_dtype_for(autocast)
+        mp = MixedPrecisionPolicy()  # FSDP2's default: no casts
+        if param_dtype is not None:
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=getattr(torch, z.fsdp_reduce_dtype))
+            info["mixed_precision"] = {"policy": "FSDP2 MixedPrecisionPolicy", "param_dtype": _name(param_dtype),
+                                       "reduce_dtype": z.fsdp_reduce_dtype, "autocast_dtype": None}  # fmt: skip
+        # reshard_after_forward: False keeps the gathered parameters through backward (SHARD_GRAD_OP), True frees
+        # them after each block's forward and re-gathers them in backward (FULL_SHARD, FSDP2's default)
         reshard = z.stage == 3
         for block in ctx.workload.blocks():
-            fully_shard(block, reshard_after_forward=reshard, offload_policy=offload)
-        fully_shard(model, reshard_after_forward=reshard, offload_policy=offload)
+            fully_shard(block, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mp)
+        fully_shard(model, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mp)
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-        return Patch(model=model, measure_memory=measure.with_tracker(FSDPMemTracker, FSDP_CATEGORIES))
+        trackers: list = []
+
+        def tracker(model, optimizer):
+            trackers.append(FSDPMemTracker(model, optimizer))
+            return trackers[-1]
+
+        return Patch(model=model, measure_memory=measure.with_tracker(tracker, FSDP_CATEGORIES), info=info,
+                     before_eval=[lambda m: _most_gathered(trackers)])  # fmt: skip
     # gradient_as_bucket_view: grads live in DDP's buckets instead of a second full-size copy
     ddp = DDP(model, gradient_as_bucket_view=True)
     holder: dict = {}
@@ -211,7 +318,7 @@ def _apply_torch(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
         return holder["grads"]
 
     if z.stage == 0:
-        return Patch(model=ddp, extra_state=lambda: {"grads": bucket_grads()})
+        return Patch(model=ddp, extra_state=lambda: {"grads": bucket_grads()}, info=info)
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     def factory(m):
@@ -225,7 +332,19 @@ def _apply_torch(z: Zero, model: torch.nn.Module, ctx: Context) -> Patch:
             "grads": bucket_grads(),
         }
 
-    return Patch(model=ddp, optimizer_factory=factory, extra_state=local_state)
+    return Patch(model=ddp, optimizer_factory=factory, extra_state=local_state, info=info)
+
+
+def _most_gathered(trackers: list) -> dict:
+    """The most all-gathered (unsharded) parameter bytes FSDPMemTracker saw at once in the measured step, over every
+    snapshot it took around each FSDP module's hooks: the split at the step's peak may fall where none are held
+    (stage 3 at the end of forward), so the record keeps this too (the bytes show the gather dtype: 2 per element
+    under a 16-bit MixedPrecisionPolicy, 4 without)."""
+    if not trackers:
+        return {}
+    snaps = [s for st in trackers[-1].memory_tracking.values() for ss in st.snapshots.values() for s in ss]
+    most = max((d.get("UNSHARDED_PARAM", 0) for s in snaps for d in measure.by_name(s).values()), default=0)
+    return {"fsdp_unsharded_params_max_bytes": most}
 
 
 # ---- deepspeed backend -------------------------------------------------------------------------------------
@@ -262,25 +381,25 @@ def _ds_config(z: Zero, ctx: Context, opt_cls: type, opt_kw: dict, dtype: torch.
 
 
 def _stage3_knobs(z: Zero) -> dict:
-    """Stage 3's cost lives in these knobs (docs/zero.md, "Stage 3 step time"). `paper`: every parameter sharded
-    (persistence threshold 0) and released right after its module runs (reuse distance 0, at most one bucket of
-    gathered parameters live), so per-rank bytes match the paper's Psi*(2+2+12)/N and backward re-gathers every
-    parameter: one fetch/release hook pair per submodule per pass, even at N=1. `deepspeed`: DeepSpeed 0.19's
-    defaults (parameters under 1e5 elements stay whole on every rank, gathered ones are kept for reuse, 5e7-element
-    prefetch), fewer gathers and hooks for more resident bytes."""
+    """Stage 3's cost lives in these knobs (docs/zero.md, "Stage 3 step time"). `deepspeed` (the default): none set,
+    so DeepSpeed's own defaults apply (parameters up to 1e5 elements stay whole on every rank, gathered ones are kept
+    for reuse, 5e7-element prefetch; the values in force are recorded from the engine). `paper`: every parameter
+    sharded (persistence threshold 0) and released right after its module runs (reuse distance 0, at most one
+    all-gather bucket of gathered parameters live), so per-rank bytes match the paper's Psi*(2+2+12)/N and backward
+    re-gathers every parameter: one fetch/release hook pair per submodule per pass, even at N=1."""
     if z.stage3_knobs == "deepspeed":
-        return {
-            "stage3_prefetch_bucket_size": 50_000_000,
-            "stage3_param_persistence_threshold": 100_000,
-            "stage3_max_reuse_distance": 1_000_000_000,
-            "stage3_max_live_parameters": 1_000_000_000,
-        }
+        return {}
     return {
         "stage3_prefetch_bucket_size": z.allgather_bucket_size,
         "stage3_param_persistence_threshold": 0,
         "stage3_max_reuse_distance": 0,
         "stage3_max_live_parameters": z.allgather_bucket_size,
     }
+
+
+# DeepSpeedZeroConfig fields recorded as the engine holds them (its defaults where the generated config is silent)
+DS_RECORDED = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "prefetch_bucket_size",
+               "param_persistence_threshold", "max_live_parameters", "max_reuse_distance")  # fmt: skip
 
 
 def _ds_state(engine, stage: int) -> dict[str, list[torch.Tensor]]:
@@ -308,7 +427,17 @@ def _apply_deepspeed(z: Zero, facts: dict, model: torch.nn.Module, ctx: Context)
     config = _ds_config(z, ctx, cls, kw, dtype)
     _forget_destroyed_groups()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    info = {"deepspeed_config": config, **_ds_estimate(z, facts)}
+    info = {
+        "deepspeed_config": config,
+        "deepspeed_zero_in_force": {k: getattr(engine._config.zero_config, k) for k in DS_RECORDED},
+        "mixed_precision": {
+            "policy": f"DeepSpeed {_name(dtype)}" if dtype != torch.float32 else "none",
+            "param_dtype": _name(dtype),  # DeepSpeed's bf16/fp16 modes hold 16-bit params (fp32 master partition)
+            "reduce_dtype": _name(engine.communication_data_type),
+            "autocast_dtype": None if dtype == torch.float32 else _name(dtype),
+        },
+        **_ds_estimate(z, facts),
+    }
 
     def tracker(model, optimizer):  # MemTracker takes torch optimizers only: track DeepSpeed's inner one
         mt = MemTracker()

@@ -28,32 +28,49 @@ LONG_STEPS = 24  # DeepSpeed's default clipping at 1.0 changes the trajectory fr
 # schedule does not depend on run.train_steps, so its first 5 losses are the 5-step run's (one run fewer per backend).
 LONG = [("torch", 0), ("deepspeed", 0)]
 CELLS = [("torch", s) for s in range(1, 4)] + [("deepspeed", s) for s in range(1, 4)]
+# FSDP2 under its MixedPrecisionPolicy (16-bit gathers, fp32 reduce)
+HALF_CELLS = [("torch", 2, "bf16"), ("torch", 3, "bf16"), ("torch", 3, "fp16")]
 
 
-def _overrides(backend: str, stage: int, n: int = 2, *extra: str) -> list[str]:
-    zero = ["technique=[zero]", f"technique.zero.backend={backend}", f"technique.zero.stage={stage}"]
+def _overrides(backend: str, stage: int, n: int = 2, *extra: str, techniques: str = "zero") -> list[str]:
+    zero = [f"technique=[{techniques}]", f"technique.zero.backend={backend}", f"technique.zero.stage={stage}"]
     return [*TINY, *zero, f"run.world_size={n}", *extra]
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:
+    import faulthandler
+
     import torch.distributed as dist
 
+    # A rank that dies by a signal leaves only "terminated with signal ..." in the parent: keep its stderr (C++
+    # "terminate called after ..." lines included) and, on SIGABRT/SIGSEGV, every thread's Python stack in a file
+    # the fixture shows when the spawn fails.
+    log = open(Path(out_dir, f"rank{rank}.stderr"), "w")  # noqa: SIM115 (open for the life of the process)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     # `import deepspeed` imports mlflow when installed (for its autotuner, unused here): ~4.5 s of CPU per rank
     sys.modules["mlflow"] = None
-    dist.init_process_group("gloo")
+    # a file rendezvous: a port picked by _free_port and bound later by rank 0's TCPStore can be taken in between
+    # by another session on this machine (measured: both groups then fail), a file in this session's tmp dir cannot
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'rendezvous')}", rank=rank, world_size=2)
     from membench.execute import execute
 
     for backend, stage in CELLS:
         out = execute(compose(*_overrides(backend, stage)))
         if rank == 0:
             Path(out_dir, f"{backend}{stage}.json").write_text(json.dumps(out, default=str))
+    for backend, stage, half in HALF_CELLS:
+        out = execute(compose(*_overrides(backend, stage, techniques=f"zero,{half}")))
+        if rank == 0:
+            Path(out_dir, f"{backend}{stage}-{half}.json").write_text(json.dumps(out, default=str))
     for backend, stage in LONG:
         out = execute(compose(*_overrides(backend, stage, 2, f"run.train_steps={LONG_STEPS}")))
         if rank == 0:
             Path(out_dir, f"{backend}{stage}-long.json").write_text(json.dumps(out, default=str))
+    dist.barrier()  # neither rank tears its gloo pairs down while the other still talks on them
     dist.destroy_process_group()
 
 
@@ -62,10 +79,15 @@ def two_ranks(tmp_path_factory) -> dict[tuple[str, int], dict]:
     from membench.distributed import _free_port
 
     out = tmp_path_factory.mktemp("zero2")
-    torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
+    try:
+        torch.multiprocessing.spawn(_rank, args=(_free_port(), str(out)), nprocs=2)
+    except torch.multiprocessing.ProcessExitedException as e:
+        tails = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("rank*.stderr"))}
+        pytest.fail(f"{e}\n" + "\n".join(f"--- {name} (tail) ---\n{text}" for name, text in tails.items()))
     runs = {(b, s): json.loads((out / f"{b}{s}.json").read_text()) for b, s in CELLS}
     runs.update({(b, s, "long"): json.loads((out / f"{b}{s}-long.json").read_text()) for b, s in LONG})
     runs.update({(b, s): runs[(b, s, "long")] for b, s in LONG})
+    runs.update({(b, s, h): json.loads((out / f"{b}{s}-{h}.json").read_text()) for b, s, h in HALF_CELLS})
     return runs
 
 
@@ -102,6 +124,33 @@ def test_fsdp_stage2_keeps_unsharded_params_during_compute_and_stage3_does_not(t
     assert two_ranks[("torch", 3)]["memory"]["by_category"]["params_unsharded"] < 4 * psi / 2
 
 
+@pytest.mark.parametrize(("stage", "half"), [(2, "bf16"), (3, "bf16"), (3, "fp16")])
+def test_fsdp_with_16_bit_precision_runs_its_mixed_precision_policy_and_gathers_16_bit_parameters(
+    two_ranks, stage, half
+):
+    """torch backend + bf16/fp16 at stages 2-3: FSDP2's MixedPrecisionPolicy (16-bit all-gathers and compute, fp32
+    gradient reduction) instead of autocast; the record says so, and FSDPMemTracker sees the all-gathered
+    parameters at 2 bytes each: half the fp32 run's, and what the states step predicts from the modules.
+    fp16 keeps its GradScaler (DTensor all-reduces the scaler's inf check)."""
+    rec, fp32 = two_ranks[("torch", stage, half)], two_ranks[("torch", stage)]
+    info = rec["technique_info"]
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[half]
+    assert info["zero.mixed_precision"] == {"policy": "FSDP2 MixedPrecisionPolicy", "param_dtype": dtype,
+                                            "reduce_dtype": "float32", "autocast_dtype": None}  # fmt: skip
+    assert fp32["technique_info"]["zero.mixed_precision"]["policy"] == "none"
+    most = info["zero.fsdp_unsharded_params_max_bytes"]
+    assert 2 * most == fp32["technique_info"]["zero.fsdp_unsharded_params_max_bytes"]
+    assert most == rec["memory"]["predicted_detail"]["other_terms"]["fsdp_unsharded_params"]
+    if stage == 2:  # every parameter gathered before forward and kept through backward: at the peak too
+        assert rec["memory"]["by_category"]["params_unsharded"] == 2 * _psi(rec)
+    # sharded parameters, gradients and optimizer state stay fp32 (the policy casts only the gathered copies)
+    assert rec["memory"]["model_states"]["params"] == fp32["memory"]["model_states"]["params"]
+    assert rec["memory"]["model_states"]["grads"] == fp32["memory"]["model_states"]["grads"]
+    # approximate: within the precision technique's declared tolerance of fp32 data parallelism
+    rtol = rec["exactness"][half]["loss_rtol"]
+    assert _curve(rec) == pytest.approx(_curve(two_ranks[("torch", 0)]), rel=rtol)
+
+
 def test_zero_redundancy_optimizer_shards_state_within_one_parameter(two_ranks):
     rec = two_ranks[("torch", 1)]
     psi = _psi(rec)
@@ -134,8 +183,14 @@ def test_deepspeed_stage_runs_shards_and_tracks_stage0(two_ranks, stage):
     if stage >= 1:  # DeepSpeed keeps an fp32 master partition even in fp32 training
         assert st["fp32_master"] == 4 * psi // n
         assert st["optimizer"] - 8 * psi // n in range(0, 4 * 40)
-    if stage == 3:
-        assert st["params"] == 4 * psi // n
+    if stage >= 1:  # DeepSpeed allocates its whole default reduce bucket (5e8 elements), however small the model
+        bucket = rec["technique_info"]["zero.deepspeed_zero_in_force"]["reduce_bucket_size"]
+        assert rec["memory"]["predicted_detail"]["other_terms"]["deepspeed_reduce_bucket"] == 4 * bucket
+        assert rec["memory"]["peak_bytes"] > 4 * bucket
+    if stage == 3:  # DeepSpeed's default knobs: gpt_tiny's tensors are all under the 1e5-element persistence
+        # threshold, so each rank holds every parameter whole next to its partition
+        assert st["params"] == 4 * psi // n + 4 * psi == rec["memory"]["predicted_by_category"]["params"]
+        assert rec["technique_info"]["zero.deepspeed_zero_in_force"]["param_persistence_threshold"] == 100_000
     assert _curve(rec) == pytest.approx(_curve(two_ranks[("torch", 0)]), rel=1e-3)
 
 

@@ -40,10 +40,10 @@ def test_export_reads_back_one_row_per_record_with_dotted_columns(study, tmp_pat
     out = tmp_path / f"table{suffix}"
     assert main(["export", str(results), "--out", str(out)]) == 0
     df = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
-    assert len(recs) == len(list((results / "runs").glob("*.json"))) == len(df) == 17
+    assert len(recs) == len(list((results / "runs").glob("*.json"))) == len(df) == 21  # 20 + the error
     assert list(df["run_id"]) == [r["run_id"] for r in recs]
     ok = [(i, r) for i, r in enumerate(recs) if r["status"] == "ok"]
-    assert len(ok) == 16 and {r["config"]["run"]["world_size"] for _, r in ok} == {1, 2}
+    assert len(ok) == 20 and {r["config"]["run"]["world_size"] for _, r in ok} == {1, 2}
     for i, r in ok:
         row = df.iloc[i]
         assert row["memory.peak_bytes"] == r["memory"]["peak_bytes"]
@@ -59,7 +59,7 @@ def test_export_reads_back_one_row_per_record_with_dotted_columns(study, tmp_pat
     assert df.iloc[-1]["status"] == "error" and df.iloc[-1]["error"] == "RuntimeError: boom"
     assert not [c for c in df.columns if "per_rank." in c and not c.endswith(".n")]
     assert not [c for c in df.columns if "traceback" in c or "child_output" in c]
-    assert f"17 record(s), {len(df.columns)} columns" in capsys.readouterr().out
+    assert f"21 record(s), {len(df.columns)} columns" in capsys.readouterr().out
 
 
 def test_export_without_out_prints_csv(study, capsys):
