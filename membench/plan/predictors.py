@@ -37,7 +37,8 @@ def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
     for t in techs:
         t.activation_terms(pred)
-    states = model_states(wl.model, wl.blocks(), techs, world_size)
+    # the workload's linear roles: lora's targets by role (q/k/v/o, mlp, head) are priced on exactly its layers
+    states = model_states(wl.model, wl.blocks(), techs, world_size, roles=wl.linear_roles())
 
     # a loss that never holds the full logits (fused cross-entropy) is passed only where a technique set it: the
     # activation models without an LM head (digits, custom) take no such argument

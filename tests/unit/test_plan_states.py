@@ -1,0 +1,48 @@
+"""The planner's model states against the libraries' own counts (issue 17): LoRA on a role subset priced on exactly
+the targeted layers (PEFT's trainable count)."""
+
+from __future__ import annotations
+
+import pytest
+
+from membench import plan as pl
+from membench.config import build
+from tests.helpers import compose
+
+# PEFT's own module-name suffixes for each role, per workload (written from the model definitions, independent of
+# the workloads' linear_roles() that the planner reads)
+PEFT_NAMES = {
+    "gpt_tiny": {"attention": ["attn.q", "attn.k", "attn.v", "attn.proj"], "mlp": ["fc", "fc_out"], "head": ["head"],
+                 "q": ["attn.q"], "v": ["attn.v"]},
+    "llama_tiny": {"attention": ["attn.q", "attn.k", "attn.v", "attn.o"], "mlp": ["gate", "up", "down"],
+                   "head": ["head"], "q": ["attn.q"], "v": ["attn.v"]},
+}  # fmt: skip
+
+
+def _peft_trainable(workload: str, targets: list[str], rank: int) -> tuple[int, int]:
+    """(trainable parameters, trainable tensors) by PEFT's get_peft_model on the real model."""
+    from peft import LoraConfig, get_peft_model
+
+    wl = build(compose(f"workload={workload}")["workload"], "workload").build(0)
+    names = [n for t in targets for n in PEFT_NAMES[workload][t]]
+    model = get_peft_model(wl.model, LoraConfig(r=rank, lora_alpha=16, target_modules=names))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model.get_nb_trainable_parameters()[0], len(trainable)
+
+
+@pytest.mark.parametrize("workload", ["gpt_tiny", "llama_tiny"])
+@pytest.mark.parametrize("targets", [["attention"], ["q", "v", "head"], ["mlp"]], ids="+".join)
+def test_lora_on_a_role_subset_is_priced_on_exactly_those_layers(workload, targets):
+    """The plan's analytic model states under technique=[lora] with targets by role: grads 4 B and AdamW 8 B per
+    trainable element plus a 4-byte step per trainable tensor, over PEFT's trainable set. (The planner refused
+    roles other than `blocks`: its pure step had no linear_roles().)"""
+    rank = 4
+    n, tensors = _peft_trainable(workload, targets, rank)
+    pc, user = pl.split_overrides([f"workload={workload}", "run.device=cpu", "run.memory_budget_mib=64", "plan.records=[/nonexistent]",
+                                   "technique=[lora]", f"technique.lora.rank={rank}",
+                                   f"technique.lora.targets=[{','.join(targets)}]", "plan.techniques=[]"])  # fmt: skip
+    pc.simulate = 0
+    (row,) = pl.plan(user, pc, progress=lambda m: None)["rows"]
+    states = row["predictions"]["analytic"]["by_category"]
+    assert states["grads"] == 4 * n
+    assert states["optimizer"] == 8 * n + 4 * tensors
