@@ -75,13 +75,42 @@ def _step(wl, model, optimizer, patch, batch_size, device, mark) -> None:
 
 
 def _warm_up(model, optimizer) -> None:
-    """What a run's warm-up step leaves behind for the measured one: the optimizer's state. Zero gradients give it
-    without a forward and backward (half of a simulation's time on large presets); the measured step runs in full."""
+    """What a run's warm-up step leaves behind for the measured one: the optimizer's state. A backward of a loss
+    that reads every trainable parameter once (zero times) gives each one a gradient without the model's forward
+    (half of a simulation's time on large presets) and, unlike setting `.grad`, fires the gradient hooks, so an
+    optimizer that steps in backward (post-accumulate-grad hooks) builds its state too; the measured step runs in
+    full."""
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    if params:
+        torch.stack([(p * 0).sum().float() for p in params]).sum().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _extra_bytes(patch) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """Bytes of the model state a technique keeps outside parameters and optimizer.state (Patch.extra_state: e.g.
+    GaLore's projections in projector objects), by category, each storage once, and one tensor per storage. Fake
+    storages all have data pointer 0, so a storage is told apart by its C++ object (`_cdata`)."""
+    seen, out, held = set(), {}, []
+    for cat, ts in (patch.extra_state() if patch.extra_state else {}).items():
+        for t in ts:
+            st = t.untyped_storage()
+            if st._cdata not in seen and st.nbytes() > 0:
+                seen.add(st._cdata)
+                held.append(t)
+                out[cat] = out.get(cat, 0) + st.nbytes()
+    return out, held
+
+
+def _attribute_extra(by_ref: dict, extra: dict[str, int]) -> dict:
+    """The tracker counts extra state it was told about (track_external) as "other" (OTH); its category instead,
+    as a run's measure_memory re-attributes it."""
+    d = dict(by_ref)
+    for cat, n in extra.items():
+        moved = min(n, d.get("OTH", 0))
+        d["OTH"] = d.get("OTH", 0) - moved
+        d[cat] = d.get(cat, 0) + moved
+    return d
 
 
 def _phase_marker(holder: dict, phases: dict):
@@ -115,7 +144,7 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
 
     def tracker(model, optimizer):
         holder["mt"] = mt = MemTracker()
-        mt.track_external(model, optimizer)
+        mt.track_external(model, optimizer, *holder.get("extra", ()))  # extra state: counted from the first op
         return mt
 
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -127,19 +156,27 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
         ctx = Context(workload=wl, device=device, run=None)
         model, patch = compose.apply_all(compose.ordered(techniques), wl.model, ctx)
         wl.model = model
-        optimizer = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        # the optimizer the run builds: a technique's (per-parameter steps in backward, low-memory optimizers), else
+        # the workload's own
+        make = patch.optimizer_factory or (lambda m: wl.make_optimizer([p for p in m.parameters() if p.requires_grad]))
+        optimizer = make(model)
         _warm_up(model, optimizer)
         step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device, mark)
+        extra, held = _extra_bytes(patch)
+        holder["extra"] = held
         split, _ = measure.measure_memory(lambda after_forward: step(), model, optimizer, tracker_factory=tracker)
-        state = sum(
+        state = extra.get("optimizer", 0) + sum(
             v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
         )
     dev = max(split.peak, key=split.total) if split.peak else str(device)  # the simulated device's own split
-    phases = {p: measure.categorise(raw[p].get(dev, {}), state, split.category_map) for p in PHASES}
-    end = measure.categorise(raw["_end_backward"].get(dev, {}), state, split.category_map)
+
+    def cats(name: str) -> dict:
+        return measure.categorise(_attribute_extra(raw[name].get(dev, {}), extra), state, split.category_map)
+
+    phases = {p: cats(p) for p in PHASES}
+    end = cats("_end_backward")
     states = {"params": end["params"], "grads": end["grads"], "optimizer": state}
-    after = measure.categorise(raw["_end_forward"].get(dev, {}), state, split.category_map)
-    return _summary(phases, states, after)
+    return _summary(phases, states, cats("_end_forward"))
 
 
 def _summary(phases: dict, states: dict, after_forward: dict) -> dict:
