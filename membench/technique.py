@@ -111,9 +111,13 @@ class States:
     post: list[Callable[[dict, dict], None]] = field(default_factory=list)  # (device, host) -> None, in order
     rule: list[str] = field(default_factory=lambda: ["fp32 AdamW 4+4+8"])
     roles: dict[str, str] | None = None  # the workload's linear_roles() where the caller has them (lora's targets)
+    # The workload (its batch and loss) where the caller has it: a step whose count needs a traced forward of the
+    # model as built (prune_structured: torch-pruning's dependency graph) reads it; None: that step's fallback rule.
+    workload: Any = None
 
     @classmethod
-    def of(cls, model: torch.nn.Module, blocks, world_size: int, roles: dict[str, str] | None = None) -> States:
+    def of(cls, model: torch.nn.Module, blocks, world_size: int, roles: dict[str, str] | None = None,
+           workload: Any = None) -> States:  # fmt: skip
         params = list(model.parameters())
         psi = sum(p.numel() for p in params)
         floats = [b for b in model.buffers() if b.is_floating_point()]
@@ -121,7 +125,8 @@ class States:
         return cls(model=model, blocks=blocks, world_size=world_size, psi=psi, dense=psi,
                    buffers=float(sum(b.numel() * b.element_size() for b in model.buffers())),
                    float_buffers=(sum(b.numel() for b in floats), float_bytes),
-                   trainable=[p.numel() for p in params if p.requires_grad], roles=roles)  # fmt: skip
+                   trainable=[p.numel() for p in params if p.requires_grad], roles=roles,
+                   workload=workload)  # fmt: skip
 
     def totals(self) -> tuple[dict, dict]:
         n = sum(self.trainable)
@@ -313,12 +318,13 @@ def _prefixed(kind: str, hook, model) -> dict:
 
 
 def model_states(model, blocks, techniques: list[Technique], world_size: int,
-                 roles: dict[str, str] | None = None) -> dict:  # fmt: skip
+                 roles: dict[str, str] | None = None, workload: Any = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
     of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
     apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
-    its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles()."""
-    s = States.of(model, blocks, world_size, roles)
+    its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles();
+    `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward."""
+    s = States.of(model, blocks, world_size, roles, workload)
     for t in ordered(techniques):
         t.states(s)
     device, host = s.totals()

@@ -38,7 +38,8 @@ def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
     for t in techs:
         t.activation_terms(pred)
     # the workload's linear roles: lora's targets by role (q/k/v/o, mlp, head) are priced on exactly its layers
-    states = model_states(wl.model, wl.blocks(), techs, world_size, roles=wl.linear_roles())
+    # (and the workload itself: prune_structured traces a forward of the fake model to count what it removes)
+    states = model_states(wl.model, wl.blocks(), techs, world_size, roles=wl.linear_roles(), workload=wl)
 
     # a loss that never holds the full logits (fused cross-entropy) is passed only where a technique set it: the
     # activation models without an LM head (digits, custom) take no such argument

@@ -46,3 +46,30 @@ def test_lora_on_a_role_subset_is_priced_on_exactly_those_layers(workload, targe
     states = row["predictions"]["analytic"]["by_category"]
     assert states["grads"] == 4 * n
     assert states["optimizer"] == 8 * n + 4 * tensors
+
+
+@pytest.mark.parametrize("workload", ["gpt_tiny", "digits_cnn_tiny"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_structured_pruning_by_channels_is_priced_at_what_torch_pruning_removes(workload, ratio):
+    """amount_of=channels: the plan's parameter and gradient bytes are those of the model torch-pruning leaves (the
+    technique's apply on the real model, magnitude ranking), to the element. The former rule shrank every block
+    tensor by 1 - ratio: on digits_cnn_tiny at 0.3 it kept 3,663 parameters where 2,350 stay (a conv loses input
+    and output channels both; the stem and head follow), on gpt_tiny 106,972 where 100,518 stay (heads go)."""
+    import torch
+
+    from membench.technique import Context
+    from membench.techniques.prune_structured import PruneStructured
+
+    wl = build(compose(f"workload={workload}")["workload"], "workload").build(0)
+    PruneStructured(ratio=ratio, amount_of="channels").apply(wl.model, Context(wl, torch.device("cpu"), None))
+    params = sum(p.numel() for p in wl.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in wl.model.buffers())
+    pc, user = pl.split_overrides([f"workload={workload}", "run.device=cpu", "run.memory_budget_mib=64",
+                                   "plan.records=[/nonexistent]", "technique=[prune_structured]",
+                                   "technique.prune_structured.amount_of=channels",
+                                   f"technique.prune_structured.ratio={ratio}", "plan.techniques=[]"])  # fmt: skip
+    pc.simulate = 0
+    (row,) = pl.plan(user, pc, progress=lambda m: None)["rows"]
+    states = row["predictions"]["analytic"]["by_category"]
+    assert states["grads"] == 4 * params
+    assert states["params"] == 4 * params + buffers
