@@ -33,6 +33,8 @@ LAUNCHERS = ("local", "slurm")
 class RunConfig:
     seed: int = 0
     batch_size: int = 8  # samples per step; the workload presets set their own default
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: each step's batch split in k along its first
+    # dimension, gradients summed over them (k > 1 lowers activations to a micro-batch's, gradients stay whole)
     warmup_steps: int = 2  # untimed, unmeasured; >= 1 so the memory step sees allocated optimizer state
     measure_steps: int = 5  # timed steps (no instrumentation active)
     train_steps: int = 20  # total optimizer steps before quality is evaluated (>= warmup + 2 + measure)
@@ -65,6 +67,9 @@ class RunConfig:
         mlflow_log.check_uri(self.mlflow_uri)
         if self.memory_budget_mib is not None and self.memory_budget_mib <= 0:
             raise ConfigError(f"run.memory_budget_mib={self.memory_budget_mib}: must be > 0 or null")
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"run.grad_accum_steps={self.grad_accum_steps}: must be >= 1 and divide "
+                              f"run.batch_size={self.batch_size} (each step's batch is split in equal micro-batches)")  # fmt: skip
         if self.world_size < 1:
             raise ConfigError(f"run.world_size={self.world_size}: must be >= 1 (ranks launched for one run)")
         if self.jobs != "auto" and not (self.jobs.isdigit() and int(self.jobs) >= 1):
@@ -74,6 +79,11 @@ class RunConfig:
         need = self.warmup_steps + self.measure_steps + 2
         if self.train_steps < need:
             raise ConfigError(f"run.train_steps={self.train_steps}: must be >= warmup + measure + 2 = {need}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per forward/backward: what activations scale with (the planner and the record predict at it)."""
+        return self.batch_size // self.grad_accum_steps
 
 
 @dataclass

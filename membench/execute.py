@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from membench import assemble, distributed, gpuinfo, measure
 from membench import technique as compose
 from membench.cell_progress import report_progress
 from membench.cells import build_all
-from membench.errors import MemoryBudgetExceeded
+from membench.errors import ConfigError, MemoryBudgetExceeded
 from membench.predict import predict
 from membench.sections import MODEL_STATES, PLAIN_PHASES
 from membench.technique import Context
@@ -49,6 +50,7 @@ class Trainer:
     """The model with its techniques applied, its optimizer, and one training step."""
 
     def __init__(self, run, wcfg, techs, device: torch.device):
+        compose.validate_run(techs, run)  # before anything is built: e.g. accumulation with a step in backward
         torch.manual_seed(run.seed)
         self.run, self.device = run, device
         self.wl = wcfg.build(run.seed)
@@ -57,35 +59,48 @@ class Trainer:
         model = self.wl.model.to(device)
         # the record's model-state prediction: the planner's pure rule, on the model before any technique touches it
         states = compose.model_states(model, self.wl.blocks(), self.techs, distributed.world_size(),
-                                      roles=self.wl.linear_roles())  # fmt: skip
+                                      roles=self.wl.linear_roles(), device_type=device.type)  # fmt: skip
         self.model, self.patch = compose.apply_all(self.techs, model, ctx)
         self.wl.model = self.model
         make = self.patch.optimizer_factory or (
             lambda m: self.wl.make_optimizer([p for p in m.parameters() if p.requires_grad])
         )
         self.optimizer = make(self.model)
-        self.predicted = predict(self.wl, self.techs, states, ctx, run.batch_size)
+        if run.grad_accum_steps > 1 and self.patch.backward is not None:
+            raise ConfigError(f"run.grad_accum_steps={run.grad_accum_steps}: the engine that owns backward and the "
+                              "step (Patch.backward, e.g. DeepSpeed's) accumulates through its own config, not this loop")  # fmt: skip
+        # activations scale with the micro-batch; the gradients of all k micro-batches are one buffer (in states)
+        self.predicted = predict(self.wl, self.techs, states, ctx, run.micro_batch_size)
         self.model.train()
         self.losses: list[float] = []
         # data parallelism: each rank reads its own shard of the batch stream (run.batch_size is per rank)
         self.world, self.rank = distributed.world_size(), distributed.rank()
 
     def step(self, i: int, after_forward=None, after_backward=None, before_zero=None) -> float:
-        """One real training step; the hooks let instrumented steps look between its phases."""
-        p, opt, scaler = self.patch, self.optimizer, self.patch.grad_scaler
+        """One real training step: run.grad_accum_steps micro-batches (forward + backward each, gradients summed),
+        then one optimizer step. The hooks let instrumented steps look between its phases: after the last
+        micro-batch's forward (the earlier ones' gradients are alive by then), after its backward, before zero_grad."""
+        p, opt, scaler, k = self.patch, self.optimizer, self.patch.grad_scaler, self.run.grad_accum_steps
         batch = self.wl.batch(i * self.world + self.rank, self.run.batch_size, self.device)
         for g in opt.param_groups:  # the workload's LR warm-up, as a factor on each group's own LR
             g["lr"] = g.setdefault("membench_base_lr", g["lr"]) * self.wl.lr_scale(i)
-        with p.step_context():
-            loss = self.wl.loss(self.model, batch)
-        if after_forward:
-            after_forward()
-        if p.backward is not None:  # an engine that owns backward and step (DeepSpeed)
-            p.backward(loss)
-        elif scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        losses = []
+        for j, micro in enumerate(split_batch(batch, k)):
+            if j:
+                _next_micro_batch()
+            with p.step_context():
+                loss = self.wl.loss(self.model, micro)
+            if k > 1:  # each micro-batch's mean loss weighs 1/k: the summed gradient is the whole batch's mean's
+                loss = loss / k
+            if after_forward and j == k - 1:
+                after_forward()
+            if p.backward is not None:  # an engine that owns backward and step (DeepSpeed)
+                p.backward(loss)
+            elif scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            losses.append(loss.detach())
         if after_backward:
             after_backward()
         if p.optimizer_step is not None:
@@ -100,7 +115,7 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         for hook in p.after_step:
             hook()
-        self.losses.append(loss.item())
+        self.losses.append(sum(x.item() for x in losses))  # read after the step: no sync inside it
         report_progress(len(self.losses), self.run.train_steps)  # the sweep's progress display (a no-op outside)
         return self.losses[-1]
 
@@ -150,6 +165,34 @@ class Trainer:
             self.patch.info.update(hook(self.model))
         with torch.no_grad():  # evaluation holds no graph: its memory is the forward's transient, not training's
             return self.wl.evaluate(self.model, self.device)
+
+
+def split_batch(batch, k: int) -> list:
+    """The batch as k micro-batches: every tensor split in k equal parts along its first dimension (samples), other
+    leaves repeated; k == 1 gives the batch itself. Containers: tuples, lists, dicts (the workloads' batches)."""
+    if k == 1:
+        return [batch]
+    if torch.is_tensor(batch):
+        if batch.shape[0] % k:
+            raise ConfigError(
+                f"run.grad_accum_steps={k}: a batch tensor of {batch.shape[0]} rows does not split in {k}"
+            )
+        return list(batch.tensor_split(k))
+    if isinstance(batch, dict):
+        parts = {key: split_batch(v, k) for key, v in batch.items()}
+        return [{key: v[j] for key, v in parts.items()} for j in range(k)]
+    if isinstance(batch, (tuple, list)):
+        cols = [split_batch(v, k) for v in batch]
+        return [type(batch)(c[j] for c in cols) for j in range(k)]
+    return [batch] * k
+
+
+def _next_micro_batch() -> None:
+    """MemTracker refuses a module's second forward inside one tracked step ("multiple iterative calls") until its
+    per-module stats are cleared; the record reads only its per-device snapshots, which this leaves alone."""
+    for mode in _get_current_dispatch_mode_stack():
+        if hasattr(mode, "reset_mod_stats"):
+            mode.reset_mod_stats()
 
 
 def _sync(device: torch.device) -> None:

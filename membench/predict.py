@@ -14,6 +14,19 @@ from __future__ import annotations
 from membench.technique import Context, Prediction, model_states
 
 
+def place_activations(act: dict, n_blocks: int, offload: bool, device_type: str) -> tuple[float | None, float]:
+    """(device, host) bytes of the activation model's saved activations. All on the device, unless activation
+    offloading is on and the device is CUDA (on CPU the host is the device): then every saved tensor is on the host
+    at the end of forward (host = total), and the device holds, at the step's peak, the part outside the blocks (the
+    head's tensors, the first fetched back in backward) and one block's share of the blocks' (layers / blocks: the
+    block whose tensors are in flight). Tensors it keeps (parameters, those under min_bytes) are not priced."""
+    total = act["total"]
+    if total is None or not offload or device_type != "cuda":
+        return total, 0.0
+    layers = act.get("layers", 0.0)
+    return total - layers + layers / max(n_blocks, 1), float(total)
+
+
 def predict(workload, techniques, states: dict, ctx: Context, batch_size: int) -> dict:
     """The record's prediction. `states`: model_states(...) of the model as built (per rank: device and host)."""
     pred = Prediction()
@@ -25,15 +38,17 @@ def predict(workload, techniques, states: dict, ctx: Context, batch_size: int) -
     if pred.act_extra_bytes and act["total"] is not None:  # workloads without an activation model predict none
         act = {**act, "technique_extra": pred.act_extra_bytes, "total": act["total"] + pred.act_extra_bytes}
     device, host = states["device"], states["host"]
+    act_device, act_host = place_activations(act, len(workload.blocks()), pred.act_offload, ctx.device.type)
     return {
         # device + host: the measured model states they are compared with are summed over every device
         "by_category": {
             **{k: device[k] + host.get(k, 0.0) for k in device},
-            "activations": act["total"],
+            "activations": act_device,
             "other": None,
         },
         "activation_terms": act,
         "model_states": {"device": device, "host": host, "psi": states["psi"]},
+        "activations_host": act_host,  # saved activations on the host (activation offloading), not in by_category
         "rules": {
             "model_states": states["rule"],
             "act_elem_bytes": pred.act_elem_bytes,
@@ -53,4 +68,4 @@ def relative_error(measured: dict, predicted: dict) -> dict:
     return out
 
 
-__all__ = ["model_states", "predict", "relative_error"]
+__all__ = ["model_states", "place_activations", "predict", "relative_error"]

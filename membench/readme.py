@@ -2,7 +2,7 @@
 
 A table sits between `<!-- table:EXPERIMENT -->` (or `<!-- table:EXPERIMENT:KIND -->`) and `<!-- /table -->`
 and is rendered from results/EXPERIMENT (latest record per cell of that experiment) by the KIND's table
-function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`, `device` (tracker vs
+function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`, `techniques` (with results/NAME/predicted.json), `device` (tracker vs
 device), `plan` (verified plans' predicted vs measured); `planjson` renders results/plan/NAME.json's top rows. `--check` exits 1 if
 a file differs from what the records give (a test runs it, so tables cannot drift from the records).
 """
@@ -27,6 +27,7 @@ RENDERERS = {
     "pruning": "membench.studies:pruning_table",
     "device": "membench.device_table:table",
     "plan": "membench.plan.tables:study_table",
+    "techniques": "membench.studies:techniques_table",  # also reads results/NAME/predicted.json
 }
 
 
@@ -49,7 +50,13 @@ def render(text: str, results: Path = ROOT / "results") -> str:
             # verified plans are ordinary runs (no experiment); a study's records carry its name
             if r.get("experiment") == name or (kind == "plan" and "plan_check" in r)
         ]
-        body = _renderer(kind)(records) if records else f"(no records in results/{name} yet)"
+        if not records:
+            body = f"(no records in results/{name} yet)"
+        elif kind == "techniques":  # measured savings beside the planner's (scripts/predict_study.py)
+            predicted = results / name / "predicted.json"
+            body = _renderer(kind)(records, json.loads(predicted.read_text()) if predicted.exists() else None)
+        else:
+            body = _renderer(kind)(records)
         return f"{m.group(1)}{body}\n{m.group(5)}"
 
     return BLOCK.sub(sub, text)

@@ -25,6 +25,8 @@ from membench.sections import OK_SECTIONS, Env, Memory
 STATUSES = ("ok", "oom", "error", "timeout")
 # Keys that do not change what a run measures, left out of the cell identity.
 _NOT_IDENTITY = ("results_dir", "force", "timeout_s", "gpu_busy", "mlflow_uri")
+# Run knobs added after records were committed: left out of the identity at their default (cells keep their hash).
+_RUN_ADDED = {"grad_accum_steps": 1}
 _LIBS = (
     "torch",
     "hydra-core",
@@ -63,6 +65,9 @@ def config_hash(config: dict) -> str:
     ident = _short_targets(json.loads(json.dumps(config)))
     for k in _NOT_IDENTITY:
         ident.get("run", {}).pop(k, None)
+    for k, default in _RUN_ADDED.items():
+        if ident.get("run", {}).get(k) == default:
+            del ident["run"][k]
     ident.pop("experiment", None)
     _drop_added_defaults(ident.get("workload"))
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

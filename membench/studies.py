@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from membench.report import cell_key, label
+from membench.report import cell_key, label, seed_group
 from membench.sections import MODEL_STATES
 
 
@@ -143,9 +143,84 @@ def zero_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def techniques_table(records: list[dict], predicted: dict | None = None) -> str:
+    """The techniques study: each cell's measured peak and its saving against the baseline, beside the planner's
+    predicted saving (results/techniques/predicted.json, `scripts/predict_study.py`), step-time ratio and quality.
+
+    A row is a seed group (cells differing only in run.seed). Savings are baseline minus cell, in MiB of the
+    tracker's peak; "saving error" is (predicted - measured) / measured saving. Rows whose records disagree in
+    peak across seeds print the mean.
+    """
+    pred = (predicted or {}).get("cells", {})
+    ok = [r for r in records if r["status"] == "ok"]
+    groups: dict[str, list[dict]] = {}
+    for r in ok:
+        groups.setdefault(seed_group(r), []).append(r)
+    base = next((g for g in groups.values() if not g[0].get("techniques") and _accum(g[0]) == 1), None)
+    head = (
+        "| techniques | seeds | peak MiB | saving MiB (%) | predicted peak MiB | predicted saving MiB | saving error "
+        "| step ratio | eval loss | loss vs baseline |\n" + "|---" * 10 + "|"
+    )
+    rows = [head]
+    if base is None:
+        return head + "\n(no baseline cell)"
+    b_peak = _avg([r["memory"]["peak_bytes"] for r in base])
+    b_pred = _avg([pred[r["config_hash"]]["peak_bytes"] for r in base if r["config_hash"] in pred])
+    b_step = _avg([r["timing"]["median_step_s"] for r in base])
+    b_loss = _avg([r["quality"]["value"] for r in base])
+
+    def order(g: list[dict]) -> tuple:
+        return (g is not base, len(g[0].get("techniques") or []), label(g[0]))
+
+    for g in sorted(groups.values(), key=order):
+        peak = _avg([r["memory"]["peak_bytes"] for r in g])
+        p = [pred[r["config_hash"]]["peak_bytes"] for r in g if r["config_hash"] in pred]
+        saving = b_peak - peak
+        p_peak = _avg(p) if p else None
+        p_saving = b_pred - p_peak if p_peak is not None and b_pred is not None else None
+        err = (p_saving - saving) / saving if p_saving is not None and g is not base and abs(saving) > 0 else None
+        losses = [r["quality"]["value"] for r in g]
+        name = label(g[0]) + (f" (grad_accum_steps={_accum(g[0])})" if _accum(g[0]) > 1 else "")
+        cells = [
+            name,
+            str(len(g)),
+            f"{peak / MiB:.1f}",
+            "-" if g is base else f"{saving / MiB:.1f} ({saving / b_peak:+.0%})",
+            f"{p_peak / MiB:.1f}" if p_peak is not None else "-",
+            "-" if g is base or p_saving is None else f"{p_saving / MiB:.1f}",
+            f"{err:+.1%}" if err is not None else "-",
+            f"{_avg([r['timing']['median_step_s'] for r in g]) / b_step:.2f}",
+            _spread(losses),
+            "-" if g is base else f"{_avg(losses) - b_loss:+.4f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _accum(r: dict) -> int:
+    return int(r["config"]["run"].get("grad_accum_steps", 1) or 1)
+
+
+def _avg(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _spread(values: list[float]) -> str:
+    """Mean, and min-max over seeds when there are several."""
+    m = _avg(values)
+    return f"{m:.4f}" if len(values) == 1 else f"{m:.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
 if __name__ == "__main__":
     from membench.records import latest_by_cell, load_records
 
     study, results = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else f"results/{sys.argv[1]}"
     recs = [r for r in latest_by_cell(load_records(results)).values() if r.get("experiment") == study]
-    print({"quantization": quantization_table, "pruning": pruning_table, "zero_stages": zero_table}[study](recs))
+    print(
+        {
+            "quantization": quantization_table,
+            "pruning": pruning_table,
+            "zero_stages": zero_table,
+            "techniques": techniques_table,
+        }[study](recs)
+    )

@@ -83,6 +83,9 @@ class Prediction:
     # Fused linear-cross-entropy in force: tokens per chunk of logits (0: automatic); the workload's activation
     # model (its `loss_chunk_tokens` argument) then saves an fp32 logsumexp per token instead of the logits.
     loss_chunk_tokens: int | None = None
+    # Activation offloading in force: on CUDA the saved activations live on the host (membench.predict.
+    # place_activations splits the activation model's total between device and host).
+    act_offload: bool = False
 
 
 @dataclass
@@ -111,13 +114,14 @@ class States:
     post: list[Callable[[dict, dict], None]] = field(default_factory=list)  # (device, host) -> None, in order
     rule: list[str] = field(default_factory=lambda: ["fp32 AdamW 4+4+8"])
     roles: dict[str, str] | None = None  # the workload's linear_roles() where the caller has them (lora's targets)
+    device_type: str = ""  # the run's or planned device ("": unknown): for layouts that depend on it (paged states)
     # The workload (its batch and loss) where the caller has it: a step whose count needs a traced forward of the
     # model as built (prune_structured: torch-pruning's dependency graph) reads it; None: that step's fallback rule.
     workload: Any = None
 
     @classmethod
     def of(cls, model: torch.nn.Module, blocks, world_size: int, roles: dict[str, str] | None = None,
-           workload: Any = None) -> States:  # fmt: skip
+           device_type: str = "", workload: Any = None) -> States:  # fmt: skip
         params = list(model.parameters())
         psi = sum(p.numel() for p in params)
         floats = [b for b in model.buffers() if b.is_floating_point()]
@@ -126,7 +130,7 @@ class States:
                    buffers=float(sum(b.numel() * b.element_size() for b in model.buffers())),
                    float_buffers=(sum(b.numel() for b in floats), float_bytes),
                    trainable=[p.numel() for p in params if p.requires_grad], roles=roles,
-                   workload=workload)  # fmt: skip
+                   device_type=device_type, workload=workload)  # fmt: skip
 
     def totals(self) -> tuple[dict, dict]:
         n = sum(self.trainable)
@@ -190,6 +194,10 @@ class Technique:
     def check(self, kinds: set[str], device_type: str) -> None:
         """Reject combinations/devices this technique cannot run with (raise membench.errors.ConfigError
         naming the key and why). `kinds` are all techniques of the run. Default: no constraint."""
+
+    def check_run(self, run) -> None:
+        """Reject run knobs it cannot run with (e.g. run.grad_accum_steps > 1): raise ConfigError naming the key.
+        Default: no constraint."""
 
     def check_model(self, model: torch.nn.Module, blocks) -> str | None:
         """Why it cannot apply to this (fake or meta) model, found by the planner before any run; None: it can."""
@@ -272,6 +280,12 @@ def validate(techniques: list[Technique], device_type: str) -> None:
         t.check(set(kinds), device_type)
 
 
+def validate_run(techniques: list[Technique], run) -> None:
+    """Each technique's check_run against the run knobs (RunConfig)."""
+    for t in ordered(techniques):
+        t.check_run(run)
+
+
 def apply_all(techniques: list[Technique], model, ctx: Context) -> tuple[object, Patch]:
     """Apply in order; merge patches. Returns the (possibly replaced) model and one merged patch."""
     merged = Patch()
@@ -318,13 +332,14 @@ def _prefixed(kind: str, hook, model) -> dict:
 
 
 def model_states(model, blocks, techniques: list[Technique], world_size: int,
-                 roles: dict[str, str] | None = None, workload: Any = None) -> dict:  # fmt: skip
+                 roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
     of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
     apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
     its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles();
+    `device_type`: the device the states live on (where a technique's layout depends on it: paged 8-bit states);
     `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward."""
-    s = States.of(model, blocks, world_size, roles, workload)
+    s = States.of(model, blocks, world_size, roles, device_type, workload)
     for t in ordered(techniques):
         t.states(s)
     device, host = s.totals()

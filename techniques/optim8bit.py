@@ -4,6 +4,11 @@ scale per block, trading update precision for ~1/4 (1/8) of the 8 bytes per para
 Backends: bitsandbytes AdamW8bit (PagedAdamW8bit on CUDA; on CPU bitsandbytes has no paged memory, so
 paged=auto picks the unpaged one) and torchao AdamW8bit/AdamW4bit. Limits: tensors under 4096 elements keep
 fp32 states (both libraries), and so do torchao tensors whose size is not a multiple of its block.
+Paged states (bitsandbytes on CUDA): the codes of tensors of >= 1e5 elements live in CUDA unified (managed) memory,
+which torch sees as CPU tensors (bitsandbytes wraps the managed pointer with torch.frombuffer); the driver moves
+their pages to the GPU when the step touches them and back under memory pressure, outside torch's allocator. They
+are counted where torch and MemTracker see them, in the host column (the prediction puts them there too); their
+GPU residency shows only in NVML's device-wide figure. Block scales, code tables and smaller tensors stay on device.
 torchao compiles its step (tens of seconds on the first one, reported as first_compiled_step_s); torch.compile
 cannot run under a dispatch mode, so the memory and FLOP steps run torchao's step eagerly (peak: upper bound).
 """
@@ -27,6 +32,7 @@ PAGED = ("auto", "on", "off")
 TORCHAO_BLOCK = {8: 256, 4: 128}
 TORCHAO_QMAP = {8: 256, 4: 16}
 BNB_BLOCK, BNB_QMAP = 256, 256
+BNB_PAGED_MIN = 100_000  # bitsandbytes pages a state buffer only for tensors of at least 1e5 elements
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Optimizer8bit(Technique):
     def apply(self, model, ctx: Context) -> Patch:
         c = ctx.workload.c
         facts: dict = {}
-        paged = self.paged == "on" or (self.paged == "auto" and ctx.device.type == "cuda" and self.backend != "torchao")
+        paged = self.is_paged(ctx.device.type)
 
         def factory(m: torch.nn.Module) -> torch.optim.Optimizer:
             params = [p for p in m.parameters() if p.requires_grad]
@@ -81,6 +87,9 @@ class Optimizer8bit(Technique):
 
         info = {"optimizer": f"{self.backend} AdamW{self.bits}bit", "paged": paged}
         return Patch(optimizer_factory=factory, info=info, before_eval=[lambda m: facts])
+
+    def is_paged(self, device_type: str) -> bool:
+        return self.paged == "on" or (self.paged == "auto" and device_type == "cuda" and self.backend != "torchao")
 
     def time_prior(self) -> float:
         return 1.05
@@ -103,9 +112,23 @@ class Optimizer8bit(Technique):
             total += 2 * BNB_QMAP * 4  # one signed and one unsigned code table, shared by all parameters
         return total
 
+    def paged_bytes(self, numels: list[int], elem_bytes: float = 4) -> int:
+        """State bytes bitsandbytes puts in managed memory: the buffers of tensors of >= 1e5 elements (two uint8
+        code tensors each, or two fp32 moments for a tensor under min_8bit_size)."""
+        return sum(2 * n * (1 if n >= self.min_8bit_size else 4) for n in numels if n >= BNB_PAGED_MIN)
+
     def states(self, s: States) -> None:
         s.optimizer = self.total_bytes(s.trainable, s.param_rate)  # after a quantized base: its adapters only
         s.rule.append(f"{self.bits}-bit {self.backend} states")
+        if self.is_paged(s.device_type):
+
+            def paged(device: dict, host: dict) -> None:  # managed memory: torch sees CPU tensors (module docstring)
+                moved = self.paged_bytes(s.trainable)
+                device["optimizer"] -= moved
+                host["optimizer"] += moved
+
+            s.post.append(paged)
+            s.rule.append("paged codes in unified memory, counted on the host")
 
 
 def _step(step, facts: dict, *args, **kwargs):

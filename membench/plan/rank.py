@@ -45,7 +45,7 @@ def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dic
         if why:  # the same refusal the technique's apply() gives at run time, found here before any run
             rejected.append({"techniques": kk, "reason": why})
             continue
-        a = analytic(wl, techs, run.batch_size, run.world_size)
+        a = analytic(wl, techs, run.batch_size, run.world_size, dev)
         preds = {"analytic": a}
         pf = cal.peak_factor(kk, family)
         if pf and a["peak_bytes"] is not None:

@@ -108,6 +108,7 @@ EXPECTED = {
     "custom": {"fused_ce": "technique=[fused_ce] on workload custom: has no language-model head"},
 }
 PAIRS = [pytest.param(w, t, id=f"{w}-{t}") for w in EXPECTED for t in TECHNIQUES]
+CUDA_ONLY = {"float8", "optimizer_offload"}  # their check() rejects a CPU run when the config is composed
 # full checkpointing (the default mode) over a quantized base: the review's plan row whose run failed in evaluate
 PAIRS.append(pytest.param("llama_tiny", "activation_checkpointing,quantized_base", id="llama_tiny-ckpt+quantized_base"))
 
@@ -117,6 +118,10 @@ def test_every_technique_on_the_new_workloads(workload, technique):
     from membench.execute import build_all
 
     small = SMALL.get(workload, ("workload.max_corpus_bytes=100000", "workload.eval_batches=1"))
+    if technique in CUDA_ONLY:
+        with pytest.raises(ConfigError, match=rf"^technique.{technique}: needs run.device=cuda"):
+            compose(f"workload={workload}", f"technique=[{technique}]", *STEPS, *small)
+        return
     cfg = compose(f"workload={workload}", f"technique=[{technique}]", *STEPS, *small)  # check() runs here
     if technique == "zero":
         return

@@ -51,13 +51,25 @@ REJECTED_PAIRS = {
     ("quantized_base", "weight_quant"): "both quantize the same linear layers",
     ("quantized_base", "zero"): "shard floating-point parameters only",
     ("weight_quant", "zero"): "shard floating-point parameters only",
+    ("optimizer_8bit", "optimizer_offload"): "both replace the optimizer",
+    ("optimizer_in_backward", "optimizer_offload"): "both replace the optimizer",
+    ("optimizer_lowmem", "optimizer_offload"): "both replace the optimizer",
+    ("optimizer_offload", "zero"): "DeepSpeed/DDP/FSDP own the step",
+    ("float8", "quantized_base"): "the quantizer replaces the nn.Linear modules float8 converts",
+    ("float8", "weight_quant"): "the quantizer replaces the nn.Linear modules float8 converts",
 }
+# CUDA-only techniques: composed with run.device=cpu, their check rejects them in one line (after the pair rules)
+CUDA_ONLY = {"float8", "optimizer_offload"}
 PAIRS = [(a, b) for i, a in enumerate(TECHNIQUES) for b in TECHNIQUES[i + 1 :]]
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_every_workload_technique_pair_composes(workload, technique):
+    if technique in CUDA_ONLY:
+        with pytest.raises(ConfigError, match=rf"^technique.{technique}: needs run.device=cuda"):
+            compose(f"workload={workload}", f"technique=[{technique}]", "run.device=cpu")
+        return
     cfg = compose(f"workload={workload}", f"technique=[{technique}]", "run.device=cpu")
     assert list(cfg["technique"]) == [technique]
 
@@ -70,6 +82,9 @@ def test_each_technique_pair_composes_or_is_rejected_as_the_table_says(pair):
             compose(*overrides)
         msg = str(e.value)
         assert "\n" not in msg and "technique=[" in msg and REJECTED_PAIRS[pair] in msg, msg
+    elif CUDA_ONLY & set(pair):
+        with pytest.raises(ConfigError, match=r"needs run.device=cuda"):
+            compose(*overrides)
     else:
         assert set(compose(*overrides)["technique"]) == set(pair)
 

@@ -73,3 +73,24 @@ def test_structured_pruning_by_channels_is_priced_at_what_torch_pruning_removes(
     states = row["predictions"]["analytic"]["by_category"]
     assert states["grads"] == 4 * params
     assert states["params"] == 4 * params + buffers
+
+
+def test_paged_8bit_states_of_a_cuda_plan_are_on_the_host():
+    """bitsandbytes' paged optimizers (PagedAdamW8bit: optimizer_8bit's paged=auto on CUDA) put the state buffers of
+    tensors of 1e5 elements or more in CUDA managed memory (cudaMallocManaged), outside the caching allocator: the
+    plan counts those two uint8 codes per element in its host column, not in the device peak. A CPU plan (unpaged)
+    keeps them on the device. (The planner counted them on the device for every plan before.)"""
+    pytest.importorskip("bitsandbytes")
+    wl = build(compose("workload=gpt_small")["workload"], "workload").build(0)
+    paged = sum(2 * p.numel() for p in wl.model.parameters() if p.numel() >= 100_000)
+    rows = {}
+    for device in ("cuda", "cpu"):
+        pc, user = pl.split_overrides(["workload=gpt_small", f"run.device={device}", "run.memory_budget_mib=4096",
+                                       "plan.records=[/nonexistent]", "technique=[optimizer_8bit]",
+                                       "plan.techniques=[]"])  # fmt: skip
+        pc.simulate = 0
+        (rows[device],) = pl.plan(user, pc, progress=lambda m: None)["rows"]
+    assert paged > 0
+    assert rows["cuda"]["host_bytes"] == paged and rows["cpu"]["host_bytes"] == 0
+    cuda, cpu = (rows[d]["predictions"]["analytic"]["by_category"]["optimizer"] for d in ("cuda", "cpu"))
+    assert cpu - cuda == paged
