@@ -146,6 +146,10 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         _, pred2 = simulated(simulate(k, r["_techs"], b2), r["_techs"], states)
         r["predictions"][name] = pred
         finish(r, budget, gap, b1, later={"pred": pred2, "batch": b2})
+        if dev == "cuda" and "allocator" in pred:  # what torch.cuda would report: a prior until a GPU confirms it
+            r["allocator"] = {**pred["allocator"], "source": "the simulated step replayed through the CUDA caching "
+                              "allocator's rules (membench.simulate.replay_allocator): a prior, not confirmed on a GPU; "
+                              "`fits` stays on the tracker's peak"}  # fmt: skip
     rows.sort(key=rank_key)
     for r in rows:
         r.pop("_techs")
