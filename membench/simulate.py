@@ -12,16 +12,25 @@ identical), which is exact when each phase's bytes are affine in the layer count
 Each technique declares how it runs here (membench/technique.py): as itself, as a stand-in (e.g. fp16 as bf16
 autocast: same bytes), dropped (post-training techniques: a training step is the baseline's), or not at all, with
 the reason in its `not_simulated` (no fake-tensor kernels, or data-dependent host reads): predictor "hybrid".
+
+The step's allocations and frees are traced too (`AllocTrace`) and replayed through the rules of torch's CUDA
+caching allocator (`replay_allocator`): the bytes torch.cuda would report as allocated and reserved. No library
+replays a trace through those rules on a machine without the device (torch's allocator runs only on one; its
+memory snapshots record a real device's history), hence this model of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import time
+import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from membench import measure
 from membench import technique as compose
@@ -75,13 +84,42 @@ def _step(wl, model, optimizer, patch, batch_size, device, mark) -> None:
 
 
 def _warm_up(model, optimizer) -> None:
-    """What a run's warm-up step leaves behind for the measured one: the optimizer's state. Zero gradients give it
-    without a forward and backward (half of a simulation's time on large presets); the measured step runs in full."""
+    """What a run's warm-up step leaves behind for the measured one: the optimizer's state. A backward of a loss
+    that reads every trainable parameter once (zero times) gives each one a gradient without the model's forward
+    (half of a simulation's time on large presets) and, unlike setting `.grad`, fires the gradient hooks, so an
+    optimizer that steps in backward (post-accumulate-grad hooks) builds its state too; the measured step runs in
+    full."""
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    if params:
+        torch.stack([(p * 0).sum().float() for p in params]).sum().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _extra_bytes(patch) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """Bytes of the model state a technique keeps outside parameters and optimizer.state (Patch.extra_state: e.g.
+    GaLore's projections in projector objects), by category, each storage once, and one tensor per storage. Fake
+    storages all have data pointer 0, so a storage is told apart by its C++ object (`_cdata`)."""
+    seen, out, held = set(), {}, []
+    for cat, ts in (patch.extra_state() if patch.extra_state else {}).items():
+        for t in ts:
+            st = t.untyped_storage()
+            if st._cdata not in seen and st.nbytes() > 0:
+                seen.add(st._cdata)
+                held.append(t)
+                out[cat] = out.get(cat, 0) + st.nbytes()
+    return out, held
+
+
+def _attribute_extra(by_ref: dict, extra: dict[str, int]) -> dict:
+    """The tracker counts extra state it was told about (track_external) as "other" (OTH); its category instead,
+    as a run's measure_memory re-attributes it."""
+    d = dict(by_ref)
+    for cat, n in extra.items():
+        moved = min(n, d.get("OTH", 0))
+        d["OTH"] = d.get("OTH", 0) - moved
+        d[cat] = d.get(cat, 0) + moved
+    return d
 
 
 def _phase_marker(holder: dict, phases: dict):
@@ -98,6 +136,8 @@ def _phase_marker(holder: dict, phases: dict):
         mt._peak_mem = {d: s["Total"] for d, s in now.items()}
         if name in ("forward", "backward"):  # held for backward; at the end of backward every gradient is live
             phases[f"_end_{name}"] = measure.by_name(now)
+        if name == "backward" and holder.get("trace") is not None:  # where a first step creates optimizer state
+            holder["trace"].events.append(STEP_MARK)
 
     return mark
 
@@ -115,7 +155,7 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
 
     def tracker(model, optimizer):
         holder["mt"] = mt = MemTracker()
-        mt.track_external(model, optimizer)
+        mt.track_external(model, optimizer, *holder.get("extra", ()))  # extra state: counted from the first op
         return mt
 
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -127,19 +167,39 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
         ctx = Context(workload=wl, device=device, run=None)
         model, patch = compose.apply_all(compose.ordered(techniques), wl.model, ctx)
         wl.model = model
-        optimizer = wl.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        # the optimizer the run builds: a technique's (per-parameter steps in backward, low-memory optimizers), else
+        # the workload's own
+        make = patch.optimizer_factory or (lambda m: wl.make_optimizer([p for p in m.parameters() if p.requires_grad]))
+        optimizer = make(model)
         _warm_up(model, optimizer)
         step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device, mark)
-        split, _ = measure.measure_memory(lambda after_forward: step(), model, optimizer, tracker_factory=tracker)
-        state = sum(
+        extra, held = _extra_bytes(patch)
+        holder["extra"] = held
+        # what the step allocates and frees, in order, over what is live before it (model, optimizer state, extra
+        # state: what MemTracker counts too), for the caching allocator's replay (`replay_allocator`)
+        opt_state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        holder["trace"] = trace = AllocTrace([*model.parameters(), *model.buffers(), *held], opt_state)
+
+        def traced() -> None:
+            with trace:
+                step()
+
+        split, _ = measure.measure_memory(lambda after_forward: traced(), model, optimizer, tracker_factory=tracker)
+        state = extra.get("optimizer", 0) + sum(
             v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
         )
     dev = max(split.peak, key=split.total) if split.peak else str(device)  # the simulated device's own split
-    phases = {p: measure.categorise(raw[p].get(dev, {}), state, split.category_map) for p in PHASES}
-    end = measure.categorise(raw["_end_backward"].get(dev, {}), state, split.category_map)
+
+    def cats(name: str) -> dict:
+        return measure.categorise(_attribute_extra(raw[name].get(dev, {}), extra), state, split.category_map)
+
+    phases = {p: cats(p) for p in PHASES}
+    end = cats("_end_backward")
     states = {"params": end["params"], "grads": end["grads"], "optimizer": state}
-    after = measure.categorise(raw["_end_forward"].get(dev, {}), state, split.category_map)
-    return _summary(phases, states, after)
+    out = _summary(phases, states, cats("_end_forward"))
+    out["allocator"] = replay_allocator(trace.initial, trace.events, deferred=trace.deferred)
+    out["allocator"]["trace_peak_bytes"] = trace.peak()
+    return out
 
 
 def _summary(phases: dict, states: dict, after_forward: dict) -> dict:
@@ -151,13 +211,17 @@ def _summary(phases: dict, states: dict, after_forward: dict) -> dict:
 
 def affine(a: dict, b: dict, f: float) -> dict:
     """a + f (b - a) for every phase category and measured state: two simulations (layer counts or batch sizes)
-    extended along the line through them."""
+    extended along the line through them (the allocator replay's figures too: labelled as extrapolated)."""
 
     def line(x: dict, y: dict) -> dict:
         return {c: x[c] + f * (y[c] - x[c]) for c in x}
 
     phases = {p: line(a["phases"][p], b["phases"][p]) for p in PHASES}
-    return _summary(phases, line(a["states"], b["states"]), line(a["after_forward"], b["after_forward"]))
+    out = _summary(phases, line(a["states"], b["states"]), line(a["after_forward"], b["after_forward"]))
+    if "allocator" in a and "allocator" in b:
+        nums = {k: v for k, v in a["allocator"].items() if isinstance(v, (int, float))}
+        out["allocator"] = {**line(nums, {k: b["allocator"][k] for k in nums}), "extrapolated": True}
+    return out
 
 
 def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:
@@ -202,3 +266,166 @@ def replace_states(s: dict, device_states: dict, other: dict) -> dict:
             cats[name] = cats.get(name, 0.0) + nbytes
         phases[p] = cats
     return _summary(phases, dict(device_states), s["after_forward"])
+
+
+# ---- the CUDA caching allocator, replayed over the simulated step -------------------------------------------------
+STEP_MARK = (-1, 0)  # in a trace: the optimizer step begins (backward is done)
+
+
+class AllocTrace(TorchDispatchMode):
+    """Every storage an op of the step creates (its bytes) and when it is freed (a weakref finalizer on the storage,
+    as MemTracker tracks them), in order, over what is alive before the step: `live` (model, extra state) and
+    `optimizer` (its state, which a first step creates at its optimizer step). Its live-bytes peak equals
+    MemTracker's total peak on the same step (tests/unit/test_plan_allocator.py)."""
+
+    def __init__(self, live: list[torch.Tensor], optimizer: list[torch.Tensor] = ()):
+        super().__init__()
+        self.events: list[tuple[int, int]] = []  # (storage id, +bytes allocated | -bytes freed)
+        self._ids: dict[int, int] = {}
+        self._next = 0
+        for t in live:
+            self._add(t)
+        self.initial, self.events = self.events, []
+        for t in optimizer:
+            self._add(t)
+        self.deferred, self.events = self.events, []
+
+    def _add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st._cdata in self._ids or st.nbytes() == 0:
+            return
+        self._ids[st._cdata] = i = self._next
+        self._next += 1
+        self.events.append((i, st.nbytes()))
+        weakref.finalize(st, self._free, st._cdata, i, st.nbytes())
+
+    def _free(self, key: int, i: int, nbytes: int) -> None:
+        if self._ids.pop(key, None) is not None:
+            self.events.append((i, -nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+    def peak(self) -> int:
+        cur = best = sum(n for _, n in self.initial + self.deferred)
+        for _, n in self.events:
+            cur += n
+            best = max(best, cur)
+        return best
+
+
+# c10/cuda/CUDACachingAllocator.cpp (torch 2.x), default settings
+MIN_BLOCK = 512  # kMinBlockSize: every request is rounded up to a multiple of 512 bytes
+SMALL_SIZE = 1 << 20  # kSmallSize: requests up to 1 MiB come from the small pool
+SMALL_BUFFER = 2 << 20  # kSmallBuffer: the small pool's segments are 2 MiB
+LARGE_BUFFER = 20 << 20  # kLargeBuffer: large requests under kMinLargeAlloc share 20 MiB segments
+MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
+ROUND_LARGE = 2 << 20  # kRoundLarge: larger requests get a segment of their own, rounded up to 2 MiB
+
+
+def replay_allocator(initial: list[tuple[int, int]], events: list[tuple[int, int]], warm_up: bool = True,
+                     deferred: list[tuple[int, int]] = ()) -> dict:  # fmt: skip
+    """The caching allocator's bytes over a simulated step: `initial` allocations (what is live before it), then
+    the step's events twice (a warm-up step, whose freed blocks stay cached, then the measured one; once without
+    `warm_up`; events are (id, +bytes) allocations and (id, -bytes) frees). `deferred` (the optimizer state) is
+    allocated where the warm-up step reaches its optimizer step (STEP_MARK), among the blocks its backward left,
+    as a run's first step creates it (without a warm-up: with `initial`). The model: one
+    stream, best fit among the pool's cached free blocks (smallest that fits, lowest address first), a block split
+    when the rest is >= 512 B (small pool) or > 1 MiB (large pool), neighbours merged on free, segments never
+    released (no empty_cache, no out-of-memory retry, no expandable segments). Returns the peak of allocated block
+    bytes (what torch.cuda.max_memory_allocated reports: requests rounded, unsplit remainders counted), the peak
+    reserved (segments: torch.cuda.max_memory_reserved), and the requested bytes' peak; the differences are the
+    named allocator terms: rounding (allocated - requested) and fragmentation (reserved - allocated)."""
+    a = _Allocator()
+    for i, n in [*initial, *(() if warm_up else deferred)]:
+        a.malloc(("init", i), n)
+    for rnd in ("warm", "step") if warm_up else ("step",):
+        if rnd == "step":
+            a.reset_peaks()
+        for i, n in events:
+            if (i, n) == STEP_MARK:
+                for j, m in deferred if rnd == "warm" else ():
+                    a.malloc(("init", j), m)
+            elif n > 0:
+                a.malloc((rnd, i), n)
+            else:  # a storage the step frees: allocated in this round, else live before the step
+                a.free((rnd, i)) or a.free(("init", i))
+    return {"requested_bytes": a.peak_requested, "allocated_bytes": a.peak_allocated,
+            "reserved_bytes": a.peak_reserved, "rounding_bytes": a.peak_allocated - a.peak_requested,
+            "fragmentation_bytes": a.peak_reserved - a.peak_allocated}  # fmt: skip
+
+
+class _Allocator:
+    """Segments as lists of [offset, size, free] blocks; free blocks per pool in a sorted list for best fit."""
+
+    def __init__(self):
+        self.free_blocks = {True: [], False: []}  # small pool? -> sorted [(size, segment, offset)]
+        self.segments: list[list[list]] = []
+        self.small: list[bool] = []  # per segment: from the small pool
+        self.owner: dict = {}  # allocation key -> (segment, offset, requested bytes)
+        self.requested = self.allocated = self.reserved = 0
+        self.peak_requested = self.peak_allocated = self.peak_reserved = 0
+
+    def reset_peaks(self) -> None:
+        self.peak_requested, self.peak_allocated = self.requested, self.allocated
+
+    @staticmethod
+    def round(n: int) -> int:
+        return max(MIN_BLOCK, -(-n // MIN_BLOCK) * MIN_BLOCK)
+
+    def malloc(self, key, n: int) -> None:
+        size = self.round(n)
+        small = size <= SMALL_SIZE
+        pool = self.free_blocks[small]
+        j = bisect.bisect_left(pool, (size, -1, -1))
+        if j < len(pool):
+            bsize, seg, off = pool.pop(j)
+        else:  # a new segment
+            bsize = SMALL_BUFFER if small else LARGE_BUFFER if size < MIN_LARGE_ALLOC else -(-size // ROUND_LARGE) * ROUND_LARGE
+            seg, off = len(self.segments), 0
+            self.segments.append([[0, bsize, True]])
+            self.small.append(small)
+            self.reserved += bsize
+        blocks = self.segments[seg]
+        k = next(k for k, b in enumerate(blocks) if b[0] == off)
+        rest = bsize - size
+        if rest >= MIN_BLOCK if small else rest > SMALL_SIZE:  # split: the rest stays cached
+            blocks[k] = [off, size, False]
+            blocks.insert(k + 1, [off + size, rest, True])
+            bisect.insort(pool, (rest, seg, off + size))
+        else:
+            blocks[k] = [off, bsize, False]
+        self.owner[key] = (seg, off, n)
+        self.requested += n
+        self.allocated += blocks[k][1]
+        self.peak_requested = max(self.peak_requested, self.requested)
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def free(self, key) -> bool:
+        got = self.owner.pop(key, None)
+        if got is None:  # not this key's (the caller tries the next)
+            return False
+        seg, off, n = got
+        blocks = self.segments[seg]
+        k = next(k for k, b in enumerate(blocks) if b[0] == off)
+        size = blocks[k][1]
+        small = self.small[seg]
+        self.requested -= n
+        self.allocated -= size
+        blocks[k][2] = True
+        pool = self.free_blocks[small]
+        for nb in (k + 1, k - 1):  # merge with free neighbours of the same segment
+            if 0 <= nb < len(blocks) and blocks[nb][2] and nb != k:
+                lo, hi = (k, nb) if nb > k else (nb, k)
+                pool.remove((blocks[nb][1], seg, blocks[nb][0]))
+                blocks[lo] = [blocks[lo][0], blocks[lo][1] + blocks[hi][1], True]
+                del blocks[hi]
+                k = lo
+        bisect.insort(pool, (blocks[k][1], seg, blocks[k][0]))
+        return True
+

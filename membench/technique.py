@@ -115,10 +115,13 @@ class States:
     rule: list[str] = field(default_factory=lambda: ["fp32 AdamW 4+4+8"])
     roles: dict[str, str] | None = None  # the workload's linear_roles() where the caller has them (lora's targets)
     device_type: str = ""  # the run's or planned device ("": unknown): for layouts that depend on it (paged states)
+    # The workload (its batch and loss) where the caller has it: a step whose count needs a traced forward of the
+    # model as built (prune_structured: torch-pruning's dependency graph) reads it; None: that step's fallback rule.
+    workload: Any = None
 
     @classmethod
     def of(cls, model: torch.nn.Module, blocks, world_size: int, roles: dict[str, str] | None = None,
-           device_type: str = "") -> States:  # fmt: skip
+           device_type: str = "", workload: Any = None) -> States:  # fmt: skip
         params = list(model.parameters())
         psi = sum(p.numel() for p in params)
         floats = [b for b in model.buffers() if b.is_floating_point()]
@@ -127,7 +130,7 @@ class States:
                    buffers=float(sum(b.numel() * b.element_size() for b in model.buffers())),
                    float_buffers=(sum(b.numel() for b in floats), float_bytes),
                    trainable=[p.numel() for p in params if p.requires_grad], roles=roles,
-                   device_type=device_type)  # fmt: skip
+                   device_type=device_type, workload=workload)  # fmt: skip
 
     def totals(self) -> tuple[dict, dict]:
         n = sum(self.trainable)
@@ -329,13 +332,14 @@ def _prefixed(kind: str, hook, model) -> dict:
 
 
 def model_states(model, blocks, techniques: list[Technique], world_size: int,
-                 roles: dict[str, str] | None = None, device_type: str = "") -> dict:  # fmt: skip
+                 roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
     of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
     apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
     its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles();
-    `device_type`: the device the states live on (where a technique's layout depends on it: paged 8-bit states)."""
-    s = States.of(model, blocks, world_size, roles, device_type)
+    `device_type`: the device the states live on (where a technique's layout depends on it: paged 8-bit states);
+    `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward."""
+    s = States.of(model, blocks, world_size, roles, device_type, workload)
     for t in ordered(techniques):
         t.states(s)
     device, host = s.totals()

@@ -52,8 +52,8 @@ class OptimizerInBackward(Technique):
     order: ClassVar[float] = 9.1
     exact: ClassVar[bool] = True
     family: ClassVar[str] = "optimizer_in_backward"
-    # its hooks step on fake tensors, but the simulation builds the workload's own optimizer
-    not_simulated: ClassVar[str] = "the simulation builds the workload's AdamW, not Patch.optimizer_factory"
+    # simulated as itself: the simulation builds Patch.optimizer_factory's optimizer and its warm-up backward fires
+    # the per-parameter hooks (membench/simulate.py), so the gradients held at each phase are measured, not priced
     # what needs the whole gradient before any step, or owns the step
     incompatible: ClassVar[dict[str, str]] = {
         "optimizer_8bit": "both replace the optimizer (per-parameter 8-bit optimizers are not built)",

@@ -12,13 +12,17 @@ update rule (approximate: the loss curve is not AdamW's).
   apollo     apollo-torch's APOLLOAdamW on the same tensors: m, v of a random projection to `rank`, the (rank x n or
              m x rank) Gaussian projection, and a scalar norm for its limiter.
 States the libraries keep outside optimizer.state tensors (the projections inside projector objects) are handed to
-the harness as optimizer extra state. Fake tensors: adam_mini and galore (its SVD too) step on them; torch's
-Adafactor and apollo read a tensor on the host (aten._local_scalar_dense) and do not. The planner's simulation
-builds the workload's own optimizer anyway, so all four are left out of it and priced by their `states` step.
+the harness as optimizer extra state. Fake tensors (the planner's simulation builds Patch.optimizer_factory's
+optimizer): adam_mini and galore (its SVD too) step on them in full. torch's Adafactor reads parameter and update
+norms on the host (`.item()`) and apollo its norm-growth limiter from the second step on; both allocate their whole
+state before the first such read (Adafactor's _init_group; apollo's first step, once its projection seed, drawn
+with a host generator, is computed outside fake mode), so on fake tensors their step stops at that read
+(`SimOptimizerLowmem`): the state is the library's own, to the byte; the update's temporaries are not simulated.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,10 +51,6 @@ class OptimizerLowmem(Technique):
     loss_rtol: ClassVar[float] = 0.1
     family: ClassVar[str] = "optimizer_lowmem"
     label_opts: ClassVar[tuple[str, ...]] = ("algo",)
-    not_simulated: ClassVar[str] = (
-        "the simulation builds the workload's AdamW, not Patch.optimizer_factory (and on fake tensors torch's "
-        "Adafactor and apollo read tensors on the host)"
-    )
     incompatible: ClassVar[dict[str, str]] = {
         "optimizer_8bit": "both replace the optimizer",
         "optimizer_in_backward": "both replace the optimizer (per-parameter low-memory optimizers are not built)",
@@ -111,6 +111,10 @@ class OptimizerLowmem(Technique):
             return {"optimizer": [t for t in projs if t is not None]}
 
         return Patch(optimizer_factory=factory, extra_state=extra_state, info={"optimizer": self.algo})
+
+    def simulated(self) -> Technique | None:
+        return SimOptimizerLowmem(algo=self.algo, rank=self.rank, update_proj_gap=self.update_proj_gap,
+                                  scale=self.scale, scale_type=self.scale_type)  # fmt: skip
 
     # ---- the prediction ----------------------------------------------------------------------------------------
     def state_bytes(self, name: str, shape: tuple[int, ...], e: int, low: bool, c) -> int:
@@ -183,3 +187,64 @@ class _Dims:
         if attn is None:  # not a transformer: Adam-mini's defaults
             return cls(2048, 32)
         return cls(attn.q.in_features, attn.n_head)
+
+
+# ---- fake tensors (the planner's simulation) -------------------------------------------------------------------
+HOST_READS = ("adafactor", "apollo")  # their update reads tensor values on the host
+
+
+@dataclass(frozen=True)
+class SimOptimizerLowmem(OptimizerLowmem):
+    """What `optimizer_lowmem` runs as on fake tensors (not registered: no `kind` of its own): the same library
+    optimizer; for adafactor and apollo, stepped by `StopAtHostRead`."""
+
+    def apply(self, model, ctx: Context) -> Patch:
+        patch = super().apply(model, ctx)
+        if self.algo in HOST_READS:
+            build = patch.optimizer_factory
+            patch.optimizer_factory = lambda m: StopAtHostRead(build(m), apollo_seed=self.algo == "apollo")
+        return patch
+
+    def simulated(self) -> Technique | None:
+        return self
+
+
+class StopAtHostRead(torch.optim.Optimizer):
+    """Facade over a library optimizer on fake tensors: step() runs the library's step until it reads a tensor's
+    value on the host (DataDependentOutputException), by which point it has allocated its state; `param_groups` and
+    `state` are the library optimizer's (the harness counts its state bytes; MemTracker's global step hooks see the
+    facade's step whole). `apollo_seed`: apollo draws each new projection's seed with torch.randint on a host
+    generator and reads it back (.tolist()); that draw runs outside fake mode, as on real tensors."""
+
+    def __init__(self, inner: torch.optim.Optimizer, apollo_seed: bool = False):
+        super().__init__([p for g in inner.param_groups for p in g["params"]], {})
+        self.inner, self.apollo_seed = inner, apollo_seed
+        self.param_groups, self.state = inner.param_groups, inner.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+
+        with self._real_seed() if self.apollo_seed else contextlib.nullcontext():
+            try:
+                self.inner.step()
+            except DataDependentOutputException:
+                pass  # the update needs values fake tensors do not have; the state exists by now
+        return None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _real_seed():
+        from unittest import mock
+
+        from apollo_torch import random_projector
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        draw = random_projector.next_seed
+
+        def next_seed(*args, **kwargs):
+            with unset_fake_temporarily():
+                return draw(*args, **kwargs)
+
+        with mock.patch.object(random_projector, "next_seed", next_seed):
+            yield

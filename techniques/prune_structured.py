@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -62,12 +63,28 @@ class PruneStructured(Technique):
         check_not_negative(f"{KEY}.pretrain_steps", self.pretrain_steps)
 
     def states(self, s: States) -> None:
-        """Pure estimate of the pruned model (the exact count needs torch-pruning's run on real weights: the record's
-        technique_info has it as `after`). Embeddings and the output layer keep their width, so only parameters
-        inside the blocks shrink, each tensor by one factor: amount_of=params removes `ratio` of the whole model's
-        parameters (what the search aims at, within SEARCH_TOL); amount_of=channels removes `ratio` of each
-        block tensor (one pruned dimension per layer: exact for an MLP's neurons, an under-estimate where a
-        layer loses input and output channels both). Buffers are left as built."""
+        """The pruned model's tensors. amount_of=channels, per layer, with the workload at hand (States.workload):
+        torch-pruning itself prunes a fake copy of the model as built (`pruned_sizes`), so every tensor's size is
+        the library's, to the element (per-layer pruning removes int-rounded counts that do not depend on weight
+        values; only which channels go does). Otherwise a rule: embeddings and the output layer keep their width,
+        so only parameters inside the blocks shrink, each tensor by one factor: amount_of=params removes `ratio` of
+        the whole model's parameters (what the search aims at, within SEARCH_TOL); amount_of=channels (without a
+        workload, or with global_pruning, whose counts depend on the weights) removes `ratio` of each block tensor,
+        an estimate: it misses layers that lose input and output channels both (a CNN: about (1 - ratio)^2 of a
+        conv's weights stay, not 1 - ratio), the heads (head_ratio) and the residual width that stays."""
+        traced = None
+        if self.amount_of == "channels" and not self.global_pruning and s.workload is not None:
+            traced = pruned_sizes(s.model, s.blocks, s.workload, self.ratio, self.head_ratio)
+        if traced is not None:
+            params, buffers = traced
+            grads = [n for n, p in zip(params, s.model.parameters()) if p.requires_grad]
+            s.dense -= s.psi - sum(params)
+            s.psi, s.trainable = sum(params), grads
+            s.buffers = float(sum(n * e for n, e, _ in buffers))
+            floats = [(n, e) for n, e, f in buffers if f]
+            s.float_buffers = (sum(n for n, _ in floats), float(sum(n * e for n, e in floats)))
+            s.rule.append(f"prune_structured: {self.ratio:g} of the channels per layer (torch-pruning on a fake copy)")
+            return
         params = list(s.model.parameters())
         inside = {id(p) for p in s.blocks.parameters()}
         in_blocks = sum(p.numel() for p in params if id(p) in inside)
@@ -100,15 +117,17 @@ class PruneStructured(Technique):
         info["quality_pruned"] = quality(model, ctx)
         return Patch(info=info)
 
-    def _prune(self, model: nn.Module, blocks: nn.Module, ctx: Context, batch, channel_ratio: float) -> list:
-        """Prune `model` in place (channels/neurons at channel_ratio, heads at head_ratio); its attention modules."""
+    def _prune(self, model: nn.Module, blocks: nn.Module, ctx: Context, batch, channel_ratio: float,
+               importance: tp.importance.Importance | None = None) -> list:  # fmt: skip
+        """Prune `model` in place (channels/neurons at channel_ratio, heads at head_ratio); its attention modules.
+        `importance`: the channel ranking (default: L2 magnitude, as in a run)."""
         heads = attention_heads(blocks)
         was_training = model.training
         model.eval()  # the tracing forward must not update BatchNorm running statistics
         pruner = tp.pruner.MetaPruner(
             model,
             batch,
-            importance=tp.importance.MagnitudeImportance(p=2),
+            importance=importance or tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=channel_ratio,
             global_pruning=self.global_pruning,
             ignored_layers=ignored_layers(model, ctx.workload, batch),
@@ -140,6 +159,53 @@ class PruneStructured(Technique):
                 break
             lo, hi = (mid, hi) if removed < self.ratio else (lo, mid)
         return best[0], trials
+
+
+class CountOnly(tp.importance.Importance):
+    """A ranking that reads no weight value (channel order): on fake tensors, where magnitudes do not exist. Per-layer
+    pruning removes the same number of channels whatever the ranking, so the pruned shapes are a run's."""
+
+    def __call__(self, group, **kwargs) -> torch.Tensor:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # a real ranking: torch-pruning reads it back (.tolist())
+            return torch.arange(len(group[0][1]), dtype=torch.float32)
+
+
+_PRUNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model as built -> {(ratio, head_ratio): sizes}
+
+
+def pruned_sizes(model: nn.Module, blocks, workload, ratio: float, head_ratio: float):
+    """([elements per parameter, in model.parameters() order], [(elements, element size, floating) per buffer]) of
+    `model` after per-layer structured pruning at `ratio` channels and `head_ratio` heads, found by running
+    torch-pruning (the technique's own `_prune`, CountOnly ranking) on a fake copy: no weight is read or allocated.
+    A real model is copied onto fake tensors (FakeCopyMode). None when the copy or the trace fails (the caller's
+    rule applies). Cached per model and knobs: the planner prices many candidates over one model."""
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensor, FakeTensorMode
+
+    key = (ratio, head_ratio)
+    cached = _PRUNED.get(model, {})
+    if key in cached:
+        return cached[key]
+    memo: dict = {}
+    try:
+        if any(isinstance(p, FakeTensor) for p in model.parameters()):
+            clone = copy.deepcopy(model, memo)
+        else:
+            with FakeCopyMode(FakeTensorMode(allow_non_fake_inputs=True)):
+                clone = copy.deepcopy(model, memo)
+        device = next(clone.parameters()).device
+        ctx = Context(workload=workload, device=device, run=None)
+        batch = workload.batch(0, 2, device)
+        PruneStructured(ratio=ratio, amount_of="channels", head_ratio=head_ratio)._prune(
+            clone, memo[id(blocks)], ctx, batch, ratio, CountOnly()
+        )
+    except Exception:  # noqa: BLE001 - a model torch-pruning cannot trace on fake tensors: the rule prices it
+        return None
+    out = ([p.numel() for p in clone.parameters()],
+           [(b.numel(), b.element_size(), b.is_floating_point()) for b in clone.buffers()])  # fmt: skip
+    _PRUNED.setdefault(model, {})[key] = out
+    return out
 
 
 def _forward(workload, model: nn.Module, batch) -> torch.Tensor:

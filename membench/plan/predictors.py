@@ -30,14 +30,19 @@ def fake_workload(wcfg, seed: int):
         return wcfg.build(seed)
 
 
-def analytic(wl, techs, batch_size: int, world_size: int) -> dict:
+def analytic(wl, techs, batch_size: int, world_size: int, device_type: str = "") -> dict:
     """Model states by each technique's pure `states` step plus the workload's activation model. A workload
-    without an activation model (hf, custom) gives activations None and no peak: the simulation decides."""
+    without an activation model (hf, custom) gives activations None and no peak: the simulation decides.
+    `device_type`: the planned device, for layouts that depend on it (bitsandbytes' paged states live in CUDA
+    managed memory, outside the allocator: the host column)."""
 
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
     for t in techs:
         t.activation_terms(pred)
-    states = model_states(wl.model, wl.blocks(), techs, world_size)
+    # the workload's linear roles: lora's targets by role (q/k/v/o, mlp, head) are priced on exactly its layers
+    # (and the workload itself: prune_structured traces a forward of the fake model to count what it removes)
+    states = model_states(wl.model, wl.blocks(), techs, world_size, roles=wl.linear_roles(), device_type=device_type,
+                          workload=wl)  # fmt: skip
 
     # a loss that never holds the full logits (fused cross-entropy) is passed only where a technique set it: the
     # activation models without an LM head (digits, custom) take no such argument

@@ -45,7 +45,7 @@ def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dic
         if why:  # the same refusal the technique's apply() gives at run time, found here before any run
             rejected.append({"techniques": kk, "reason": why})
             continue
-        a = analytic(wl, techs, run.batch_size, run.world_size)
+        a = analytic(wl, techs, run.batch_size, run.world_size, dev)
         preds = {"analytic": a}
         pf = cal.peak_factor(kk, family)
         if pf and a["peak_bytes"] is not None:
@@ -146,6 +146,10 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         _, pred2 = simulated(simulate(k, r["_techs"], b2), r["_techs"], states)
         r["predictions"][name] = pred
         finish(r, budget, gap, b1, later={"pred": pred2, "batch": b2})
+        if dev == "cuda" and "allocator" in pred:  # what torch.cuda would report: a prior until a GPU confirms it
+            r["allocator"] = {**pred["allocator"], "source": "the simulated step replayed through the CUDA caching "
+                              "allocator's rules (membench.simulate.replay_allocator): a prior, not confirmed on a GPU; "
+                              "`fits` stays on the tracker's peak"}  # fmt: skip
     rows.sort(key=rank_key)
     for r in rows:
         r.pop("_techs")

@@ -85,7 +85,7 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     run, wcfg, techs = validated(cfg, device_type_of_cfg(cfg))
     b = batch_size or run.batch_size
     wl = fake_workload(wcfg, run.seed)
-    a = analytic(wl, techs, b, run.world_size)
+    a = analytic(wl, techs, b, run.world_size, device_type_of_cfg(cfg))
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
     name, pred = simulated(s, techs, a["states"])
     return {**pred, "predictor": name, "analytic_bytes": a["peak_bytes"], "batch": b}
