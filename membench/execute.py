@@ -59,7 +59,7 @@ class Trainer:
         model = self.wl.model.to(device)
         # the record's model-state prediction: the planner's pure rule, on the model before any technique touches it
         states = compose.model_states(model, self.wl.blocks(), self.techs, distributed.world_size(),
-                                      roles=self.wl.linear_roles(), device_type=device.type)  # fmt: skip
+                                      roles=self.wl.linear_roles(), device_type=device.type, workload=self.wl)  # fmt: skip
         self.model, self.patch = compose.apply_all(self.techs, model, ctx)
         self.wl.model = self.model
         make = self.patch.optimizer_factory or (
