@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from membench import simulate as sim
 from membench.calibrate import Calibration
-from membench.predict import model_states
+from membench.predict import model_states, place_activations
 from membench.records import cpu_flags
 from membench.technique import Prediction
 
@@ -48,16 +48,20 @@ def analytic(wl, techs, batch_size: int, world_size: int, device_type: str = "")
     # activation models without an LM head (digits, custom) take no such argument
     chunk = {} if pred.loss_chunk_tokens is None else {"loss_chunk_tokens": pred.loss_chunk_tokens}
 
-    def act(b: int) -> float | None:
+    def placed(b: int) -> tuple[float | None, float]:  # (device, host): activation offloading moves them on CUDA
         autocast = pred.autocast_dtype is not None
-        return wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=autocast, **chunk)["total"]
+        terms = wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=autocast, **chunk)
+        return place_activations(terms, len(wl.blocks()), pred.act_offload, device_type)
 
-    acts = act(batch_size)
+    def act(b: int) -> float | None:
+        return placed(b)[0]
+
+    acts, acts_host = placed(batch_size)
     by_cat = {**states["device"], "activations": acts, **states["other"]}  # other: named buffers (DeepSpeed's bucket)
     return {
         "peak_bytes": None if acts is None else sum(by_cat.values()),
         "by_category": by_cat,
-        "host_bytes": sum(states["host"].values()),
+        "host_bytes": sum(states["host"].values()) + acts_host,
         "states": states,
         "act_per_sample": None if acts is None else act(batch_size + 1) - acts,
         "rule": states["rule"],

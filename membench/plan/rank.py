@@ -45,7 +45,7 @@ def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dic
         if why:  # the same refusal the technique's apply() gives at run time, found here before any run
             rejected.append({"techniques": kk, "reason": why})
             continue
-        a = analytic(wl, techs, run.batch_size, run.world_size, dev)
+        a = analytic(wl, techs, run.micro_batch_size, run.world_size, dev)  # activations scale with a micro-batch
         preds = {"analytic": a}
         pf = cal.peak_factor(kk, family)
         if pf and a["peak_bytes"] is not None:
@@ -120,7 +120,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
     family = base["workload"]["_target_"]
     gap = (cal.allocator_gap() or (1.0,))[0] if dev == "cuda" else 1.0
     rows, rejected = _rows(cands, cells, wl, dev, run, cal, family)
-    b1 = run.batch_size
+    b1 = run.micro_batch_size  # run.grad_accum_steps > 1: one forward/backward holds a micro-batch's activations
     b2 = 2 * b1
     for r in rows:
         finish(r, budget, gap, b1)
@@ -159,6 +159,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         "device": dev,
         "world_size": run.world_size,
         "batch_size": run.batch_size,
+        "micro_batch_size": run.micro_batch_size,  # predictions and max_batch are per micro-batch
         "budget_mib": run.memory_budget_mib,
         "results_dir": run.results_dir,
         "overrides": user,

@@ -83,7 +83,7 @@ def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
 def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dict:
     """Best prediction (simulation, else hybrid: never analytic, which some workloads lack) of one composed config."""
     run, wcfg, techs = validated(cfg, device_type_of_cfg(cfg))
-    b = batch_size or run.batch_size
+    b = batch_size or run.micro_batch_size  # with run.grad_accum_steps > 1 a step holds one micro-batch's activations
     wl = fake_workload(wcfg, run.seed)
     a = analytic(wl, techs, b, run.world_size, device_type_of_cfg(cfg))
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
