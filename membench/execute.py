@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from membench import assemble, distributed, gpuinfo, measure
 from membench import technique as compose
@@ -87,7 +86,7 @@ class Trainer:
         losses = []
         for j, micro in enumerate(split_batch(batch, k)):
             if j:
-                _next_micro_batch()
+                measure.next_micro_batch()
             with p.step_context():
                 loss = self.wl.loss(self.model, micro)
             if k > 1:  # each micro-batch's mean loss weighs 1/k: the summed gradient is the whole batch's mean's
@@ -185,14 +184,6 @@ def split_batch(batch, k: int) -> list:
         cols = [split_batch(v, k) for v in batch]
         return [type(batch)(c[j] for c in cols) for j in range(k)]
     return [batch] * k
-
-
-def _next_micro_batch() -> None:
-    """MemTracker refuses a module's second forward inside one tracked step ("multiple iterative calls") until its
-    per-module stats are cleared; the record reads only its per-device snapshots, which this leaves alone."""
-    for mode in _get_current_dispatch_mode_stack():
-        if hasattr(mode, "reset_mod_stats"):
-            mode.reset_mod_stats()
 
 
 def _sync(device: torch.device) -> None:

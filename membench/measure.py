@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import torch
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from torch.utils.flop_counter import FlopCounterMode
 
 from membench import gpuinfo
@@ -439,3 +440,12 @@ def cuda_history_at_peak(snapshot: dict, allocated_at_start: int, top: int = 12)
         "live_at_peak_by_site": [{"site": s, "bytes": n} for s, n in ranked[:top]],
         "other_sites_bytes": sum(n for _, n in ranked[top:]),
     }
+
+
+def next_micro_batch() -> None:
+    """MemTracker refuses a module's second forward inside one tracked step ("multiple iterative calls") until its
+    per-module stats are cleared; a record (and the simulation) reads only its per-device snapshots, which this
+    leaves alone. Called between the micro-batches of one step (run.grad_accum_steps)."""
+    for mode in _get_current_dispatch_mode_stack():
+        if hasattr(mode, "reset_mod_stats"):
+            mode.reset_mod_stats()

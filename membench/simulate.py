@@ -71,12 +71,21 @@ def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 m._buffers[k] = b.to(dtype)
 
 
-def _step(wl, model, optimizer, patch, batch_size, device, mark) -> None:
-    batch = wl.batch(0, batch_size, device)  # made inside the step, as in execute.py: the tracker counts it
-    with patch.step_context():
-        loss = wl.loss(model, batch)
-    mark("forward")
-    loss.backward()
+def _step(wl, model, optimizer, patch, batch_size, device, mark, accum: int = 1) -> None:
+    """One step as execute.py runs it: `accum` micro-batches of `batch_size` (forward + backward each, the earlier
+    ones' gradients alive through the later ones), then the optimizer step. "forward" ends with the last
+    micro-batch's forward."""
+    for j in range(accum):
+        if j:
+            measure.next_micro_batch()
+        batch = wl.batch(j, batch_size, device)  # made inside the step, as in execute.py: the tracker counts it
+        with patch.step_context():
+            loss = wl.loss(model, batch)
+        if accum > 1:
+            loss = loss / accum
+        if j == accum - 1:
+            mark("forward")
+        loss.backward()
     mark("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -142,7 +151,7 @@ def _phase_marker(holder: dict, phases: dict):
     return mark
 
 
-def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
+def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu", accum: int = 1) -> dict:
     """A warm-up (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
     fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -172,7 +181,7 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
         make = patch.optimizer_factory or (lambda m: wl.make_optimizer([p for p in m.parameters() if p.requires_grad]))
         optimizer = make(model)
         _warm_up(model, optimizer)
-        step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device, mark)
+        step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device, mark, accum)
         extra, held = _extra_bytes(patch)
         holder["extra"] = held
         # what the step allocates and frees, in order, over what is live before it (model, optimizer state, extra
@@ -224,22 +233,23 @@ def affine(a: dict, b: dict, f: float) -> dict:
     return out
 
 
-def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu") -> dict:
+def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu",
+             accum: int = 1) -> dict:  # fmt: skip
     """Fake-tensor step of the simulatable `techniques`, per phase; per-layer extrapolation above `max_layers`
-    blocks. Returns peak_bytes, by_category (at the peak phase), phases, states (the measured model states),
+    blocks; `accum` micro-batches of `batch_size` per step (run.grad_accum_steps). Returns peak_bytes, by_category (at the peak phase), phases, states (the measured model states),
     method, the kinds left out, and the seconds it took."""
     t0 = time.perf_counter()
     sim, rest = split(techniques)
     key = layer_key(wcfg)
     n = getattr(wcfg, key) if key else None
     if key is None or max_layers is None or n <= max_layers:
-        out = simulate_once(wcfg, sim, batch_size, seed, device)
+        out = simulate_once(wcfg, sim, batch_size, seed, device, accum)
         method = "fake-tensor step, full model"
     else:
         period = max([t.layer_period() for t in sim] + [1])
         lo, hi = period, 2 * period
-        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device)
-        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device)
+        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device, accum)
+        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device, accum)
         out = affine(a, b, (n - lo) / (hi - lo))
         method = f"fake-tensor steps at {key}={lo},{hi}, extrapolated per layer to {n}"
     out.update(device=str(device), method=method, left_out=[t.kind for t in rest], seconds=time.perf_counter() - t0)
@@ -385,7 +395,13 @@ class _Allocator:
         if j < len(pool):
             bsize, seg, off = pool.pop(j)
         else:  # a new segment
-            bsize = SMALL_BUFFER if small else LARGE_BUFFER if size < MIN_LARGE_ALLOC else -(-size // ROUND_LARGE) * ROUND_LARGE
+            bsize = (
+                SMALL_BUFFER
+                if small
+                else LARGE_BUFFER
+                if size < MIN_LARGE_ALLOC
+                else -(-size // ROUND_LARGE) * ROUND_LARGE
+            )
             seg, off = len(self.segments), 0
             self.segments.append([[0, bsize, True]])
             self.small.append(small)
@@ -428,4 +444,3 @@ class _Allocator:
                 k = lo
         bisect.insort(pool, (blocks[k][1], seg, blocks[k][0]))
         return True
-

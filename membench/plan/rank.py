@@ -130,7 +130,9 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
 
     def simulate(k: tuple, techs, b: int) -> dict:
         if (k, b) not in sims:
-            sims[k, b] = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(dev))
+            sims[k, b] = sim.simulate(
+                wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(dev), run.grad_accum_steps
+            )
         return sims[k, b]
 
     for r in rows:

@@ -86,7 +86,8 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     b = batch_size or run.micro_batch_size  # with run.grad_accum_steps > 1 a step holds one micro-batch's activations
     wl = fake_workload(wcfg, run.seed)
     a = analytic(wl, techs, b, run.world_size, device_type_of_cfg(cfg))
-    s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)))
+    s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)),
+                     run.grad_accum_steps)  # fmt: skip
     name, pred = simulated(s, techs, a["states"])
     return {**pred, "predictor": name, "analytic_bytes": a["peak_bytes"], "batch": b}
 

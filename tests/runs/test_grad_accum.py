@@ -89,3 +89,18 @@ def test_default_leaves_the_cell_identity_unchanged():
     without = {**cfg, "run": {k: v for k, v in cfg["run"].items() if k != "grad_accum_steps"}}
     assert config_hash(cfg) == config_hash(without)
     assert config_hash(compose(*LLAMA, "run.grad_accum_steps=2")) != config_hash(cfg)
+
+
+def test_planner_simulates_the_accumulated_step(runs):
+    """The planner's fake-tensor step runs the k micro-batches too: its peak has the first micro-batch's gradients
+    alive through the second's backward, as the run's has (a single micro-batch's step would miss them)."""
+    from membench.plan.config import PlanConfig
+    from membench.plan.verification import predict_one
+
+    cfg = compose(*LLAMA, "run.grad_accum_steps=2")
+    p = predict_one(cfg, PlanConfig())
+    assert p["predictor"] == "simulation"
+    batch_bytes = 2 * 8 * 64 * 8  # a run's micro-batches are views of the whole batch's input tensors
+    assert abs(p["peak_bytes"] - runs[2]["memory"]["peak_bytes"]) <= batch_bytes
+    one_micro = predict_one(compose(*LLAMA[:1], "run.batch_size=4", *LLAMA[2:]), PlanConfig())
+    assert p["peak_bytes"] > one_micro["peak_bytes"]
