@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from membench.report import cell_key, label, seed_group
+from membench.report import cell_key, label, seed_group, time_caveat
 from membench.sections import MODEL_STATES
 
 
@@ -171,7 +171,7 @@ def techniques_table(records: list[dict], predicted: dict | None = None) -> str:
     base = next((g for g in groups.values() if not g[0].get("techniques") and _accum(g[0]) == 1), None)
     head = (
         "| techniques | seeds | peak MiB | saving MiB (%) | predicted peak MiB | predicted saving MiB | saving error "
-        "| step ratio | eval loss | loss vs baseline |\n" + "|---" * 10 + "|"
+        "| step ratio | eval loss | loss vs baseline | time caveat |\n" + "|---" * 11 + "|"
     )
     rows = [head]
     if base is None:
@@ -197,13 +197,14 @@ def techniques_table(records: list[dict], predicted: dict | None = None) -> str:
             name,
             str(len(g)),
             f"{peak / MiB:.1f}",
-            "-" if g is base else f"{saving / MiB:.1f} ({saving / b_peak:+.0%})",
+            "-" if g is base else f"{saving / MiB:.1f} ({saving / b_peak:.0%})",
             f"{p_peak / MiB:.1f}" if p_peak is not None else "-",
             "-" if g is base or p_saving is None else f"{p_saving / MiB:.1f}",
             f"{err:+.1%}" if err is not None else "-",
             f"{_avg([r['timing']['median_step_s'] for r in g]) / b_step:.2f}",
             _spread(losses),
             "-" if g is base else f"{_avg(losses) - b_loss:+.4f}",
+            time_caveat(g),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

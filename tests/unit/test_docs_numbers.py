@@ -592,3 +592,44 @@ def test_checkpointing_peak_parts():
     claim(p, f"({full['memory']['by_category']['grads'] / MiB:.1f} MiB of gradients at the new peak)")
     both = cell("checkpointing", "activation_checkpointing + bf16")
     claim(p, f"full checkpointing + bf16 holds {act(both) / act(b):.2f}x of the fp32 baseline's activations")
+
+
+def test_techniques_claims():
+    p, st = "docs/studies/techniques.md", "techniques"
+    peak = lambda r: r["memory"]["peak_bytes"] / MiB  # noqa: E731
+    accum = lambda r: r["config"]["run"].get("grad_accum_steps", 1)  # noqa: E731
+    (b,) = [r for r in recs(st) if not r["techniques"] and accum(r) == 1]
+    (acc,) = [r for r in recs(st) if accum(r) == 2]
+    fused, ibw, off = cell(st, "fused_ce"), cell(st, "optimizer_in_backward"), cell(st, "activation_offload")
+    bfp, bff = cell(st, "bf16_pure"), cell(st, "bf16_pure + fused_ce")
+    bffc = cell(st, "bf16_pure + fused_ce + activation_checkpointing")
+    ladder_ibw = cell(st, "bf16_pure + fused_ce + activation_checkpointing + optimizer_in_backward")
+    ladder_8 = cell(st, "bf16_pure + fused_ce + activation_checkpointing + optimizer_8bit")
+    ladder_lora = cell(st, "bf16_pure + fused_ce + activation_checkpointing + lora(targets=['blocks'])")
+    qlora = [
+        r for r in recs(st) if r["techniques"][:2] == ["quantized_base", "lora"] and r["config"]["run"]["seed"] == 0
+    ]
+    (ql,) = qlora
+    flags = {tuple(r["env"]["cpu_flags"]) for r in recs(st)}
+    assert len(flags) == 1
+    claim(p, "`env.cpu_flags: " + json.dumps(list(next(iter(flags)))) + "`")
+    loads = [r["timing"]["load"]["start"]["load_avg_1m"] for r in recs(st)]
+    claim(p, f"{min(loads):.1f}-{max(loads):.1f} at the cells' starts")
+    claim(p, f"temporaries of {b['memory']['by_category']['temporaries'] / MiB:.0f} MiB")
+    claim(p, f"on top of {act(b) / MiB:.0f} MiB of held activations, while the parameters are "
+             f"{b['memory']['model_states']['params'] / MiB:.1f} MiB")  # fmt: skip
+    claim(p, f"Fused cross-entropy alone removes {peak(b) - peak(fused):.1f} MiB ({peak(fused) / peak(b) - 1:+.0%})")
+    assert ibw["memory"]["by_category"]["grads"] == b["memory"]["by_category"]["grads"] == 0
+    assert peak(ibw) == peak(b) and peak(off) == peak(b)
+    claim(p, f"({peak(ladder_ibw):.1f} MiB with and without it)")
+    assert peak(ladder_ibw) == peak(bffc)
+    claim(p, f"save {peak(b) - peak(acc):.1f} MiB")
+    claim(p, f"the whole gradient buffer ({acc['memory']['by_category']['grads'] / MiB:.1f} MiB)")
+    claim(p, f"The ladder** goes {peak(b):.1f} -> {peak(bfp):.1f} (pure bf16) -> {peak(bff):.1f} (+ fused CE) -> "
+             f"{peak(bffc):.1f} (+ checkpointing) -> {peak(ladder_8):.1f} (+ 8-bit AdamW) or {peak(ladder_lora):.1f} "
+             f"MiB (+ LoRA): {peak(ladder_lora) / peak(b):.2f}x")  # fmt: skip
+    claim(p, f"also reaches {peak(ql):.1f} MiB")
+    loss = lambda name: sum(r["quality"]["value"] for r in recs(st) if label(r) == name) / 3  # noqa: E731
+    lora_loss = loss("lora(targets=['blocks'])")
+    claim(p, f"({lora_loss:.1f} against {b['quality']['value']:.1f})")
+    claim(p, f"did not train in 24 steps either ({loss('optimizer_lowmem'):.1f})")

@@ -17,8 +17,12 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize(
     "overrides",
-    [("workload=gpt_tiny",), ("workload=gpt_tiny", "technique=[activation_checkpointing]"),
-     ("workload=llama_tiny", "technique=[bf16_pure]"), ("workload=digits_cnn_tiny",)],  # fmt: skip
+    [
+        ("workload=gpt_tiny",),
+        ("workload=gpt_tiny", "technique=[activation_checkpointing]"),
+        ("workload=llama_tiny", "technique=[bf16_pure]"),
+        ("workload=digits_cnn_tiny",),
+    ],  # fmt: skip
     ids=["gpt", "gpt-ckpt", "llama-bf16_pure", "digits"],
 )
 def test_the_step_trace_holds_every_byte_the_tracker_counts(overrides):
