@@ -22,6 +22,7 @@ memory snapshots record a real device's history), hence this model of them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import time
@@ -40,16 +41,47 @@ PHASES = ("forward", "backward", "optimizer")
 STATE_CATEGORIES = ("params", "grads", "optimizer")
 
 
-def split(techniques) -> tuple[list, list]:
+def split(techniques, world_size: int | None = None) -> tuple[list, list]:
     """(what runs on fake tensors, left out): each technique's stand-in (`simulated()`, None drops it), unless it
-    declares `not_simulated`."""
+    declares `not_simulated`, or it owns the process group (`distributed`) and the simulation was not given the
+    world size to fake. A technique left out may still act on the step through its optional `hybrid_stand_in()`
+    (zero: FSDP2's mixed-precision policy on the activations, its states replaced by its `states` step)."""
     sim, rest = [], []
     for t in techniques:
-        if t.not_simulated:
+        if t.not_simulated or (t.distributed and world_size is None):
             rest.append(t)
+            stand_in = getattr(t, "hybrid_stand_in", None)
+            if stand_in is not None and (s := stand_in()) is not None:
+                sim.append(s)
         elif (s := t.simulated()) is not None:
             sim.append(s)
     return sim, rest
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """torch's fake process group (torch.testing._internal.distributed.fake_pg, what torchtitan's memory estimation
+    uses): collectives return at once without touching data, so FSDP2 shards fake parameters over `world_size` ranks
+    in this one process and the tracker sees rank 0's bytes: its shards, all-gather and reduce-scatter buffers."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("simulate: a process group is already initialized; the simulation needs its own fake one")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _leaves(ts):
+    """Plain tensors holding the bytes: a tensor subclass (FSDP2's DTensor shards) by its inner tensors."""
+    for t in ts:
+        if hasattr(t, "__tensor_flatten__"):
+            yield from _leaves(getattr(t, n) for n in t.__tensor_flatten__()[0])
+        elif torch.is_tensor(t):
+            yield t
 
 
 def layer_key(wcfg) -> str | None:
@@ -151,9 +183,20 @@ def _phase_marker(holder: dict, phases: dict):
     return mark
 
 
-def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu", accum: int = 1) -> dict:
+def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str = "cpu", accum: int = 1,
+                  world_size: int | None = None) -> dict:  # fmt: skip
     """A warm-up (allocates optimizer state) then one MemTracker step, all on fake tensors. `device`:
-    fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels."""
+    fake CUDA tensors need a CUDA build with a visible device; CUDA plans made without one use CPU kernels.
+    A technique that owns the process group (zero's FSDP2) runs over a fake one of `world_size` ranks, as rank 0."""
+    if any(t.distributed for t in techniques):
+        if world_size is None:
+            raise ValueError("simulate_once: a distributed technique needs world_size")
+        with fake_process_group(world_size):
+            return _simulate_once(wcfg, techniques, batch_size, seed, device, accum, sharded=True)
+    return _simulate_once(wcfg, techniques, batch_size, seed, device, accum, sharded=False)
+
+
+def _simulate_once(wcfg, techniques, batch_size: int, seed: int, device: str, accum: int, sharded: bool) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device(device)
@@ -163,6 +206,11 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
     mark = _phase_marker(holder, raw)
 
     def tracker(model, optimizer):
+        if own.get("tracker_factory") is not None:  # a wrapper's own tracker (FSDPMemTracker), as in its run
+            holder["mt"] = mt = own["tracker_factory"](model, optimizer)
+            if holder.get("extra"):
+                mt.track_external(*holder["extra"])
+            return mt
         holder["mt"] = mt = MemTracker()
         mt.track_external(model, optimizer, *holder.get("extra", ()))  # extra state: counted from the first op
         return mt
@@ -180,23 +228,27 @@ def simulate_once(wcfg, techniques, batch_size: int, seed: int = 0, device: str 
         # the workload's own
         make = patch.optimizer_factory or (lambda m: wl.make_optimizer([p for p in m.parameters() if p.requires_grad]))
         optimizer = make(model)
-        _warm_up(model, optimizer)
+        # the tracker and categories a wrapper measures its run with (Patch.measure_memory = measure.with_tracker)
+        own = getattr(patch.measure_memory, "keywords", {}) if patch.measure_memory else {}
         step = functools.partial(_step, wl, model, optimizer, patch, batch_size, device, mark, accum)
+        if sharded:  # FSDP2's gradients come from its reduce-scatter hooks: a full step, as a run's warm-up
+            step()
+        else:
+            _warm_up(model, optimizer)
         extra, held = _extra_bytes(patch)
         holder["extra"] = held
         # what the step allocates and frees, in order, over what is live before it (model, optimizer state, extra
         # state: what MemTracker counts too), for the caching allocator's replay (`replay_allocator`)
-        opt_state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
-        holder["trace"] = trace = AllocTrace([*model.parameters(), *model.buffers(), *held], opt_state)
+        opt_state = list(_leaves(v for st in optimizer.state.values() for v in st.values()))
+        holder["trace"] = trace = AllocTrace(list(_leaves([*model.parameters(), *model.buffers(), *held])), opt_state)
 
         def traced() -> None:
             with trace:
                 step()
 
-        split, _ = measure.measure_memory(lambda after_forward: traced(), model, optimizer, tracker_factory=tracker)
-        state = extra.get("optimizer", 0) + sum(
-            v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-        )
+        split, _ = measure.measure_memory(lambda after_forward: traced(), model, optimizer, tracker_factory=tracker,
+                                          category_map=own.get("category_map"))  # fmt: skip
+        state = extra.get("optimizer", 0) + sum(v.untyped_storage().nbytes() for v in opt_state)
     dev = max(split.peak, key=split.total) if split.peak else str(device)  # the simulated device's own split
 
     def cats(name: str) -> dict:
@@ -234,25 +286,31 @@ def affine(a: dict, b: dict, f: float) -> dict:
 
 
 def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int | None = 4, device: str = "cpu",
-             accum: int = 1) -> dict:  # fmt: skip
+             accum: int = 1, world_size: int | None = None) -> dict:  # fmt: skip
     """Fake-tensor step of the simulatable `techniques`, per phase; per-layer extrapolation above `max_layers`
-    blocks; `accum` micro-batches of `batch_size` per step (run.grad_accum_steps). Returns peak_bytes, by_category (at the peak phase), phases, states (the measured model states),
-    method, the kinds left out, and the seconds it took."""
+    blocks; `accum` micro-batches of `batch_size` per step (run.grad_accum_steps). Returns peak_bytes, by_category
+    (at the peak phase), phases, states (the measured model states), method, the kinds left out, and the seconds it
+    took. `world_size`: the ranks a distributed technique (zero's FSDP2) is simulated over (rank 0's bytes); None
+    leaves such a technique out (hybrid)."""
     t0 = time.perf_counter()
-    sim, rest = split(techniques)
+    sim, rest = split(techniques, world_size)
     key = layer_key(wcfg)
     n = getattr(wcfg, key) if key else None
     if key is None or max_layers is None or n <= max_layers:
-        out = simulate_once(wcfg, sim, batch_size, seed, device, accum)
+        out = simulate_once(wcfg, sim, batch_size, seed, device, accum, world_size)
         method = "fake-tensor step, full model"
     else:
         period = max([t.layer_period() for t in sim] + [1])
         lo, hi = period, 2 * period
-        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device, accum)
-        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device, accum)
+        a = simulate_once(dataclasses.replace(wcfg, **{key: lo}), sim, batch_size, seed, device, accum, world_size)
+        b = simulate_once(dataclasses.replace(wcfg, **{key: hi}), sim, batch_size, seed, device, accum, world_size)
         out = affine(a, b, (n - lo) / (hi - lo))
         method = f"fake-tensor steps at {key}={lo},{hi}, extrapolated per layer to {n}"
-    out.update(device=str(device), method=method, left_out=[t.kind for t in rest], seconds=time.perf_counter() - t0)
+    ranks = world_size if any(t.distributed for t in sim) else 1
+    if ranks > 1:
+        method += f", rank 0 of {ranks} over a fake process group"
+    out.update(device=str(device), method=method, left_out=[t.kind for t in rest], world_size=ranks,
+               seconds=time.perf_counter() - t0)  # fmt: skip
     return out
 
 

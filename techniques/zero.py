@@ -80,7 +80,6 @@ class Zero(Technique):
     exact: ClassVar[bool] = True
     loss_rtol: ClassVar[float] = 1e-5  # sharded reductions reorder float sums
     incompatible: ClassVar[dict[str, str]] = CANNOT
-    not_simulated: ClassVar[str] = "DeepSpeed engines and process groups do not run on fake tensors here"
     family: ClassVar[str] = "zero"
     label_opts: ClassVar[tuple[str, ...]] = ("stage", "offload_optimizer", "offload_params")
     distributed: ClassVar[bool] = True
@@ -118,6 +117,27 @@ class Zero(Technique):
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"technique.zero.{key}={getattr(self, key)}: must be > 0")
+
+    @property
+    def not_simulated(self) -> str:  # type: ignore[override]  (per instance: it depends on the backend and stage)
+        """Why fake tensors cannot run this config ("": they can). FSDP2 (torch stages 2-3) runs on fake tensors over
+        torch's fake process group (membench.simulate.fake_process_group), as torchtitan estimates its memory."""
+        if self.backend == "deepspeed":
+            return "DeepSpeed engines do not run on fake tensors or a fake process group"
+        if self.stage < 2:
+            return "DDP's reducer and ZeroRedundancyOptimizer do not run on fake tensors here"
+        if self.offload_params != "none":
+            return "FSDP2's CPUOffloadPolicy needs a CUDA device"
+        return ""
+
+    def hybrid_stand_in(self) -> Technique | None:
+        """What runs in its place when the simulation leaves it out (its model states then come from `states`):
+        FSDP2's MixedPrecisionPolicy acting on the step, so the activations are those of the policy (16-bit
+        parameters in compute, no autocast: 16-bit residual stream and norms), not autocast's. None where no policy
+        can apply (DeepSpeed, DDP, ZeroRedundancyOptimizer keep the precision technique's own handling)."""
+        if self.backend == "torch" and self.stage >= 2 and self.fsdp_param_dtype == "auto":
+            return _PolicyStandIn(self)
+        return None
 
     @classmethod
     def plan_values(cls, world_size: int, device_type: str) -> list[dict]:
@@ -262,6 +282,27 @@ class Zero(Technique):
         return {"paper_elements": factor * facts["psi"], "factor_of_psi": factor, "psi": facts["psi"]}
 
 
+@dataclass(frozen=True)
+class _PolicyStandIn(Technique):
+    """Zero on fake tensors where the simulation leaves it out (hybrid): the parameters cast to the policy's
+    param_dtype, as FSDP2's MixedPrecisionPolicy casts them for compute (buffers stay as stored, as FSDP2 leaves
+    them), and autocast stepping aside (REPLACES_AUTOCAST); no sharding (the states are replaced by Zero.states)."""
+
+    zero: Zero
+    order: ClassVar[float] = 10
+
+    def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
+        dtype = next((a["autocast_dtype"] for a in ctx.applied.values() if "autocast_dtype" in a), torch.float32)
+        policy = self.zero.fsdp_param_dtype_for(dtype)
+        if policy is None:
+            return Patch()
+        with torch.no_grad():
+            for p in model.parameters():  # `.data`, not Module.to(): fake parameters cannot be swapped
+                if p.is_floating_point():
+                    p.data = p.data.to(policy)
+        return Patch(applied={REPLACES_AUTOCAST: True})
+
+
 # ---- torch backend -----------------------------------------------------------------------------------------
 def _optimizer_spec(ctx: Context, params) -> tuple[type, dict]:
     """The workload's optimizer class and its hyper-parameters, read off a throwaway instance."""
@@ -294,10 +335,10 @@ def _apply_torch(z: Zero, facts: dict, model: torch.nn.Module, ctx: Context) -> 
                                        "reduce_dtype": z.fsdp_reduce_dtype, "autocast_dtype": None}  # fmt: skip
         # reshard_after_forward: False keeps the gathered parameters through backward (SHARD_GRAD_OP), True frees
         # them after each block's forward and re-gathers them in backward (FULL_SHARD, FSDP2's default)
-        reshard = z.stage == 3
+        reshard, mesh = z.stage == 3, _default_mesh()
         for block in ctx.workload.blocks():
-            fully_shard(block, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mp)
-        fully_shard(model, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mp)
+            fully_shard(block, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mp, mesh=mesh)
+        fully_shard(model, reshard_after_forward=reshard, offload_policy=offload, mp_policy=mp, mesh=mesh)
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
         trackers: list = []
@@ -333,6 +374,19 @@ def _apply_torch(z: Zero, facts: dict, model: torch.nn.Module, ctx: Context) -> 
         }
 
     return Patch(model=ddp, optimizer_factory=factory, extra_state=local_state, info=info)
+
+
+def _default_mesh():
+    """fully_shard's default mesh (every rank, on the accelerator's device type, else CPU), built outside any
+    FakeTensorMode: DeviceMesh reads its rank map with .tolist(), which a fake tensor cannot answer (the planner's
+    simulation shards fake parameters over torch's fake process group)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import init_device_mesh
+
+    acc = torch.accelerator.current_accelerator()
+    with unset_fake_temporarily():
+        return init_device_mesh(acc.type if acc is not None else "cpu", (dist.get_world_size(),))
 
 
 def _most_gathered(trackers: list) -> dict:
