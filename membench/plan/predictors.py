@@ -101,13 +101,15 @@ def sim_key(techs) -> tuple:
 
 def simulated(s: dict, techs, states: dict) -> tuple[str, dict]:
     """("simulation", s) when every technique ran on fake tensors; else ("hybrid", s with the full model states
-    of all techniques put in place of the simulated ones at every phase: simulate.replace_states)."""
-    _, left = sim.split(techs)
-    keep = {k: s[k] for k in ("method", "seconds", "device") if k in s}
+    of all techniques put in place of the simulated ones at every phase: simulate.replace_states). What was left
+    out is what the simulation says it left out (`left_out`: zero's FSDP2 runs there only when it was given the world
+    size)."""
+    left = s["left_out"] if "left_out" in s else [t.kind for t in sim.split(techs)[1]]
+    keep = {k: s[k] for k in ("method", "seconds", "device", "world_size") if k in s}
     if not left:
         return "simulation", {**s, **keep}
     h = sim.replace_states(s, states["device"], states["other"])
-    return "hybrid", {**h, **keep, "simulated_peak_bytes": s["peak_bytes"], "left_out": [t.kind for t in left]}
+    return "hybrid", {**h, **keep, "simulated_peak_bytes": s["peak_bytes"], "left_out": list(left)}
 
 
 def max_batch(p1: dict, b1: int, p2: dict, b2: int, budget: float) -> int | None:
