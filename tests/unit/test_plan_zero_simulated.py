@@ -74,3 +74,31 @@ def test_hybrid_follows_fsdp2_mixed_precision_policy(stage):
                   f"technique.zero.stage={stage}", "technique.zero.fsdp_param_dtype=float32")  # fmt: skip
     kept = simulate(*config_parts(cfg), B, max_layers=None)
     assert kept["after_forward"]["activations"] == autocast["after_forward"]["activations"]
+
+
+def test_two_rank_zero_plan_rows_stay_at_or_above_their_model_states():
+    """Every zero candidate of a 2-rank gpt_tiny plan (the hybrid ones now under FSDP2's policy where it applies):
+    no prediction below the candidate's device-resident model states, categories adding up to the peak."""
+    import membench.plan as pl
+    from membench.config import build
+    from membench.technique import model_states
+
+    pc, user = pl.split_overrides(["run.device=cpu", "plan.records=[/nonexistent]", "workload=gpt_tiny",
+                                   "run.world_size=2", "run.memory_budget_mib=64", "plan.techniques=[zero,precision]"])  # fmt: skip
+    pc.simulate = 99
+    r = pl.plan(user, pc, progress=lambda m: None)
+    base = pl.compose_cells(user, [[]])[0]
+    wl = fake_workload(build(base["workload"], "workload"), 0)
+    cells = pl.compose_cells(pl.without_list(user), [row["overrides"] for row in r["rows"]])
+    assert len(cells) >= 8
+    for row, c in zip(r["rows"], cells, strict=True):
+        assert row["best_predictor"] in ("simulation", "hybrid")
+        _, _, techs = pl.validated(c, r["device"])
+        states = model_states(wl.model, wl.blocks(), techs, 2)["device"]
+        floor = states["params"] + states["grads"] + states["optimizer"]
+        for name, p in row["predictions"].items():
+            if p.get("peak_bytes") is None:
+                continue
+            assert p["peak_bytes"] >= floor * (1 - 1e-9), (row["label"], name, p["peak_bytes"], floor)
+            if "by_category" in p:
+                assert p["peak_bytes"] == pytest.approx(sum(v or 0 for v in p["by_category"].values()))
