@@ -23,14 +23,21 @@ from membench.plan.predictors import analytic, fake_workload, simulated
 from membench.simulate import simulate
 from tests.helpers import compose, config_parts
 
-CELLS = [(2, ""), (3, ""), (2, "bf16"), (3, "bf16")]
-RUN = ("workload=gpt_tiny", "run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4", "run.num_threads=1")
+# (workload, techniques, stage): FSDP2 alone, under its bf16 policy, with checkpointing inside the sharded blocks,
+# on Llama (RMSNorm, RoPE buffers), and with LoRA (frozen sharded base, trainable adapters)
+CELLS = [("gpt_tiny", "zero", 2), ("gpt_tiny", "zero", 3), ("gpt_tiny", "zero,bf16", 2), ("gpt_tiny", "zero,bf16", 3),
+         ("gpt_tiny", "zero,activation_checkpointing,bf16", 3), ("llama_tiny", "zero,bf16", 3),
+         ("gpt_tiny", "zero,lora", 3)]  # fmt: skip
+RUN = ("run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4", "run.num_threads=1")
 
 
-def _overrides(stage: int, half: str) -> list[str]:
-    techs = "zero,bf16" if half else "zero"
-    return [*RUN, f"technique=[{techs}]", "technique.zero.backend=torch", f"technique.zero.stage={stage}",
-            "run.world_size=2"]  # fmt: skip
+def _overrides(workload: str, techs: str, stage: int) -> list[str]:
+    return [f"workload={workload}", *RUN, f"technique=[{techs}]", "technique.zero.backend=torch",
+            f"technique.zero.stage={stage}", "run.world_size=2"]  # fmt: skip
+
+
+def _name(cell: tuple) -> str:
+    return f"{cell[0]}-{cell[1].replace(',', '+')}-stage{cell[2]}"
 
 
 def _rank(rank: int, out_dir: str) -> None:
@@ -45,33 +52,33 @@ def _rank(rank: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'rendezvous')}", rank=rank, world_size=2)
     from membench.execute import execute
 
-    for stage, half in CELLS:
-        out = execute(compose(*_overrides(stage, half)))
+    for cell in CELLS:
+        out = execute(compose(*_overrides(*cell)))
         if rank == 0:
-            Path(out_dir, f"{stage}{half}.json").write_text(json.dumps(out, default=str))
+            Path(out_dir, f"{_name(cell)}.json").write_text(json.dumps(out, default=str))
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> dict[tuple[int, str], dict]:
+def real(tmp_path_factory) -> dict[tuple, dict]:
     out = tmp_path_factory.mktemp("zero_sim")
     try:
         torch.multiprocessing.spawn(_rank, args=(str(out),), nprocs=2)
     except torch.multiprocessing.ProcessExitedException as e:
         tails = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("rank*.stderr"))}
         pytest.fail(f"{e}\n" + "\n".join(f"--- {name} ---\n{text}" for name, text in tails.items()))
-    return {(s, h): json.loads((out / f"{s}{h}.json").read_text()) for s, h in CELLS}
+    return {cell: json.loads((out / f"{_name(cell)}.json").read_text()) for cell in CELLS}
 
 
-@pytest.mark.parametrize(("stage", "half"), CELLS, ids=[f"stage{s}-{h or 'fp32'}" for s, h in CELLS])
-def test_simulated_rank_matches_a_real_two_rank_run(real, stage, half):
-    rec = real[(stage, half)]
-    cfg = compose(*_overrides(stage, half))
+@pytest.mark.parametrize("cell", CELLS, ids=[_name(c) for c in CELLS])
+def test_simulated_rank_matches_a_real_two_rank_run(real, cell):
+    rec = real[cell]
+    cfg = compose(*_overrides(*cell))
     wcfg, techs = config_parts(cfg)
     sim = simulate(wcfg, techs, cfg["run"]["batch_size"], cfg["run"]["seed"], max_layers=None, world_size=2)
     assert sim["left_out"] == [] and sim["world_size"] == 2
-    for r in rec["memory"]["per_rank"]:  # both ranks hold equal shards of gpt_tiny (every tensor splits in two)
+    for r in rec["memory"]["per_rank"]:  # both ranks hold equal shards (every tensor of these presets splits in two)
         assert {k: sim["states"][k] for k in ("params", "grads", "optimizer")} == r["model_states"]
         assert sim["peak_bytes"] == r["peak_bytes"]
     # the split at the peak too: sharded states, FSDP2's gathered parameters (16-bit under the policy), activations
