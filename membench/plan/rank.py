@@ -131,7 +131,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
     def simulate(k: tuple, techs, b: int) -> dict:
         if (k, b) not in sims:
             sims[k, b] = sim.simulate(
-                wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(dev), run.grad_accum_steps
+                wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(dev), run.grad_accum_steps, run.world_size
             )
         return sims[k, b]
 
