@@ -57,6 +57,7 @@ class Trainer:
         self.techs = compose.ordered(techs)
         model = self.wl.model.to(device)
         # the record's model-state prediction: the planner's pure rule, on the model before any technique touches it
+        n_blocks = len(self.wl.blocks())  # before apply_all: a DDP/FSDP wrapper hides the workload's blocks
         states = compose.model_states(model, self.wl.blocks(), self.techs, distributed.world_size(),
                                       roles=self.wl.linear_roles(), device_type=device.type, workload=self.wl)  # fmt: skip
         self.model, self.patch = compose.apply_all(self.techs, model, ctx)
@@ -69,7 +70,7 @@ class Trainer:
             raise ConfigError(f"run.grad_accum_steps={run.grad_accum_steps}: the engine that owns backward and the "
                               "step (Patch.backward, e.g. DeepSpeed's) accumulates through its own config, not this loop")  # fmt: skip
         # activations scale with the micro-batch; the gradients of all k micro-batches are one buffer (in states)
-        self.predicted = predict(self.wl, self.techs, states, ctx, run.micro_batch_size)
+        self.predicted = predict(self.wl, self.techs, states, ctx, run.micro_batch_size, n_blocks)
         self.model.train()
         self.losses: list[float] = []
         # data parallelism: each rank reads its own shard of the batch stream (run.batch_size is per rank)

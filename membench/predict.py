@@ -27,8 +27,9 @@ def place_activations(act: dict, n_blocks: int, offload: bool, device_type: str)
     return total - layers + layers / max(n_blocks, 1), float(total)
 
 
-def predict(workload, techniques, states: dict, ctx: Context, batch_size: int) -> dict:
-    """The record's prediction. `states`: model_states(...) of the model as built (per rank: device and host)."""
+def predict(workload, techniques, states: dict, ctx: Context, batch_size: int, n_blocks: int | None = None) -> dict:
+    """The record's prediction. `states`: model_states(...) of the model as built (per rank: device and host).
+    `n_blocks`: the workload's block count, taken before the techniques wrapped the model (DDP/FSDP hide it)."""
     pred = Prediction()
     for t in techniques:
         t.predict(pred, ctx)
@@ -38,7 +39,8 @@ def predict(workload, techniques, states: dict, ctx: Context, batch_size: int) -
     if pred.act_extra_bytes and act["total"] is not None:  # workloads without an activation model predict none
         act = {**act, "technique_extra": pred.act_extra_bytes, "total": act["total"] + pred.act_extra_bytes}
     device, host = states["device"], states["host"]
-    act_device, act_host = place_activations(act, len(workload.blocks()), pred.act_offload, ctx.device.type)
+    n_blocks = len(workload.blocks()) if n_blocks is None else n_blocks
+    act_device, act_host = place_activations(act, n_blocks, pred.act_offload, ctx.device.type)
     return {
         # device + host: the measured model states they are compared with are summed over every device
         "by_category": {
