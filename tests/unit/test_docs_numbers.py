@@ -633,3 +633,58 @@ def test_techniques_claims():
     lora_loss = loss("lora(targets=['blocks'])")
     claim(p, f"({lora_loss:.1f} against {b['quality']['value']:.1f})")
     claim(p, f"did not train in 24 steps either ({loss('optimizer_lowmem'):.1f})")
+
+
+def test_plan_verified_study_claims():
+    """docs/studies/plan.md's verdicts on the verified study (issue 17, item 8), from results/plan_verified."""
+    p = "docs/studies/plan.md"
+    rs = [r for r in latest_by_cell(load_records(ROOT / "results" / "plan_verified")).values() if "plan_check" in r]
+    got = lambda r: r["plan_check"]["measured"]["peak_bytes"] or r["memory"]["peak_bytes"]  # noqa: E731 (oom: reached)
+    err = lambda r, n: (r["plan_check"]["predicted_by"][n] - got(r)) / got(r)  # noqa: E731
+    over = lambda r, n: int(r["plan_check"]["predicted_by"][n] - got(r))  # noqa: E731
+    by = lambda n: [r for r in rs if n in r["plan_check"]["predicted_by"]]  # noqa: E731
+    exact = lambda r, n: abs(err(r, n)) < 0.0005  # noqa: E731
+    fit = [r for r in rs if r["plan_check"]["predicted_fits"]]
+    nofit = [r for r in rs if not r["plan_check"]["predicted_fits"]]
+    assert all(r["status"] == "ok" for r in fit) and all(r["status"] == "oom" for r in nofit)
+    assert {r["plan_check"]["budget_mib"] < r["plan_check"]["predicted_peak_bytes"] / MiB for r in nofit} == {True}
+    claim(p, f"{len(rs)} cells: the {len(fit)} predicted to fit ran ok, the {len(nofit)} predicted not to fit ended oom")
+    sim = by("simulation")
+    claim(p, f"within 0.05% on {sum(exact(r, 'simulation') for r in sim)} of its {len(sim)} cells")
+    hf = [r for r in sim if r["workload"]["preset"] == "hf"]
+    (qwen,) = [r for r in hf if r["config"]["workload"]["model_type"] == "qwen2"]
+    lora = [r for r in hf if r["config"]["workload"]["model_type"] == "llama"]
+    assert len(lora) == 2 and len({f"{err(r, 'simulation'):.1%}" for r in lora}) == 1
+    claim(p, f"{err(qwen, 'simulation'):+.1%} on Qwen2 and {err(lora[0], 'simulation'):+.1%} on Llama with LoRA")
+    (gap,) = {over(r, "simulation") for r in hf}
+    w, run = hf[0]["config"]["workload"], hf[0]["config"]["run"]
+    h = w["overrides"]["num_attention_heads"]
+    assert gap == run["batch_size"] * h * w["seq_len"] ** 2 * 4
+    claim(p, f"exactly {gap:,} B more activations")
+    claim(p, f"({run['batch_size']} x {h} heads x {w['seq_len']} x {w['seq_len']} x 4 B)")
+    (g2,) = [r for r in sim if r["workload"]["preset"] == "hf_gpt2_tiny" and not exact(r, "simulation")]
+    claim(p, f"over by {over(g2, 'simulation'):,} B ({err(g2, 'simulation'):+.1%})")
+    hyb = by("hybrid")
+    n_exact = sum(exact(r, "hybrid") for r in hyb)
+    assert all(err(r, "hybrid") > 0 for r in hyb if not exact(r, "hybrid"))
+    claim(p, f"within 0.05% on {n_exact} of its {len(hyb)} cells, over-predicting on the other {len(hyb) - n_exact}")
+    zero = lambda r: (r["config"].get("technique") or {}).get("zero")  # noqa: E731
+    torch_z = [err(r, "hybrid") for r in hyb if zero(r) and zero(r)["backend"] == "torch"]
+    claim(p, f"torch backend is over by {min(torch_z):+.1%} to {max(torch_z):+.1%}")
+    ds = [r for r in hyb if zero(r) and zero(r)["backend"] == "deepspeed"]
+    small = {zero(r)["stage"]: r for r in ds if zero(r)["reduce_bucket_size"] == 500_000}
+    claim(p, f"buckets by {err(small[2], 'hybrid'):+.1%} (stage 2) and {err(small[3], 'hybrid'):+.1%} (stage 3)")
+    big = [r for r in ds if zero(r)["reduce_bucket_size"] == 500_000_000]
+    assert len(big) == 4 and all(exact(r, "hybrid") for r in big)
+    claim(p, f"over by {min(over(r, 'hybrid') for r in big):,}-{max(over(r, 'hybrid') for r in big):,} B")
+    claim(p, f"({over(small[2], 'hybrid'):,} B at stage 2, {over(small[3], 'hybrid'):,} B at stage 3)")
+    (c8,) = [r for r in hyb if "optimizer_8bit" in r["plan_check"]["label"]]
+    claim(p, f"optimizer_8bit on the custom model by {err(c8, 'hybrid'):+.1%}")
+    an = {r["run_id"]: err(r, "analytic") for r in by("analytic")}
+    claim(p, f"Analytic: {min(an.values()):+.1%} (fused_ce".replace("+-", "-"))
+    claim(p, f"to {max(an.values()):+.1%} (llama_small")
+    assert not any(r["workload"]["preset"] in ("hf", "hf_gpt2_tiny", "custom") for r in by("analytic"))
+    loads = [r["timing"]["load"]["start"]["load_avg_1m"] for r in fit]
+    claim(p, f"(1-minute load {min(loads):.1f}-{max(loads):.1f} at the ok cells' starts")
+    (cpu,) = {r["env"]["cpu"] for r in rs}
+    claim(p, f"CPU: `{cpu}`")
