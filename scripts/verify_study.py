@@ -44,22 +44,51 @@ FIT, NOFIT = 1.25, 0.9  # budget / predicted peak
 CELLS: list[tuple[str, str, list[str]]] = [
     # llama
     ("llama_tiny", "fit", ["workload=llama_tiny", "run.batch_size=6"]),
-    ("llama_tiny-ckpt_full", "fit", ["workload=llama_tiny", "run.batch_size=6",
-                                     "technique=[activation_checkpointing]",
-                                     "technique.activation_checkpointing.mode=full"]),
-    ("llama_small-ckpt_sel", "fit", ["workload=llama_small", "run.batch_size=2",
-                                     "technique=[activation_checkpointing]",
-                                     "technique.activation_checkpointing.mode=selective"]),
+    (
+        "llama_tiny-ckpt_full",
+        "fit",
+        [
+            "workload=llama_tiny",
+            "run.batch_size=6",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=full",
+        ],
+    ),
+    (
+        "llama_small-ckpt_sel",
+        "fit",
+        [
+            "workload=llama_small",
+            "run.batch_size=2",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=selective",
+        ],
+    ),
     # hf
     ("hf_gpt2_tiny", "fit", ["workload=hf_gpt2_tiny", "run.batch_size=6"]),
-    ("hf_gpt2_tiny-ckpt_full", "fit", ["workload=hf_gpt2_tiny", "run.batch_size=6",
-                                       "technique=[activation_checkpointing]",
-                                       "technique.activation_checkpointing.mode=full"]),
+    (
+        "hf_gpt2_tiny-ckpt_full",
+        "fit",
+        [
+            "workload=hf_gpt2_tiny",
+            "run.batch_size=6",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=full",
+        ],
+    ),
     ("hf_qwen2", "fit", ["workload=hf", "workload.model_type=qwen2", "run.batch_size=6"]),
     # custom
     ("custom", "fit", ["workload=custom", "run.batch_size=24"]),
-    ("custom-ckpt_full", "fit", ["workload=custom", "run.batch_size=24", "technique=[activation_checkpointing]",
-                                 "technique.activation_checkpointing.mode=full"]),
+    (
+        "custom-ckpt_full",
+        "fit",
+        [
+            "workload=custom",
+            "run.batch_size=24",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=full",
+        ],
+    ),
     # LoRA, QLoRA
     ("llama_tiny-lora", "fit", ["workload=llama_tiny", "run.batch_size=6", "technique=[lora]"]),
     # (transformers' GPT-2 has Conv1D, not nn.Linear: `lora` refuses it, and the planner with it)
@@ -67,51 +96,127 @@ CELLS: list[tuple[str, str, list[str]]] = [
     ("llama_tiny-qlora", "fit", ["workload=llama_tiny", "run.batch_size=6", "technique=[quantized_base,lora]"]),
     # ZeRO at 2 ranks, both backends
     *[
-        (f"llama_tiny-zero{st}-{be}-x2", "fit", ["workload=llama_tiny", "run.batch_size=6", "run.world_size=2",
-                                                  "technique=[zero]", f"technique.zero.stage={st}",
-                                                  f"technique.zero.backend={be}"])
+        (
+            f"llama_tiny-zero{st}-{be}-x2",
+            "fit",
+            [
+                "workload=llama_tiny",
+                "run.batch_size=6",
+                "run.world_size=2",
+                "technique=[zero]",
+                f"technique.zero.stage={st}",
+                f"technique.zero.backend={be}",
+            ],
+        )
         for be in ("torch", "deepspeed")
         for st in (2, 3)
     ],
     # DeepSpeed with its default buckets (5e8 elements) holds ~1.9 GB of buckets on this tiny model; with small
     # buckets the model states and activations are what the prediction is about
     *[
-        (f"llama_tiny-zero{st}-deepspeed-bucket5e5-x2", "fit", [
-            "workload=llama_tiny", "run.batch_size=6", "run.world_size=2", "technique=[zero]",
-            f"technique.zero.stage={st}", "technique.zero.backend=deepspeed",
-            "technique.zero.reduce_bucket_size=500000", "technique.zero.allgather_bucket_size=500000"])
+        (
+            f"llama_tiny-zero{st}-deepspeed-bucket5e5-x2",
+            "fit",
+            [
+                "workload=llama_tiny",
+                "run.batch_size=6",
+                "run.world_size=2",
+                "technique=[zero]",
+                f"technique.zero.stage={st}",
+                "technique.zero.backend=deepspeed",
+                "technique.zero.reduce_bucket_size=500000",
+                "technique.zero.allgather_bucket_size=500000",
+            ],
+        )
         for st in (2, 3)
     ],
     # the new techniques
-    ("llama_tiny-v32k-fused_ce", "fit", ["workload=llama_tiny", "run.batch_size=6", "workload.vocab_size=32768",
-                                         "technique=[fused_ce]"]),
-    ("llama_tiny-optimizer_in_backward", "fit", ["workload=llama_tiny", "run.batch_size=6",
-                                                 "technique=[optimizer_in_backward]"]),
-    ("llama_tiny-adafactor", "fit", ["workload=llama_tiny", "run.batch_size=6", "technique=[optimizer_lowmem]",
-                                     "technique.optimizer_lowmem.algo=adafactor"]),
-    ("llama_tiny-adam_mini", "fit", ["workload=llama_tiny", "run.batch_size=6", "technique=[optimizer_lowmem]",
-                                     "technique.optimizer_lowmem.algo=adam_mini"]),
+    (
+        "llama_tiny-v32k-fused_ce",
+        "fit",
+        ["workload=llama_tiny", "run.batch_size=6", "workload.vocab_size=32768", "technique=[fused_ce]"],
+    ),
+    (
+        "llama_tiny-optimizer_in_backward",
+        "fit",
+        ["workload=llama_tiny", "run.batch_size=6", "technique=[optimizer_in_backward]"],
+    ),
+    (
+        "llama_tiny-adafactor",
+        "fit",
+        [
+            "workload=llama_tiny",
+            "run.batch_size=6",
+            "technique=[optimizer_lowmem]",
+            "technique.optimizer_lowmem.algo=adafactor",
+        ],
+    ),
+    (
+        "llama_tiny-adam_mini",
+        "fit",
+        [
+            "workload=llama_tiny",
+            "run.batch_size=6",
+            "technique=[optimizer_lowmem]",
+            "technique.optimizer_lowmem.algo=adam_mini",
+        ],
+    ),
     ("llama_tiny-accum2", "fit", ["workload=llama_tiny", "run.batch_size=6", "run.grad_accum_steps=2"]),
-    ("llama_tiny-activation_offload", "fit", ["workload=llama_tiny", "run.batch_size=6",
-                                              "technique=[activation_offload]"]),
+    (
+        "llama_tiny-activation_offload",
+        "fit",
+        ["workload=llama_tiny", "run.batch_size=6", "technique=[activation_offload]"],
+    ),
     ("custom-optimizer_8bit", "fit", ["workload=custom", "run.batch_size=24", "technique=[optimizer_8bit]"]),
     # predicted not to fit: run anyway, must end oom
     ("nofit-llama_tiny", "nofit", ["workload=llama_tiny", "run.batch_size=6"]),
     ("nofit-hf_llama-lora", "nofit", ["workload=hf", "run.batch_size=6", "technique=[lora]"]),
-    ("nofit-custom-ckpt_full", "nofit", ["workload=custom", "run.batch_size=24",
-                                         "technique=[activation_checkpointing]",
-                                         "technique.activation_checkpointing.mode=full"]),
-    ("nofit-llama_tiny-adafactor", "nofit", ["workload=llama_tiny", "run.batch_size=6",
-                                             "technique=[optimizer_lowmem]",
-                                             "technique.optimizer_lowmem.algo=adafactor"]),
-    ("nofit-llama_tiny-zero2-torch-x2", "nofit", ["workload=llama_tiny", "run.batch_size=6", "run.world_size=2",
-                                                  "technique=[zero]", "technique.zero.stage=2",
-                                                  "technique.zero.backend=torch"]),
+    (
+        "nofit-custom-ckpt_full",
+        "nofit",
+        [
+            "workload=custom",
+            "run.batch_size=24",
+            "technique=[activation_checkpointing]",
+            "technique.activation_checkpointing.mode=full",
+        ],
+    ),
+    (
+        "nofit-llama_tiny-adafactor",
+        "nofit",
+        [
+            "workload=llama_tiny",
+            "run.batch_size=6",
+            "technique=[optimizer_lowmem]",
+            "technique.optimizer_lowmem.algo=adafactor",
+        ],
+    ),
+    (
+        "nofit-llama_tiny-zero2-torch-x2",
+        "nofit",
+        [
+            "workload=llama_tiny",
+            "run.batch_size=6",
+            "run.world_size=2",
+            "technique=[zero]",
+            "technique.zero.stage=2",
+            "technique.zero.backend=torch",
+        ],
+    ),
     # ZeRO at 4 ranks (last: each takes tens of seconds)
     *[
-        (f"llama_tiny-zero{st}-{be}-x4", "fit", ["workload=llama_tiny", "run.batch_size=6", "run.world_size=4",
-                                                  "technique=[zero]", f"technique.zero.stage={st}",
-                                                  f"technique.zero.backend={be}"])
+        (
+            f"llama_tiny-zero{st}-{be}-x4",
+            "fit",
+            [
+                "workload=llama_tiny",
+                "run.batch_size=6",
+                "run.world_size=4",
+                "technique=[zero]",
+                f"technique.zero.stage={st}",
+                f"technique.zero.backend={be}",
+            ],
+        )
         for be in ("torch", "deepspeed")
         for st in (2, 3)
     ],

@@ -114,10 +114,12 @@ def verified_table(records: list[dict]) -> str:
         batch = f"{run['batch_size']}" + (f" ({run['grad_accum_steps']} x {run['batch_size'] // run['grad_accum_steps']})"
                                          if run.get("grad_accum_steps", 1) > 1 else "")  # fmt: skip
         tech = c.get("label", c["techniques"])
-        z = (r["config"].get("technique") or {}).get("zero")
-        if z:  # the label names the stage only: the backend (and DeepSpeed's bucket sizes) tell the cells apart
-            small = z["backend"] == "deepspeed" and z["reduce_bucket_size"] != 500_000_000
-            tech += f" ({z['backend']}" + (f", buckets {z['reduce_bucket_size']:.0e}" if small else "") + ")"
+        for node in (r["config"].get("technique") or {}).values():
+            # the label names no backend: a technique's backend (and DeepSpeed's bucket size where it is not
+            # DeepSpeed's default) tell its cells apart
+            if "backend" in node:
+                small = node["backend"] == "deepspeed" and node.get("reduce_bucket_size", 500_000_000) != 500_000_000
+                tech += f" ({node['backend']}" + (f", buckets {node['reduce_bucket_size']:.0e}" if small else "") + ")"
         lines.append(
             f"| {preset} | {batch} | {run.get('world_size', 1)} | {tech} | "
             f"{c['budget_mib']:g} | {c['predicted_peak_bytes'] / mib:.2f} ({c['predictor']}) | {meas} | "

@@ -648,7 +648,9 @@ def test_plan_verified_study_claims():
     nofit = [r for r in rs if not r["plan_check"]["predicted_fits"]]
     assert all(r["status"] == "ok" for r in fit) and all(r["status"] == "oom" for r in nofit)
     assert {r["plan_check"]["budget_mib"] < r["plan_check"]["predicted_peak_bytes"] / MiB for r in nofit} == {True}
-    claim(p, f"{len(rs)} cells: the {len(fit)} predicted to fit ran ok, the {len(nofit)} predicted not to fit ended oom")
+    claim(
+        p, f"{len(rs)} cells: the {len(fit)} predicted to fit ran ok, the {len(nofit)} predicted not to fit ended oom"
+    )
     sim = by("simulation")
     claim(p, f"within 0.05% on {sum(exact(r, 'simulation') for r in sim)} of its {len(sim)} cells")
     hf = [r for r in sim if r["workload"]["preset"] == "hf"]
@@ -660,7 +662,14 @@ def test_plan_verified_study_claims():
     w, run = hf[0]["config"]["workload"], hf[0]["config"]["run"]
     o, b, s = w["overrides"], run["batch_size"], w["seq_len"]
     mask = b * s * s * 4  # one fp32 b x 1 x s x s causal mask per layer
-    kv = 2 * b * (o["num_attention_heads"] - o["num_key_value_heads"]) * s * (o["hidden_size"] // o["num_attention_heads"]) * 4
+    kv = (
+        2
+        * b
+        * (o["num_attention_heads"] - o["num_key_value_heads"])
+        * s
+        * (o["hidden_size"] // o["num_attention_heads"])
+        * 4
+    )
     assert gap == o["num_hidden_layers"] * (mask + kv)
     claim(p, f"exactly {gap:,} B more activations")
     claim(p, f"{b} x 1 x {s} x {s}: {mask:,} B) and passes k and v repeated to all {o['num_attention_heads']} query "
