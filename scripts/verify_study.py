@@ -5,17 +5,22 @@
 Each cell is one `membench plan ... plan.techniques=[]` (exactly the given combination: one row) followed by
 `verify` of that row (a real run in a child process, membench.plan.verification.verify), so each record in
 results/plan_verified/runs/ carries the planner's `plan_check`: the prediction of every predictor, the measured
-peak and the error. None of these presets, batch sizes or technique combinations was used while building the
-predictors (their tests and the earlier study use gpt_tiny, gpt_small and digits_cnn_tiny; the techniques study
-llama_small at a 32k vocabulary and batch 4).
+peak and the error. No cell here (preset, batch and combination) is one that a predictor's test compares with
+a run or that an earlier study verified: the earlier verified study used gpt_tiny, gpt_small and
+digits_cnn_tiny; the tests that compare the simulation with real runs use llama_tiny only with bf16_pure; the
+presets themselves appear in the planner's tests (plans that answer, LoRA parameter counts), at other batch
+sizes (the cells here take batch 6, 24 for custom, 2 for llama_small).
 
 The budget is set from the planner's own prediction, so that the cell tests what it should: a first plan with
 no real budget (1e9 MiB) gives the predicted peak P; "fit" cells then run at a budget of 1.25 x P (predicted to
 fit; the run ends oom if the measured peak is more than 25% above the prediction), "nofit" cells at 0.9 x P
 (predicted not to fit: the run must end oom, a budget overrun being recorded as oom; it ends ok if the
 prediction is more than 10% too high). The cell is planned a second time at that budget, so the record's
-`predicted_fits` is the planner's own answer at the budget the run had. Nothing here is tuned to a result: the
-cell list and the two factors were fixed before the first run.
+`predicted_fits` is the planner's own answer at the budget the run had. The two factors were fixed before the
+first run and nothing was tuned to a result. The list grew once, after the first pass: LoRA on transformers'
+GPT-2 (the planner and `run` refuse it: GPT-2's Conv1D layers are not nn.Linear) was replaced by LoRA on its
+Llama (`workload=hf`), in the fit and the nofit cell; Qwen2 was added; and DeepSpeed with small buckets was
+added because its default buckets dwarf this model's bytes.
 """
 
 from __future__ import annotations
