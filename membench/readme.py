@@ -3,7 +3,8 @@
 A table sits between `<!-- table:EXPERIMENT -->` (or `<!-- table:EXPERIMENT:KIND -->`) and `<!-- /table -->`
 and is rendered from results/EXPERIMENT (latest record per cell of that experiment) by the KIND's table
 function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`, `techniques` (with results/NAME/predicted.json), `device` (tracker vs
-device), `plan` (verified plans' predicted vs measured); `planjson` renders results/plan/NAME.json's top rows. `--check` exits 1 if
+device), `plan` (verified plans' predicted vs measured), `planverified` (the verified study: error per predictor);
+`planjson` renders results/plan/NAME.json's top rows. `--check` exits 1 if
 a file differs from what the records give (a test runs it, so tables cannot drift from the records).
 """
 
@@ -27,6 +28,7 @@ RENDERERS = {
     "pruning": "membench.studies:pruning_table",
     "device": "membench.device_table:table",
     "plan": "membench.plan.tables:study_table",
+    "planverified": "membench.plan.tables:verified_table",  # scripts/verify_study.py's cells
     "techniques": "membench.studies:techniques_table",  # also reads results/NAME/predicted.json
 }
 
@@ -48,7 +50,7 @@ def render(text: str, results: Path = ROOT / "results") -> str:
             r
             for r in latest_by_cell(load_records(results / name)).values()
             # verified plans are ordinary runs (no experiment); a study's records carry its name
-            if r.get("experiment") == name or (kind == "plan" and "plan_check" in r)
+            if r.get("experiment") == name or (kind in ("plan", "planverified") and "plan_check" in r)
         ]
         if not records:
             body = f"(no records in results/{name} yet)"

@@ -78,3 +78,52 @@ def study_table(records: list[dict]) -> str:
             f"{'yes' if c['predicted_fits'] else 'no'}/{_fits_measured(m['status'])} |"
         )
     return "\n".join(lines)
+
+
+def _reached(r: dict) -> int | None:
+    """The measured peak: an ok run's, or the figure an oom run reached (on CPU the tracker peak of its measured
+    step, checked against the budget after the step: `memory.peak_source`)."""
+    m = r["plan_check"]["measured"]
+    if m["peak_bytes"] is not None:
+        return m["peak_bytes"]
+    return (r.get("memory") or {}).get("peak_bytes") if m["status"] == "oom" else None
+
+
+def verified_table(records: list[dict]) -> str:
+    """The verified study (scripts/verify_study.py): each cell's prediction by every predictor against the measured
+    peak (an oom run's reached peak included), the status and the planner's `fits` against the run's."""
+    mib = 2**20
+    lines = [
+        "| workload | batch | ranks | techniques | budget MiB | predicted MiB (by) | measured MiB | simulation error "
+        "| hybrid error | analytic error | status | fits (pred/meas) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in records if "plan_check" in r), key=lambda r: r["run_id"]):
+        c, m, run = r["plan_check"], r["plan_check"]["measured"], r["config"]["run"]
+        got = _reached(r)
+        by = c.get("predicted_by") or {}
+
+        def err(name: str, by=by, got=got) -> str:
+            p = by.get(name)
+            return "-" if p is None else "n/a" if not got else f"{(p - got) / got:+.1%}"
+
+        meas = "n/a" if got is None else f"{got / mib:.2f}" + (" (at oom)" if m["status"] == "oom" else "")
+        wl = r["config"]["workload"]
+        preset = wl["preset"] + (f" ({wl['model_type']})" if wl["preset"] == "hf" else "")
+        preset += f" (vocab {wl['vocab_size']})" if wl.get("vocab_size", 0) > 4096 else ""
+        batch = f"{run['batch_size']}" + (f" ({run['grad_accum_steps']} x {run['batch_size'] // run['grad_accum_steps']})"
+                                         if run.get("grad_accum_steps", 1) > 1 else "")  # fmt: skip
+        tech = c.get("label", c["techniques"])
+        for node in (r["config"].get("technique") or {}).values():
+            # the label names no backend: a technique's backend (and DeepSpeed's bucket size where it is not
+            # DeepSpeed's default) tell its cells apart
+            if "backend" in node:
+                small = node["backend"] == "deepspeed" and node.get("reduce_bucket_size", 500_000_000) != 500_000_000
+                tech += f" ({node['backend']}" + (f", buckets {node['reduce_bucket_size']:.0e}" if small else "") + ")"
+        lines.append(
+            f"| {preset} | {batch} | {run.get('world_size', 1)} | {tech} | "
+            f"{c['budget_mib']:g} | {c['predicted_peak_bytes'] / mib:.2f} ({c['predictor']}) | {meas} | "
+            f"{err('simulation')} | {err('hybrid')} | {err('analytic')} | {m['status']} | "
+            f"{'yes' if c['predicted_fits'] else 'no'}/{_fits_measured(m['status'])} |"
+        )
+    return "\n".join(lines)

@@ -33,13 +33,14 @@ def _attach(record: dict, results_dir: str, check: dict) -> None:
     write_record(results_dir, record)
 
 
-def verify(result: dict, user: list[str], k: int, progress=print) -> list[dict]:
-    """Run the top `k` plans predicted to fit; compare predicted and measured peak (and step time)."""
+def verify(result: dict, user: list[str], k: int, progress=print, unfit: bool = False) -> list[dict]:
+    """Run the top `k` plans predicted to fit (`unfit`: the top `k` rows whether or not they are predicted to fit,
+    to check that those predicted not to fit end oom); compare predicted and measured peak (and step time)."""
 
     cal = Calibration(load_records(result["plan"]["records"], result["device"]))
     base_step = cal.baseline_step_s(result["workload"], result["batch_size"])
     out = []
-    for r in [r for r in result["rows"] if r["fits"]][:k]:
+    for r in [r for r in result["rows"] if r["fits"] or unfit][:k]:
         cfg = compose_cells(without_list(user), [r["overrides"]])[0]
         progress(f"membench: verifying {r['label']} ...")
         record = run_cell(cfg, cfg["run"]["results_dir"], cfg["run"]["timeout_s"])

@@ -633,3 +633,81 @@ def test_techniques_claims():
     lora_loss = loss("lora(targets=['blocks'])")
     claim(p, f"({lora_loss:.1f} against {b['quality']['value']:.1f})")
     claim(p, f"did not train in 24 steps either ({loss('optimizer_lowmem'):.1f})")
+
+
+def test_plan_verified_study_claims():
+    """docs/studies/plan.md's verdicts on the verified study (issue 17, item 8), from results/plan_verified."""
+    p = "docs/studies/plan.md"
+    rs = [r for r in latest_by_cell(load_records(ROOT / "results" / "plan_verified")).values() if "plan_check" in r]
+    got = lambda r: r["plan_check"]["measured"]["peak_bytes"] or r["memory"]["peak_bytes"]  # noqa: E731 (oom: reached)
+    err = lambda r, n: (r["plan_check"]["predicted_by"][n] - got(r)) / got(r)  # noqa: E731
+    over = lambda r, n: int(r["plan_check"]["predicted_by"][n] - got(r))  # noqa: E731
+    by = lambda n: [r for r in rs if n in r["plan_check"]["predicted_by"]]  # noqa: E731
+    exact = lambda r, n: abs(err(r, n)) < 0.0005  # noqa: E731
+    fit = [r for r in rs if r["plan_check"]["predicted_fits"]]
+    nofit = [r for r in rs if not r["plan_check"]["predicted_fits"]]
+    assert all(r["status"] == "ok" for r in fit) and all(r["status"] == "oom" for r in nofit)
+    assert {r["plan_check"]["budget_mib"] < r["plan_check"]["predicted_peak_bytes"] / MiB for r in nofit} == {True}
+    claim(
+        p, f"{len(rs)} cells: the {len(fit)} predicted to fit ran ok, the {len(nofit)} predicted not to fit ended oom"
+    )
+    sim = by("simulation")
+    claim(p, f"within 0.05% on {sum(exact(r, 'simulation') for r in sim)} of its {len(sim)} cells")
+    hf = [r for r in sim if r["workload"]["preset"] == "hf"]
+    (qwen,) = [r for r in hf if r["config"]["workload"]["model_type"] == "qwen2"]
+    lora = [r for r in hf if r["config"]["workload"]["model_type"] == "llama"]
+    assert len(lora) == 2 and len({f"{err(r, 'simulation'):.1%}" for r in lora}) == 1
+    claim(p, f"{err(qwen, 'simulation'):+.1%} on Qwen2 and {err(lora[0], 'simulation'):+.1%} on Llama with LoRA")
+    (gap,) = {over(r, "simulation") for r in hf}
+    w, run = hf[0]["config"]["workload"], hf[0]["config"]["run"]
+    o, b, s = w["overrides"], run["batch_size"], w["seq_len"]
+    mask = b * s * s * 4  # one fp32 b x 1 x s x s causal mask per layer
+    kv = (
+        2
+        * b
+        * (o["num_attention_heads"] - o["num_key_value_heads"])
+        * s
+        * (o["hidden_size"] // o["num_attention_heads"])
+        * 4
+    )
+    assert gap == o["num_hidden_layers"] * (mask + kv)
+    claim(p, f"exactly {gap:,} B more activations")
+    claim(p, f"{b} x 1 x {s} x {s}: {mask:,} B) and passes k and v repeated to all {o['num_attention_heads']} query "
+             f"heads ({kv:,} B more than the {o['num_key_value_heads']} key/value heads)")  # fmt: skip
+    claim(p, f"{o['num_hidden_layers']} layers x ({mask:,} + {kv:,}) B = {gap:,} B, are the gap")
+    (g2,) = [r for r in sim if r["workload"]["preset"] == "hf_gpt2_tiny" and not exact(r, "simulation")]
+    claim(p, f"over by {over(g2, 'simulation'):,} B ({err(g2, 'simulation'):+.1%})")
+    hyb = by("hybrid")
+    n_exact = sum(exact(r, "hybrid") for r in hyb)
+    assert all(err(r, "hybrid") > 0 for r in hyb if not exact(r, "hybrid"))
+    claim(p, f"within 0.05% on {n_exact} of its {len(hyb)} cells, over-predicting on the other {len(hyb) - n_exact}")
+    zero = lambda r: (r["config"].get("technique") or {}).get("zero")  # noqa: E731
+    torch_z = [err(r, "hybrid") for r in hyb if zero(r) and zero(r)["backend"] == "torch"]
+    claim(p, f"torch backend is over by {min(torch_z):+.1%} to {max(torch_z):+.1%}")
+    (z2,) = [r for r in hyb if zero(r) and zero(r)["backend"] == "torch" and zero(r)["stage"] == 2
+             and r["config"]["run"]["world_size"] == 2 and r["status"] == "ok"]  # fmt: skip
+    (base,) = [r for r in sim if r["workload"]["preset"] == "llama_tiny" and r["plan_check"]["label"] == "baseline"
+               and r["status"] == "ok" and r["config"]["run"]["grad_accum_steps"] == 1]  # fmt: skip
+    assert base["config"]["run"]["batch_size"] == z2["config"]["run"]["batch_size"]
+    c, hz = z2["memory"]["by_category"], int(z2["plan_check"]["predicted_by"]["hybrid"])
+    claim(p, f"parameter shard ({c['params']:,} B), the unsharded parameters FSDP2 keeps between forward and "
+             f"backward ({c['params_unsharded']:,} B) and half the optimizer state ({c['optimizer']:,} B)")  # fmt: skip
+    claim(p, f"peak, {hz:,} B, is within {base['memory']['peak_bytes'] - hz} B of the single-process baseline "
+             f"run's ({base['memory']['peak_bytes']:,} B)")  # fmt: skip
+    ds = [r for r in hyb if zero(r) and zero(r)["backend"] == "deepspeed"]
+    small = {zero(r)["stage"]: r for r in ds if zero(r)["reduce_bucket_size"] == 500_000}
+    claim(p, f"buckets by {err(small[2], 'hybrid'):+.1%} (stage 2) and {err(small[3], 'hybrid'):+.1%} (stage 3)")
+    big = [r for r in ds if zero(r)["reduce_bucket_size"] == 500_000_000]
+    assert len(big) == 4 and all(exact(r, "hybrid") for r in big)
+    claim(p, f"over by {min(over(r, 'hybrid') for r in big):,}-{max(over(r, 'hybrid') for r in big):,} B")
+    claim(p, f"({over(small[2], 'hybrid'):,} B at stage 2, {over(small[3], 'hybrid'):,} B at stage 3)")
+    (c8,) = [r for r in hyb if "optimizer_8bit" in r["plan_check"]["label"]]
+    claim(p, f"optimizer_8bit on the custom model by {err(c8, 'hybrid'):+.1%}")
+    an = {r["run_id"]: err(r, "analytic") for r in by("analytic")}
+    claim(p, f"Analytic: {min(an.values()):+.1%} (fused_ce".replace("+-", "-"))
+    claim(p, f"to {max(an.values()):+.1%} (llama_small")
+    assert not any(r["workload"]["preset"] in ("hf", "hf_gpt2_tiny", "custom") for r in by("analytic"))
+    loads = [r["timing"]["load"]["start"]["load_avg_1m"] for r in fit]
+    claim(p, f"(1-minute load {min(loads):.1f}-{max(loads):.1f} at the ok cells' starts")
+    (cpu,) = {r["env"]["cpu"] for r in rs}
+    claim(p, f"CPU: `{cpu}`")
