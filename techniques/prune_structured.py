@@ -77,7 +77,7 @@ class PruneStructured(Technique):
             traced = pruned_sizes(s.model, s.blocks, s.workload, self.ratio, self.head_ratio)
         if traced is not None:
             params, buffers = traced
-            grads = [n for n, p in zip(params, s.model.parameters()) if p.requires_grad]
+            grads = [n for n, p in zip(params, s.model.parameters(), strict=True) if p.requires_grad]
             s.dense -= s.psi - sum(params)
             s.psi, s.trainable = sum(params), grads
             s.buffers = float(sum(n * e for n, e, _ in buffers))

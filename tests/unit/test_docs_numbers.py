@@ -682,18 +682,12 @@ def test_plan_verified_study_claims():
     assert all(err(r, "hybrid") > 0 for r in hyb if not exact(r, "hybrid"))
     claim(p, f"within 0.05% on {n_exact} of its {len(hyb)} cells, over-predicting on the other {len(hyb) - n_exact}")
     zero = lambda r: (r["config"].get("technique") or {}).get("zero")  # noqa: E731
-    torch_z = [err(r, "hybrid") for r in hyb if zero(r) and zero(r)["backend"] == "torch"]
-    claim(p, f"torch backend is over by {min(torch_z):+.1%} to {max(torch_z):+.1%}")
-    (z2,) = [r for r in hyb if zero(r) and zero(r)["backend"] == "torch" and zero(r)["stage"] == 2
-             and r["config"]["run"]["world_size"] == 2 and r["status"] == "ok"]  # fmt: skip
-    (base,) = [r for r in sim if r["workload"]["preset"] == "llama_tiny" and r["plan_check"]["label"] == "baseline"
-               and r["status"] == "ok" and r["config"]["run"]["grad_accum_steps"] == 1]  # fmt: skip
-    assert base["config"]["run"]["batch_size"] == z2["config"]["run"]["batch_size"]
-    c, hz = z2["memory"]["by_category"], int(z2["plan_check"]["predicted_by"]["hybrid"])
-    claim(p, f"parameter shard ({c['params']:,} B), the unsharded parameters FSDP2 keeps between forward and "
-             f"backward ({c['params_unsharded']:,} B) and half the optimizer state ({c['optimizer']:,} B)")  # fmt: skip
-    claim(p, f"peak, {hz:,} B, is within {base['memory']['peak_bytes'] - hz} B of the single-process baseline "
-             f"run's ({base['memory']['peak_bytes']:,} B)")  # fmt: skip
+    torch_z = [r for r in sim if zero(r) and zero(r)["backend"] == "torch"]  # FSDP2 on a fake process group
+    assert len(torch_z) == 5 and all(exact(r, "simulation") for r in torch_z)
+    assert {r["config"]["run"]["world_size"] for r in torch_z} == {2, 4} and not [
+        r for r in hyb if zero(r) and zero(r)["backend"] == "torch"
+    ]
+    claim(p, "ZeRO stages 2 and 3 with the torch backend at 2 and 4 ranks, simulated as FSDP2 on a fake process group")
     ds = [r for r in hyb if zero(r) and zero(r)["backend"] == "deepspeed"]
     small = {zero(r)["stage"]: r for r in ds if zero(r)["reduce_bucket_size"] == 500_000}
     claim(p, f"buckets by {err(small[2], 'hybrid'):+.1%} (stage 2) and {err(small[3], 'hybrid'):+.1%} (stage 3)")
