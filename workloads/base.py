@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,12 @@ class Workload:
 
     def info(self) -> dict[str, Any]:
         return {}
+
+    def fake_tensor_context(self) -> contextlib.AbstractContextManager:
+        """Entered around the planner's fake-tensor step (membench/simulate.py): where a library branches on whether
+        its inputs are fake (it cannot read their values), the workload says what the values are, so the fake step
+        takes the branch a real step takes. Default: nothing to say."""
+        return contextlib.nullcontext()
 
     def linear_roles(self) -> dict[str, str]:
         """{module path in self.model: role} of the linear layers a technique may target by role (lora): q, k, v,

@@ -13,8 +13,10 @@ logits (`logits_to_keep` an empty index); models whose forward takes no `logits_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,20 @@ class HFWorkload(TokenLMWorkload):
 
     def lm_head(self) -> nn.Module | None:
         return self.model.get_output_embeddings() if self._no_logits else None
+
+    def fake_tensor_context(self) -> contextlib.AbstractContextManager:
+        """transformers counts a FakeTensor as tracing (`is_tracing`), so on fake tensors it cannot read the
+        position ids to rule out packed sequences and builds an explicit causal mask per layer, which also makes its
+        SDPA path repeat k and v to every query head; a real step finds no packing and runs SDPA with `is_causal`.
+        This workload never packs sequences (every row's position ids are 0..seq_len-1), so the fake step is told
+        what the real one reads: no packed sequences."""
+        try:
+            from transformers import masking_utils
+        except ImportError:  # an older transformers without the masking module has no such branch
+            return contextlib.nullcontext()
+        if not hasattr(masking_utils, "find_packed_sequence_indices"):
+            return contextlib.nullcontext()
+        return unittest.mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(input_ids=x, use_cache=False).logits
