@@ -237,8 +237,18 @@ def remove_orphan_temp_dirs(tmp_root: str | Path | None = None, force: bool = Fa
     except OSError:
         return removed
     for p in entries:
-        m = _TEMP_NAME.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not is_alive(int(m[1]), int(m[2])):
+        if not p.name.startswith("membench-") or not p.is_dir() or p.is_symlink():
+            continue
+        if m := _TEMP_NAME.match(p.name):
+            owner = {"pid": int(m[1]), "start": int(m[2]), "host": socket.gethostname()}
+        else:  # a folder named before its owner was (membench-XXXXXXXX): its spec names the owner
+            try:
+                owner = json.loads((p / "spec.json").read_text()).get("owner") or {}
+            except (OSError, ValueError, AttributeError):
+                continue
+        if owner.get("host") != socket.gethostname() or owner.get("start") is None:
+            continue
+        if not is_alive(int(owner["pid"]), int(owner["start"])):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

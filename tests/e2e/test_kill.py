@@ -253,12 +253,16 @@ def test_a_rerun_removes_the_temp_folders_of_dead_sweeps_only(tmp_path):
     gone = tmp_path / f"membench-{dead.pid}-{me['start']}-x1"  # its owner's pid, not running (or reused)
     recycled = tmp_path / f"membench-{me['pid']}-{int(me['start']) - 1}-x2"  # a live pid, another start time
     mine = tmp_path / f"membench-{me['pid']}-{me['start']}-x3"  # a live owner: kept
-    other = tmp_path / "membench-notacell"  # not named by an owner: kept
-    for d in (gone, recycled, mine, other):
+    other = tmp_path / "membench-notacell"  # not named by an owner, no spec naming one: kept
+    old_gone = tmp_path / "membench-ab12cd34"  # an older folder name: its spec names the owner, gone
+    old_mine = tmp_path / "membench-ef56gh78"  # the same, a live owner: kept
+    specs = {gone: {}, recycled: {}, mine: {}, other: {}, old_gone: {"owner": {**me, "start": int(me["start"]) - 1}},
+             old_mine: {"owner": me}}  # fmt: skip
+    for d, spec in specs.items():
         d.mkdir()
-        (d / "spec.json").write_text("{}")
-    assert sorted(remove_orphan_temp_dirs(tmp_path, force=True)) == sorted([gone, recycled])
-    assert mine.is_dir() and other.is_dir() and not gone.exists() and not recycled.exists()
+        (d / "spec.json").write_text(json.dumps(spec))
+    assert sorted(remove_orphan_temp_dirs(tmp_path, force=True)) == sorted([gone, recycled, old_gone])
+    assert all(d.is_dir() for d in (mine, other, old_mine))
 
 
 def _spec(tmp_path: Path, owner: dict, lock: Path | None, steps: int = 10) -> Path:
