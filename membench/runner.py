@@ -23,6 +23,7 @@ import fcntl
 import json
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.util
 import os
 import re
 import shutil
@@ -51,10 +52,40 @@ def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.BaseConte
     per process)."""
     global _FORKSERVER
     if _FORKSERVER is None:
+        _owned_mp_temp_dir()
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["membench.child", *preload])
         _FORKSERVER = ctx
     return _FORKSERVER
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _owned_mp_temp_dir() -> None:
+    """Put multiprocessing's temp folder (pymp-*: the forkserver's socket), which only this process's exit handlers
+    remove, inside TMPDIR/membench-PID-START-mp: after a SIGKILL of the sweep it is then found and removed like the
+    cells' folders (remove_orphan_temp_dirs); after a normal exit the folder, emptied by multiprocessing, is
+    removed just after (a finalizer of lower priority than multiprocessing's -100). A no-op where multiprocessing
+    already made its folder."""
+    me = identity()
+    if me["start"] is None:  # no /proc: the folder could not be matched to its owner later
+        return
+    owned = Path(tempfile.gettempdir()) / f"membench-{me['pid']}-{me['start']}-mp"
+    owned.mkdir(exist_ok=True)
+    saved, tempfile.tempdir = tempfile.tempdir, str(owned)
+    try:
+        made = multiprocessing.util.get_temp_dir()
+    finally:
+        tempfile.tempdir = saved
+    if Path(made).parent != owned:
+        _rmdir(str(owned))
+        return
+    multiprocessing.util.Finalize(None, _rmdir, args=(str(owned),), exitpriority=-101)
 
 
 def warm_up(preload: Sequence[str]) -> None:

@@ -114,8 +114,10 @@ def _kill_then_rerun(tmp_path: Path, jobs: int, kill) -> None:
     assert _started(tmp_path) == {s: started_before.get(s, 0) + 1 for s in (0, 1)}
     assert not list((tmp_path / "locks").glob("*.lock"))
     assert _none_left(mark) == []
-    # the killed sweep's cell folders (spec, log, progress) are gone: its cells or the re-run removed them
+    # the killed sweep's folders (each cell's spec, log, progress; multiprocessing's socket folder) are gone: its
+    # cells or the re-run removed them; the re-run, ended normally, left none of its own
     assert not list(Path(tempfile.gettempdir()).glob(f"membench-{p.pid}-*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"membench-{again.pid}-*"))
 
 
 @pytest.mark.parametrize("jobs", [pytest.param(1, marks=pytest.mark.slow), 2])
