@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from membench.records import load_records
 from membench import runner
+from membench.records import load_records
 from membench.runner import read_lock, remove_orphan_temp_dirs, try_lock
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -156,7 +156,9 @@ def test_a_hiding_folder_is_named_for_python_m_membench_and_for_a_script_importi
     """With an editable install a `membench` folder next to a script still lets `membench.api` and
     `membench.__main__` load from the checkout; both name the folder instead of failing on a missing name."""
     (tmp_path / "membench").mkdir()
-    main = _editable("import runpy; sys.argv = ['membench', '--version']; runpy.run_module('membench', run_name='__main__')")
+    main = _editable(
+        "import runpy; sys.argv = ['membench', '--version']; runpy.run_module('membench', run_name='__main__')"
+    )
     _one_line(_python(["-c", main], tmp_path, pythonpath=None), tmp_path / "membench")
     p = _python(["-c", _editable("from membench import api")], tmp_path, pythonpath=None)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("ImportError: membench: the folder ")
