@@ -26,8 +26,31 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from membench.launch import split_sweep
-from membench.records import latest_by_cell, load_records
+import membench as _package
+
+
+def hidden_by(module) -> str | None:
+    """What stands in for the membench package under the name `membench` (None when it is the package): a folder
+    without __init__.py next to a script or on PYTHONPATH becomes a namespace package, and an editable install's
+    finder still serves `membench.api` from the checkout, so the first import to fail would be a name of the
+    package's __init__ (membench_entry.py does the same check for the command line)."""
+    if hasattr(module, "SCHEMA_VERSION"):
+        return None
+    where = getattr(module, "__file__", None)
+    if where is None:
+        folders = list(getattr(module, "__path__", []) or [])
+        return f"the folder {folders[0] if folders else '?'} (no __init__.py)"
+    return where
+
+
+if (_hider := hidden_by(_package)) is not None:
+    raise ImportError(
+        f"membench: {_hider} is imported as `membench` and hides the membench package; rename it, or run from "
+        "another folder / take its parent off PYTHONPATH"
+    )
+
+from membench.launch import split_sweep  # noqa: E402 - after the check: this import fails when the package is hidden
+from membench.records import latest_by_cell, load_records  # noqa: E402
 
 __all__ = ["configs", "run_cell", "run", "plan", "load"]
 

@@ -28,6 +28,7 @@ import json
 import multiprocessing.forkserver
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -90,11 +91,15 @@ def identity(pid: int | None = None) -> dict:
     return {"pid": pid, "start": start_time(pid), "host": socket.gethostname()}
 
 
-def _die() -> None:
+def _die(tmp_dir: str | None = None) -> None:
     """SIGKILL this cell and whatever it started: its process group when it leads one (a cell starts its own
-    session), else this process only (a rank, or a child run by hand from a shell)."""
+    session), else this process only (a rank, or a child run by hand from a shell). First remove the cell's temp
+    folder (spec, log, progress: `tmp_dir`), which its dead owner can no longer clean up (a folder this misses, the
+    next sweep on this host removes: membench/runner.py `remove_orphan_temp_dirs`)."""
     sys.stderr.write("membench: the sweep that started this cell is gone; the cell ends without a record\n")
     sys.stderr.flush()
+    if tmp_dir:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -107,8 +112,9 @@ class OwnerWatch:
 
     POLL_S = 0.2
 
-    def __init__(self, owner: dict):
+    def __init__(self, owner: dict, tmp_dir: str | None = None):
         self.pid, self.start_ticks = int(owner["pid"]), owner.get("start")
+        self.tmp_dir = tmp_dir  # the cell's temp folder, removed when the cell kills itself
         self.fd: int | None = None
         try:
             self.fd = os.pidfd_open(self.pid)
@@ -132,11 +138,11 @@ class OwnerWatch:
         else:
             while is_alive(self.pid, self.start_ticks):
                 time.sleep(self.POLL_S)
-        _die()
+        _die(self.tmp_dir)
 
     def start(self) -> None:
         if self._gone:
-            _die()
+            _die(self.tmp_dir)
         threading.Thread(target=self._watch, name="membench-owner-watch", daemon=True).start()
 
 
@@ -147,7 +153,7 @@ def watch_owner(spec: dict) -> OwnerWatch | None:
     """Start the owner watch the spec asks for (once per process); None for a spec without an owner (a cell run by
     hand: `python -m membench.child SPEC.json`)."""
     if not _WATCH and spec.get("owner") and spec["owner"].get("host") == socket.gethostname():
-        _WATCH.append(OwnerWatch(spec["owner"]))
+        _WATCH.append(OwnerWatch(spec["owner"], spec.get("tmp_dir")))
         _WATCH[0].start()
     return _WATCH[0] if _WATCH else None
 

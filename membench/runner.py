@@ -19,10 +19,14 @@ the holder alive, which process, on which host) is the payload of the lock, not 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.util
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +52,40 @@ def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.BaseConte
     per process)."""
     global _FORKSERVER
     if _FORKSERVER is None:
+        _owned_mp_temp_dir()
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["membench.child", *preload])
         _FORKSERVER = ctx
     return _FORKSERVER
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _owned_mp_temp_dir() -> None:
+    """Put multiprocessing's temp folder (pymp-*: the forkserver's socket), which only this process's exit handlers
+    remove, inside TMPDIR/membench-PID-START-mp: after a SIGKILL of the sweep it is then found and removed like the
+    cells' folders (remove_orphan_temp_dirs); after a normal exit the folder, emptied by multiprocessing, is
+    removed just after (a finalizer of lower priority than multiprocessing's -100). A no-op where multiprocessing
+    already made its folder."""
+    me = identity()
+    if me["start"] is None:  # no /proc: the folder could not be matched to its owner later
+        return
+    owned = Path(tempfile.gettempdir()) / f"membench-{me['pid']}-{me['start']}-mp"
+    owned.mkdir(exist_ok=True)
+    saved, tempfile.tempdir = tempfile.tempdir, str(owned)
+    try:
+        made = multiprocessing.util.get_temp_dir()
+    finally:
+        tempfile.tempdir = saved
+    if Path(made).parent != owned:
+        _rmdir(str(owned))
+        return
+    multiprocessing.util.Finalize(None, _rmdir, args=(str(owned),), exitpriority=-101)
 
 
 def warm_up(preload: Sequence[str]) -> None:
@@ -112,11 +147,28 @@ def reap(holder: dict | None, wait_s: float = REAP_WAIT_S) -> bool:
     return True
 
 
+@contextmanager
+def _takeover_guard(d: Path):
+    """An exclusive flock on RESULTS_DIR/locks/.takeover for the few steps that judge a stale lock and replace it:
+    of two re-runs that read the same stale lock at the same moment only one replaces it, the other then finds the
+    winner's lock (live) and skips the cell. A flock (not the lock file itself) because a lock file is renamed away
+    during the take-over; the guard file is never removed, so every process locks the same inode. The kernel drops
+    the flock when its holder dies, so a killed sweep never leaves it held."""
+    fd = os.open(d / ".takeover", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
 def try_lock(
     results_dir: str | Path, chash: str, timeout_s: float, label: str = "", run_id: str | None = None
 ) -> tuple[Path | None, dict | None]:
     """(lock path, None) when this process now holds the cell's lock; (None, holder) when a live holder has it.
-    A stale lock's cell, if it still runs, is killed before the lock is taken over (`reap`)."""
+    A stale lock's cell, if it still runs, is killed before the lock is taken over (`reap`); the take-over itself
+    (the lock is still the stale one read, it is moved aside, ours linked in its place) runs under
+    `_takeover_guard`, so two re-runs never both take over the same stale lock."""
     d = locks_dir(results_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{chash}.lock"
@@ -125,20 +177,28 @@ def try_lock(
     tmp.write_text(json.dumps(me))
     os.chmod(tmp, 0o644)
     try:
-        for _ in range(3):
+        for _ in range(5):
             try:  # a hard link creates the lock with its content or fails: no reader ever sees it half written
                 os.link(tmp, path)
+                return path, None
             except FileExistsError:
-                holder = read_lock(path)
-                if lock_is_live(holder):
-                    return None, holder
-                reap(holder)
-                try:  # stale: move it aside atomically, so of two sweeps taking it over only one wins
+                pass
+            holder = read_lock(path)
+            if lock_is_live(holder):
+                return None, holder
+            reap(holder)  # outside the guard: it may wait seconds, and killing a dead sweep's cell twice is harmless
+            with _takeover_guard(d):
+                if read_lock(path) != holder:  # replaced (or removed) since it was read: judge it again
+                    continue
+                try:  # the stale lock read above, moved aside (release_lock removes it)
                     os.rename(path, d / f".stale-{chash}-{os.getpid()}-{time.time_ns()}")
                 except FileNotFoundError:
                     pass
-                continue
-            return path, None
+                try:
+                    os.link(tmp, path)
+                    return path, None
+                except FileExistsError:  # a sweep outside the guard linked a fresh lock in between: judge it
+                    continue
     finally:
         tmp.unlink(missing_ok=True)
     holder = read_lock(path)
@@ -168,11 +228,14 @@ def recorded_ok(results_dir: str | Path, chash: str) -> bool:
 
 
 def clear_stale_lock(results_dir: str | Path, chash: str) -> None:
-    """Remove the cell's lock if its holder is dead (a killed sweep's lock on a cell that had already finished)."""
+    """Remove the cell's lock if its holder is dead (a killed sweep's lock on a cell that had already finished);
+    under the take-over guard, so a lock another re-run has just taken over is never removed."""
     path = locks_dir(results_dir) / f"{chash}.lock"
     if path.exists() and not lock_is_live(holder := read_lock(path)):
         reap(holder)
-        path.unlink(missing_ok=True)
+        with _takeover_guard(path.parent):
+            if read_lock(path) == holder:
+                path.unlink(missing_ok=True)
 
 
 def release_lock(path: Path | None) -> None:
@@ -184,6 +247,42 @@ def release_lock(path: Path | None) -> None:
         path.unlink(missing_ok=True)
     for stale in path.parent.glob(f".stale-{path.stem}-*"):
         stale.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------- temp folders
+
+_TEMP_NAME = re.compile(r"membench-(\d+)-(\d+)-")
+_ORPHANS_REMOVED: list[bool] = []  # once per process
+
+
+def remove_orphan_temp_dirs(tmp_root: str | Path | None = None, force: bool = False) -> list[Path]:
+    """Remove the cells' temp folders (TMPDIR/membench-PID-START-*: spec, log, progress) whose owner, the process
+    named in the folder's name, no longer runs: what a sweep killed with SIGKILL leaves when its cell could not
+    remove its own (membench/child.py `_die`). Once per process unless `force`; returns the folders removed."""
+    if _ORPHANS_REMOVED and not force:
+        return []
+    _ORPHANS_REMOVED.append(True)
+    removed = []
+    try:
+        entries = list(Path(tmp_root or tempfile.gettempdir()).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not p.name.startswith("membench-") or not p.is_dir() or p.is_symlink():
+            continue
+        if m := _TEMP_NAME.match(p.name):
+            owner = {"pid": int(m[1]), "start": int(m[2]), "host": socket.gethostname()}
+        else:  # a folder named before its owner was (membench-XXXXXXXX): its spec names the owner
+            try:
+                owner = json.loads((p / "spec.json").read_text()).get("owner") or {}
+            except (OSError, ValueError, AttributeError):
+                continue
+        if owner.get("host") != socket.gethostname() or owner.get("start") is None:
+            continue
+        if not is_alive(int(owner["pid"]), int(owner["start"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------- a cell
@@ -237,7 +336,11 @@ class Cell:
         if busy:  # an error record, and no child (run.gpu_busy=fail, or wait timed out)
             self._status, self._error = "error", busy
             return
-        self._tmp = tempfile.TemporaryDirectory(prefix="membench-")
+        remove_orphan_temp_dirs()
+        # the folder's name carries its owner (this process: pid and start time), so that once the owner is dead a
+        # later sweep on this host removes what a killed sweep left (remove_orphan_temp_dirs)
+        me = identity()
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"membench-{me['pid']}-{me['start']}-")
         tmp = Path(self._tmp.name)
         spec = self._write_spec(tmp / "spec.json")
         self.log = tmp / "child.log"
@@ -271,6 +374,7 @@ class Cell:
             # the cell dies with this process and records only while it runs and the lock names the run (child.py)
             "owner": identity(),
             "lock": str(self._lock.resolve()) if self._lock is not None else None,
+            "tmp_dir": str(path.parent),  # the cell removes it when it kills itself (its owner gone)
         }
         path.write_text(json.dumps(spec))
         return path

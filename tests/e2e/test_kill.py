@@ -15,14 +15,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from membench import runner
 from membench.records import load_records
-from membench.runner import read_lock, try_lock
+from membench.runner import read_lock, remove_orphan_temp_dirs, try_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -111,6 +114,10 @@ def _kill_then_rerun(tmp_path: Path, jobs: int, kill) -> None:
     assert _started(tmp_path) == {s: started_before.get(s, 0) + 1 for s in (0, 1)}
     assert not list((tmp_path / "locks").glob("*.lock"))
     assert _none_left(mark) == []
+    # the killed sweep's folders (each cell's spec, log, progress; multiprocessing's socket folder) are gone: its
+    # cells or the re-run removed them; the re-run, ended normally, left none of its own
+    assert not list(Path(tempfile.gettempdir()).glob(f"membench-{p.pid}-*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"membench-{again.pid}-*"))
 
 
 @pytest.mark.parametrize("jobs", [pytest.param(1, marks=pytest.mark.slow), 2])
@@ -203,6 +210,63 @@ def test_a_live_owner_with_a_recycled_pid_does_not_hold_a_lock(tmp_path):
     assert try_lock(tmp_path, "abc", 60, run_id="new")[0] == path
 
 
+def test_two_reruns_meeting_the_same_stale_lock_at_once_take_it_over_once(tmp_path, monkeypatch):
+    """Both read the dead sweep's lock and judge it stale before either takes it over (the barrier holds each in
+    `reap` until the other got there): only one takes the cell; the other finds the winner's lock, live, and
+    skips it. Without the take-over guard both would: the second moved the first's fresh lock aside."""
+    path, _ = try_lock(tmp_path, "abc", 60, run_id="dead")
+    lock = read_lock(path)
+    lock["start"] = int(lock["start"]) - 1  # an owner that is gone
+    path.write_text(json.dumps(lock))
+    barrier = threading.Barrier(2, timeout=30)
+
+    def reap(holder, wait_s=0):  # both have judged the lock stale; then "b" goes on once "a" took the cell over
+        barrier.wait()
+        deadline = time.monotonic() + 5
+        while threading.current_thread().name == "b" and time.monotonic() < deadline:
+            if (read_lock(path) or {}).get("run_id") == "a":
+                break
+            time.sleep(0.01)
+
+    monkeypatch.setattr(runner, "reap", reap)
+    results: dict[str, tuple] = {}
+
+    def rerun() -> None:
+        name = threading.current_thread().name
+        results[name] = try_lock(tmp_path, "abc", 60, run_id=name)
+
+    threads = [threading.Thread(target=rerun, name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [n for n, (taken, _) in results.items() if taken is not None]
+    assert len(winners) == 1, results
+    loser = ({"a", "b"} - set(winners)).pop()
+    assert results[loser][1]["run_id"] == winners[0] == read_lock(path)["run_id"] == "a"
+
+
+def test_a_rerun_removes_the_temp_folders_of_dead_sweeps_only(tmp_path):
+    from membench.child import identity
+
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    me = identity()
+    gone = tmp_path / f"membench-{dead.pid}-{me['start']}-x1"  # its owner's pid, not running (or reused)
+    recycled = tmp_path / f"membench-{me['pid']}-{int(me['start']) - 1}-x2"  # a live pid, another start time
+    mine = tmp_path / f"membench-{me['pid']}-{me['start']}-x3"  # a live owner: kept
+    other = tmp_path / "membench-notacell"  # not named by an owner, no spec naming one: kept
+    old_gone = tmp_path / "membench-ab12cd34"  # an older folder name: its spec names the owner, gone
+    old_mine = tmp_path / "membench-ef56gh78"  # the same, a live owner: kept
+    specs = {gone: {}, recycled: {}, mine: {}, other: {}, old_gone: {"owner": {**me, "start": int(me["start"]) - 1}},
+             old_mine: {"owner": me}}  # fmt: skip
+    for d, spec in specs.items():
+        d.mkdir()
+        (d / "spec.json").write_text(json.dumps(spec))
+    assert sorted(remove_orphan_temp_dirs(tmp_path, force=True)) == sorted([gone, recycled, old_gone])
+    assert all(d.is_dir() for d in (mine, other, old_mine))
+
+
 def _spec(tmp_path: Path, owner: dict, lock: Path | None, steps: int = 10) -> Path:
     from membench.cells import configs as plan
 
@@ -235,6 +299,9 @@ def test_a_cell_ends_at_once_when_its_owner_dies(tmp_path):
     mark = uuid.uuid4().hex
     owner = subprocess.Popen([PY, "-c", "import time; time.sleep(600)"])
     spec = _spec(tmp_path, identity(owner.pid), None, steps=600)  # 60 s
+    cell_tmp = tmp_path / "cell-tmp"  # the cell's temp folder: it removes it as it kills itself
+    cell_tmp.mkdir()
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "tmp_dir": str(cell_tmp)}))
     cell = _start([PY, "-m", "membench.child", str(spec)], mark)
     _wait_for(lambda: (tmp_path / "started").is_dir() and any((tmp_path / "started").iterdir()), cell)
     t0 = time.monotonic()
@@ -242,6 +309,7 @@ def test_a_cell_ends_at_once_when_its_owner_dies(tmp_path):
     owner.wait()
     cell.wait(timeout=30)
     assert cell.returncode == -signal.SIGKILL and time.monotonic() - t0 < 5
+    assert not cell_tmp.exists()
     assert _none_left(mark) == [] and load_records(tmp_path) == []
 
 

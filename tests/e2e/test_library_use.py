@@ -131,3 +131,39 @@ def test_a_notebook_like_main_forks_its_cells_from_the_forkserver(tmp_path):
     overrides = [*TINY, f"run.results_dir={tmp_path / 'res'}"]
     p = _python(["-c", SCRIPT.format(overrides=overrides)], tmp_path)
     assert p.returncode == 0 and "RECORD ok fork" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+_EDITABLE = """
+import importlib.machinery, importlib.util, sys
+class Editable:  # setuptools' __editable__ finder, imitated for this checkout: the package's children (the
+    # package itself is the folder found first on sys.path), and the entry module
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.startswith("membench.") and name.count(".") == 1:
+            return importlib.machinery.PathFinder.find_spec(name, [{pkg!r}])
+        if name == "membench_entry":
+            return importlib.util.spec_from_file_location(name, {entry!r})
+        return None
+sys.meta_path.insert(0, Editable)  # before an editable install of another checkout
+"""
+
+
+def _editable(code: str) -> str:
+    return _EDITABLE.format(pkg=str(ROOT / "membench"), entry=str(ROOT / "membench_entry.py")) + code
+
+
+def test_a_hiding_folder_is_named_for_python_m_membench_and_for_a_script_importing_the_api(tmp_path):
+    """With an editable install a `membench` folder next to a script still lets `membench.api` and
+    `membench.__main__` load from the checkout; both name the folder instead of failing on a missing name."""
+    (tmp_path / "membench").mkdir()
+    main = _editable(
+        "import runpy; sys.argv = ['membench', '--version']; runpy.run_module('membench', run_name='__main__')"
+    )
+    _one_line(_python(["-c", main], tmp_path, pythonpath=None), tmp_path / "membench")
+    p = _python(["-c", _editable("from membench import api")], tmp_path, pythonpath=None)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("ImportError: membench: the folder ")
+    assert f"{tmp_path / 'membench'} (no __init__.py) is imported as `membench`" in p.stderr, p.stderr
+    (tmp_path / "membench" / "__init__.py").write_text("")  # a package of that name: its file is named
+    p = _python(["-c", _editable("from membench import api")], tmp_path, pythonpath=None)
+    assert f"ImportError: membench: {tmp_path / 'membench' / '__init__.py'} is imported" in p.stderr, p.stderr
+    assert api.hidden_by(sys.modules["membench"]) is None
