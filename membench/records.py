@@ -70,11 +70,13 @@ def config_hash(config: dict) -> str:
             del ident["run"][k]
     ident.pop("experiment", None)
     _drop_added_defaults(ident.get("workload"))
+    for node in (ident.get("technique") or {}).values():  # a technique's knob added later, left at its default
+        _drop_added_defaults(node)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _drop_added_defaults(node: dict | None) -> None:
-    """Fields a workload schema added after records were committed (its `identity_added`) are left out of the cell
+    """Fields a workload schema or a technique added after records were committed (its `identity_added`) are left out of the cell
     identity while at their default, so a cell recorded before the field existed keeps its hash."""
     target = (node or {}).get("_target_")
     if not target:

@@ -174,3 +174,23 @@ def test_bad_input_from_the_real_cli_exits_nonzero_and_keeps_earlier_records(tmp
     assert proc.stderr.strip() == "membench: error: run.batch_size=-3: must be > 0"
     assert sorted(p.name for p in runs.iterdir()) == ["earlier.json"]
     assert earlier.read_bytes() == before
+
+
+@pytest.mark.parametrize("study", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_a_fresh_run_of_a_committed_study_has_its_records_cell_identities(study):
+    """`membench compare results/STUDY fresh/` matches cells by config hash: a knob added to a workload or a
+    technique after a study was recorded must not change the hash of its cells at the default (`identity_added`),
+    or every cell of the fresh run is 'missing'/'new'."""
+    from membench.readme import ROOT
+    from membench.records import config_hash, latest_by_cell, load_records
+
+    root = ROOT / "results" / study
+    recs = (
+        [r for r in latest_by_cell(load_records(root)).values() if r.get("experiment") == study]
+        if root.is_dir()
+        else []
+    )
+    if not recs:
+        pytest.skip(f"no committed records of {study}")
+    fresh = {config_hash(c) for c in plan([f"+experiment={study}"], False)}
+    assert {config_hash(r["config"]) for r in recs} <= fresh
