@@ -7,9 +7,11 @@ DeepSpeed ships `estimate_zero2_model_states_mem_needs_all_cold` (runtime/zero/s
 model states (`fake_workload` + `analytic`, backend=deepspeed, bf16) for the same model, stage, offload and world
 size. Every difference is a named term, asserted exactly, so the test fails if either side changes:
 
-- `fp32_grad` = 4 Psi/N: DeepSpeed's 18 bytes/param are 2 (16-bit params) + 2 (16-bit grads) + 4 (fp32 grad
+- `fp32_grad` = 4 Psi/N: DeepSpeed's stage-2 GPU figure is 2 Psi + 18 Psi/N, 18 = 2 (16-bit grads) + 4 (fp32 grad
   partition) + 4 (fp32 master) + 8 (Adam); membench's DeepSpeed mixed precision is 2 + 2 + 12, without the fp32 grad
-  partition (on the device, made at the optimizer step; on the host under offload, a pinned buffer).
+  partition (on the device, made at the optimizer step; on the host under offload, a pinned buffer). At stage 3 the
+  same 18 also holds the 16-bit parameter shard (2 + 4 + 4 + 8, as its offload rows split it): no 16-bit grad
+  partition, which membench counts.
 - membench's buffers (whole on every rank) and, at stage 3, the parameters at or under DeepSpeed's
   stage3_param_persistence_threshold kept whole on every rank: not in DeepSpeed's estimate.
 - stage 3: DeepSpeed's `4 x largest layer` (the largest module's own parameters gathered, 16-bit params + grads);
@@ -80,8 +82,10 @@ def model(request):
 
 
 def _membench(m: dict, stage: int, opt: str, par: str, n: int) -> dict:
-    techs = [dataclasses.replace(t, stage=stage, offload_optimizer=opt, offload_params=par) if t.kind == "zero" else t
-             for t in m["techs"]]  # fmt: skip  (offload composes on CUDA only; the planner builds it the same way)
+    techs = [
+        dataclasses.replace(t, stage=stage, offload_optimizer=opt, offload_params=par) if t.kind == "zero" else t
+        for t in m["techs"]
+    ]  # offload composes on CUDA only (check): set on the Zero config itself
     return analytic(m["wl"], techs, 1, n)["states"]
 
 
