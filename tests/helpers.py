@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import time
+from pathlib import Path
 
 import torch
 
@@ -115,3 +117,27 @@ def exact_step_bytes(cfg: dict) -> dict[str, int]:
         "optimizer": sum(states.values()),
         "activations": sum(held.values()),
     }
+
+
+def tagged_pids(mark: str) -> list[int]:
+    """Pids of live processes whose environment carries MEMBENCH_TEST_MARK=mark (a sweep, its forkserver, cells,
+    ranks); zombies and dead ones left out."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if f"MEMBENCH_TEST_MARK={mark}".encode() in (p / "environ").read_bytes().split(b"\0"):
+                if (p / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def none_left(mark: str, within_s: float) -> list[int]:
+    """The marked processes still alive after waiting up to `within_s` for them to go."""
+    deadline = time.monotonic() + within_s
+    while tagged_pids(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tagged_pids(mark)

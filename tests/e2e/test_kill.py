@@ -26,6 +26,7 @@ import pytest
 from membench import runner
 from membench.records import load_records
 from membench.runner import read_lock, remove_orphan_temp_dirs, try_lock
+from tests.helpers import none_left, tagged_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -48,24 +49,11 @@ def _sweep(results: Path, jobs: int, mark: str, *extra: str) -> subprocess.Popen
 
 
 def _tagged(mark: str) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if f"MEMBENCH_TEST_MARK={mark}".encode() in (p / "environ").read_bytes().split(b"\0"):
-                if (p / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
+    return tagged_pids(mark)
 
 
 def _none_left(mark: str, within_s: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + within_s
-    while _tagged(mark) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _tagged(mark)
+    return none_left(mark, within_s)
 
 
 def _wait_for(cond, p: subprocess.Popen, timeout_s: float = 120.0) -> None:

@@ -20,6 +20,7 @@ from membench.child import identity
 from membench.cli import main
 from membench.records import load_records, validate_record
 from membench.runner import read_lock, release_lock, try_lock
+from tests.helpers import none_left, tagged_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["workload=gpt_tiny", "run.train_steps=6", "run.warmup_steps=1", "run.measure_steps=2"]
@@ -35,26 +36,11 @@ def _sweep(results_dir: Path, *extra: str, mark: str) -> subprocess.Popen:
 
 
 def _tagged(mark: str) -> list[int]:
-    """Pids of live processes whose environment carries the mark (the sweep, its forkserver, cells, ranks)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if f"MEMBENCH_TEST_MARK={mark}".encode() in (p / "environ").read_bytes().split(b"\0"):
-                stat = (p / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    pids.append(int(p.name))
-        except OSError:
-            continue
-    return pids
+    return tagged_pids(mark)
 
 
 def _none_left(mark: str, within_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + within_s
-    while _tagged(mark) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _tagged(mark)
+    return none_left(mark, within_s)
 
 
 def _wait_for(cond, timeout_s: float = 240.0) -> None:
