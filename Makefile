@@ -33,9 +33,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# The committed CPU studies (~45 min on 2 CPU cores), then the README/docs tables regenerated from their records.
+# The committed CPU studies (~75 min on 2 CPU cores: the techniques study ~25 of them, the verified plan study ~12),
+# the planner's predictions of the techniques study's cells, then the README/docs tables regenerated from the records.
 studies: setup
-	for e in checkpointing zero_stages quantization pruning llama; do $(VENV)/bin/membench run +experiment=$$e || exit 1; done
+	for e in checkpointing zero_stages quantization pruning llama techniques; do $(VENV)/bin/membench run +experiment=$$e || exit 1; done
+	PYTHONPATH=. $(PY) scripts/predict_study.py techniques
+	PYTHONPATH=. $(PY) scripts/verify_study.py
 	$(PY) -m membench.readme
 
 report: setup
