@@ -93,18 +93,21 @@ def quality(kinds_key: str, techs, cal: Calibration, family: str) -> dict:
     return out
 
 
-def sim_key(techs) -> tuple:
-    """Candidates whose simulated techniques are equal configs (frozen dataclasses: every knob) share a simulation."""
-    s, _ = sim.split(techs)
+def sim_key(techs, world_size: int | None = None) -> tuple:
+    """Candidates whose simulated techniques are equal configs (frozen dataclasses: every knob) share a simulation;
+    `world_size` as the simulation is given it (a distributed technique runs on fake tensors only with it)."""
+    s, _ = sim.split(techs, world_size)
     return tuple(sorted((t.kind, repr(t)) for t in s))
 
 
-def simulated(s: dict, techs, states: dict) -> tuple[str, dict]:
+def simulated(s: dict, techs, states: dict, world_size: int | None = None) -> tuple[str, dict]:
     """("simulation", s) when every technique ran on fake tensors; else ("hybrid", s with the full model states
-    of all techniques put in place of the simulated ones at every phase: simulate.replace_states). What was left
-    out is what the simulation says it left out (`left_out`: zero's FSDP2 runs there only when it was given the world
-    size)."""
-    left = s["left_out"] if "left_out" in s else [t.kind for t in sim.split(techs)[1]]
+    of all techniques put in place of the simulated ones at every phase: simulate.replace_states). `world_size`: what
+    the simulation was given (zero's FSDP2 runs on fake tensors only with it); what is left out is this candidate's
+    own split under it."""
+    # this candidate's own techniques left out: a simulation is shared by every candidate whose simulated techniques
+    # are equal (sim_key), so what the shared run left out is not this candidate's (quantized_base shares the baseline's)
+    left = [t.kind for t in sim.split(techs, world_size)[1]]
     keep = {k: s[k] for k in ("method", "seconds", "device", "world_size") if k in s}
     if not left:
         return "simulation", {**s, **keep}

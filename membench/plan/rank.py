@@ -140,7 +140,7 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
         return sims[k, b]
 
     for r in rows:
-        k = sim_key(r["_techs"])
+        k = sim_key(r["_techs"], run.world_size)
         if k not in keys:
             # the budget of distinct simulations goes to the best-ranked; rows nothing else predicts are all simulated
             if len(keys) >= pc.simulate and r["peak_bytes"] is not None:
@@ -153,8 +153,8 @@ def plan(user: list[str], pc: PlanConfig, progress=print) -> dict:
             r["simulation_failed"] = s1["failed"]
             progress(f"membench: simulation of {r['label']} failed ({s1['failed']}); its row keeps the analytic")
             continue
-        name, pred = simulated(s1, r["_techs"], states)
-        _, pred2 = simulated(simulate(k, r["_techs"], b2), r["_techs"], states)
+        name, pred = simulated(s1, r["_techs"], states, run.world_size)
+        _, pred2 = simulated(simulate(k, r["_techs"], b2), r["_techs"], states, run.world_size)
         r["predictions"][name] = pred
         finish(r, budget, gap, b1, later={"pred": pred2, "batch": b2})
         if dev == "cuda" and "allocator" in pred:  # what torch.cuda would report: a prior until a GPU confirms it

@@ -89,7 +89,7 @@ def predict_one(cfg: dict, pc: PlanConfig, batch_size: int | None = None) -> dic
     a = analytic(wl, techs, b, run.world_size, device_type_of_cfg(cfg))
     s = sim.simulate(wcfg, techs, b, run.seed, pc.max_layers or None, sim_device(device_type_of_cfg(cfg)),
                      run.grad_accum_steps, run.world_size)  # fmt: skip
-    name, pred = simulated(s, techs, a["states"])
+    name, pred = simulated(s, techs, a["states"], run.world_size)
     return {**pred, "predictor": name, "analytic_bytes": a["peak_bytes"], "batch": b}
 
 

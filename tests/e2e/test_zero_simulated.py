@@ -86,5 +86,5 @@ def test_simulated_rank_matches_a_real_two_rank_run(real, cell):
     assert {k: v for k, v in sim["by_category"].items() if v} == real_split
     # the planner's row: a simulation, not a hybrid, with the same peak
     states = analytic(fake_workload(wcfg, cfg["run"]["seed"]), techs, cfg["run"]["batch_size"], 2, "cpu")["states"]
-    kind, pred = simulated(sim, techs, states)
+    kind, pred = simulated(sim, techs, states, 2)
     assert kind == "simulation" and pred["peak_bytes"] == rec["memory"]["peak_bytes"]

@@ -35,7 +35,7 @@ def test_fsdp_runs_sharded_on_the_fake_group(stage):
     # stage 2 (reshard_after_forward=False) holds every parameter gathered through backward; stage 3 none at this
     # peak (the start of backward, before any block is re-gathered)
     assert out["by_category"].get("params_unsharded", 0) == (4 * psi if stage == 2 else 0)
-    kind, pred = simulated(out, techs, analytic(fake_workload(wcfg, 0), techs, B, 2, "cpu")["states"])
+    kind, pred = simulated(out, techs, analytic(fake_workload(wcfg, 0), techs, B, 2, "cpu")["states"], 2)
     assert kind == "simulation" and pred["peak_bytes"] == out["peak_bytes"]
 
 
