@@ -157,7 +157,9 @@ def test_detach_reattach_rerun_while_queued_and_scancel_pending_without_accounti
         p = _start(tmp_path, "run.seed=0,1", out=out)
         _wait_for(lambda: out.read_text().count("  start ") == 2, "the submission")
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=30) == 130
+        # 30 s was once too short at the end of a full `make test` (passes in ~35 s for the whole test alone); a hang
+        # still fails here
+        assert p.wait(timeout=90) == 130
         text = out.read_text()
         assert "detached; 2 job(s) go on" in text and "cancelled (SIGINT)" not in text, text
         jobs = _sweep(tmp_path)["job_ids"]
