@@ -24,14 +24,15 @@ run:
 	exit $$rc
 
 # Every CPU test, the ones marked slow included (a bare `pytest` deselects those through pyproject's addopts), in
-# three processes: the unit tests; the runs and end-to-end tests; the real-Slurm tests. The whole suite in one process
+# three processes: the real-Slurm tests first (their detach test hung after SIGINT, twice, when it ran after the rest
+# of the suite, and passed twice alone: not diagnosed); the unit tests; the runs and end-to-end tests. The whole suite in one process
 # once died of a segfault inside Hydra's compose (deepcopy) late in the unit tests, which pass in a process of their
 # own (not diagnosed: a native library's state left by earlier tests is the suspect); the session's other imports
 # also left the slurmd fixture unable to run two cells at once (each alone passes).
 test: setup
+	$(PY) -m pytest -q -m 'slow or not slow' tests/e2e/test_slurm_real.py
 	$(PY) -m pytest -q -m 'slow or not slow' tests/unit
 	$(PY) -m pytest -q -m 'slow or not slow' tests/runs tests/e2e --ignore=tests/e2e/test_slurm_real.py
-	$(PY) -m pytest -q -m 'slow or not slow' tests/e2e/test_slurm_real.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
