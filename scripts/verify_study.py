@@ -45,7 +45,14 @@ COMMON = [
 ]
 FIT, NOFIT = 1.25, 0.9  # budget / predicted peak
 
+
 # name, kind (fit | nofit), overrides
+def _zero(stage: int, backend: str, ranks: int, *extra: str) -> list[str]:
+    """llama_tiny at batch 6 over `ranks` ranks with ZeRO `stage` on `backend`, plus `extra` knobs."""
+    return ["workload=llama_tiny", "run.batch_size=6", f"run.world_size={ranks}", "technique=[zero]",
+            f"technique.zero.stage={stage}", f"technique.zero.backend={backend}", *extra]  # fmt: skip
+
+
 CELLS: list[tuple[str, str, list[str]]] = [
     # llama
     ("llama_tiny", "fit", ["workload=llama_tiny", "run.batch_size=6"]),
@@ -100,39 +107,21 @@ CELLS: list[tuple[str, str, list[str]]] = [
     ("hf_llama-lora", "fit", ["workload=hf", "run.batch_size=6", "technique=[lora]"]),
     ("llama_tiny-qlora", "fit", ["workload=llama_tiny", "run.batch_size=6", "technique=[quantized_base,lora]"]),
     # ZeRO at 2 ranks, both backends
-    *[
-        (
-            f"llama_tiny-zero{st}-{be}-x2",
-            "fit",
-            [
-                "workload=llama_tiny",
-                "run.batch_size=6",
-                "run.world_size=2",
-                "technique=[zero]",
-                f"technique.zero.stage={st}",
-                f"technique.zero.backend={be}",
-            ],
-        )
-        for be in ("torch", "deepspeed")
-        for st in (2, 3)
-    ],
+    *[(f"llama_tiny-zero{st}-{be}-x2", "fit", _zero(st, be, 2)) for be in ("torch", "deepspeed") for st in (2, 3)],
     # DeepSpeed with its default buckets (5e8 elements) holds ~1.9 GB of buckets on this tiny model; with small
     # buckets the model states and activations are what the prediction is about
     *[
         (
             f"llama_tiny-zero{st}-deepspeed-bucket5e5-x2",
             "fit",
-            [
-                "workload=llama_tiny",
-                "run.batch_size=6",
-                "run.world_size=2",
-                "technique=[zero]",
-                f"technique.zero.stage={st}",
-                "technique.zero.backend=deepspeed",
+            _zero(
+                st,
+                "deepspeed",
+                2,
                 "technique.zero.reduce_bucket_size=500000",
                 "technique.zero.allgather_bucket_size=500000",
-            ],
-        )
+            ),
+        )  # fmt: skip
         for st in (2, 3)
     ],
     # the new techniques
@@ -196,35 +185,9 @@ CELLS: list[tuple[str, str, list[str]]] = [
             "technique.optimizer_lowmem.algo=adafactor",
         ],
     ),
-    (
-        "nofit-llama_tiny-zero2-torch-x2",
-        "nofit",
-        [
-            "workload=llama_tiny",
-            "run.batch_size=6",
-            "run.world_size=2",
-            "technique=[zero]",
-            "technique.zero.stage=2",
-            "technique.zero.backend=torch",
-        ],
-    ),
+    ("nofit-llama_tiny-zero2-torch-x2", "nofit", _zero(2, "torch", 2)),
     # ZeRO at 4 ranks (last: each takes tens of seconds)
-    *[
-        (
-            f"llama_tiny-zero{st}-{be}-x4",
-            "fit",
-            [
-                "workload=llama_tiny",
-                "run.batch_size=6",
-                "run.world_size=4",
-                "technique=[zero]",
-                f"technique.zero.stage={st}",
-                f"technique.zero.backend={be}",
-            ],
-        )
-        for be in ("torch", "deepspeed")
-        for st in (2, 3)
-    ],
+    *[(f"llama_tiny-zero{st}-{be}-x4", "fit", _zero(st, be, 4)) for be in ("torch", "deepspeed") for st in (2, 3)],
 ]
 
 
