@@ -11,6 +11,7 @@ a file differs from what the records give (a test runs it, so tables cannot drif
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import sys
@@ -29,7 +30,7 @@ RENDERERS = {
     "device": "membench.device_table:table",
     "plan": "membench.plan.tables:study_table",
     "planverified": "membench.plan.tables:verified_table",  # scripts/verify_study.py's cells
-    "techniques": "membench.studies:techniques_table",  # also reads results/NAME/predicted.json
+    "techniques": "membench.studies:techniques_table",  # takes results/NAME/predicted.json too
 }
 
 
@@ -54,11 +55,14 @@ def render(text: str, results: Path = ROOT / "results") -> str:
         ]
         if not records:
             body = f"(no records in results/{name} yet)"
-        elif kind == "techniques":  # measured savings beside the planner's (scripts/predict_study.py)
-            predicted = results / name / "predicted.json"
-            body = _renderer(kind)(records, json.loads(predicted.read_text()) if predicted.exists() else None)
-        else:
-            body = _renderer(kind)(records)
+        else:  # a renderer taking `predicted` also gets the planner's predictions saved beside the records
+            fn, predicted = _renderer(kind), results / name / "predicted.json"
+            takes = "predicted" in inspect.signature(fn).parameters
+            body = (
+                fn(records, predicted=json.loads(predicted.read_text()))
+                if takes and predicted.exists()
+                else fn(records)
+            )
         return f"{m.group(1)}{body}\n{m.group(5)}"
 
     return BLOCK.sub(sub, text)
