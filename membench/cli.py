@@ -35,7 +35,7 @@ WORKER_MODULES = ("membench.execute",)
 
 # Numeric options and what each allows: checked before any command reads a record or runs a cell.
 _AT_LEAST_0 = ("peak_rtol", "flops_rtol", "quality_atol", "quality_atol_exact", "quality_rtol_other_hardware",
-               "time_min_effect", "time_noise_floor", "time_min_steps", "verify")  # fmt: skip
+               "time_min_effect", "time_noise_floor", "time_min_steps", "time_min_runs", "verify")  # fmt: skip
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -46,6 +46,9 @@ def check_options(args: argparse.Namespace) -> None:
     alpha = getattr(args, "time_alpha", None)
     if alpha is not None and not 0 < alpha < 1:
         raise ConfigError(f"{args.cmd} --time-alpha={alpha}: must be in (0, 1)")
+    alpha = getattr(args, "time_run_alpha", None)
+    if alpha is not None and not 0 < alpha < 1:
+        raise ConfigError(f"{args.cmd} --time-run-alpha={alpha}: must be in (0, 1)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -92,6 +95,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         time_min_effect=args.time_min_effect,
         time_min_steps=args.time_min_steps,
         time_noise_floor=args.time_noise_floor,
+        time_min_runs=args.time_min_runs,
+        time_run_alpha=args.time_run_alpha,
         any_hardware=args.any_hardware,
     )
     rerun = None
@@ -240,6 +245,10 @@ def _compare_parser(sub) -> None:
     c.add_argument("--time-min-effect", type=float, default=0.05, help="smallest relative slowdown flagged (0: off)")
     c.add_argument("--any-hardware", action="store_true", help="compare across hardware profiles (times labelled)")
     c.add_argument("--time-min-steps", type=int, default=20, help="timed steps per side (seeds pooled) for a verdict")
+    c.add_argument(
+        "--time-min-runs", type=int, default=5, help="runs (seeds) per side from which the verdict is on runs (Welch)"
+    )
+    c.add_argument("--time-run-alpha", type=float, default=0.05, help="Welch significance level on run medians")
     c.add_argument(
         "--time-noise-floor", type=float, default=0.0, help="run-to-run drift: shifts inside are inconclusive"
     )

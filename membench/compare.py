@@ -14,8 +14,11 @@ What counts as a regression, by how each quantity behaves:
   identical) on the same hardware profile, and to a relative `--quality-rtol-other-hardware` (1e-6: another CPU's
   fp32 rounding, see Tolerances) across profiles; approximate ones must stay inside the baseline's seed band (a 95% prediction interval over the
   cell's seeds) when the baseline has several seeds, else within `--quality-atol`;
-- step time: the raw per-step samples of both sides, pooled over a cell's seed group (cells that differ only
-  in run.seed), are compared with a one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu) and the
+- step time, a cell's seed group (cells that differ only in run.seed) with at least `--time-min-runs` (5) runs per
+  side: one sample per run (its median step), one-sided Welch's t on their logs, p < `--time-run-alpha` (0.05)
+  and a shift beyond `--time-min-effect`; the run is the unit of replication, so the drift between fresh runs
+  is in the test's variance (no noise floor). Fewer runs: the raw per-step samples of both sides, pooled over the
+  seed group, are compared with a one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu) and the
   Hodges-Lehmann shift (median of pairwise differences) relative to the baseline median. A cell regresses only
   when both say so: p < `--time-alpha` and shift > max(`--time-min-effect`, `--time-noise-floor`). The test
   alone would flag a 1% change over many steps; the effect size alone would flag noise; the noise floor is the
@@ -73,6 +76,14 @@ class Tolerances:
     time_min_effect: float = 0.05  # Hodges-Lehmann shift / baseline median; 0 disables the time check
     time_min_steps: int = 20  # pooled timed steps per side below which a time verdict is inconclusive
     time_noise_floor: float = 0.0  # run-to-run drift of identical code: a shift inside it is inconclusive
+    # With at least this many runs (a seed group's seeds) per side the verdict is taken on the runs, not the steps:
+    # one sample per run (its median step), Welch's t on their logs, the run the unit of replication. Steps of one
+    # run share its drift (docs/tracking.md: fresh runs of identical code differ by 3-5% median, up to 17%), so a
+    # test on pooled steps mistakes that drift for a change; a test on runs carries it in its variance.
+    time_min_runs: int = 5
+    time_run_alpha: float = (
+        0.05  # one-sided Welch significance on the runs: independent samples, so the false-alarm rate
+    )
     any_hardware: bool = False
 
 
@@ -148,6 +159,37 @@ def time_verdict(base: list[float], cand: list[float], tol: Tolerances) -> dict:
     if p < tol.time_alpha:
         return {**out, "verdict": "inconclusive", "why": f"inside the noise floor {tol.time_noise_floor:.0%}"}
     return {**out, "verdict": "inconclusive", "why": f"shift beyond ±{tol.time_min_effect:.0%} but not significant"}
+
+
+def run_verdict(base: list[list[float]], cand: list[list[float]], tol: Tolerances) -> dict:
+    """Verdict on two sets of runs (each run's step times), one sample per run: the log of its median step.
+    regressed / improved: one-sided Welch's t (scipy.stats.ttest_ind, unequal variances) in that direction gives
+    p < time_run_alpha AND the shift (the ratio of the geometric means of the run medians, minus 1) is beyond
+    time_min_effect; ok: the shift is inside time_min_effect; else inconclusive. No noise floor: the run-to-run
+    drift is what the test's variance measures. Welch 1947, Biometrika 34:28-35."""
+    from scipy.stats import ttest_ind
+
+    meds = [[math.log(statistics.median(r)) for r in runs if r] for runs in (base, cand)]
+    out = {"n_base": sum(map(len, base)), "n_cand": sum(map(len, cand)), "runs": [len(m) for m in meds]}
+    if min(len(m) for m in meds) < 2:
+        return {**out, "verdict": "inconclusive", "why": "fewer than 2 runs with step times on a side"}
+    rel = math.exp(statistics.mean(meds[1]) - statistics.mean(meds[0])) - 1
+    alt = "greater" if rel >= 0 else "less"
+    p = float(ttest_ind(meds[1], meds[0], equal_var=False, alternative=alt).pvalue)
+    if p != p:  # zero variance on both sides: the runs' medians are exact
+        p = 0.0 if rel else 1.0
+    out.update(p_value=p, shift_rel=rel, test="Welch t on run medians")
+    n = f"{len(meds[0])} vs {len(meds[1])} runs"
+    if p < tol.time_run_alpha and abs(rel) > tol.time_min_effect:
+        why = f"{n}: shift beyond ±{tol.time_min_effect:.0%}"
+        return {**out, "verdict": "regressed" if rel > 0 else "improved", "why": why}
+    if abs(rel) <= tol.time_min_effect:
+        return {**out, "verdict": "ok", "why": f"{n}: shift within ±{tol.time_min_effect:.0%}"}
+    return {
+        **out,
+        "verdict": "inconclusive",
+        "why": f"{n}: shift beyond ±{tol.time_min_effect:.0%} but not significant",
+    }
 
 
 def _band(values: list[float]) -> tuple[float, float]:
@@ -226,7 +268,11 @@ def time_text(b: list[dict], c: list[dict], tv: dict) -> str:
     """`step 7.10 -> 7.81 ms (shift +10.0%, p=1e-05, 60 vs 60 steps, 3 seeds pooled): regressed, why`."""
     med = [statistics.median(t for r in rs for t in r["timing"]["step_times_s"] or [math.nan]) for rs in (b, c)]
     text = f"step {med[0] * 1e3:.2f} -> {med[1] * 1e3:.2f} ms"
-    if "p_value" in tv:
+    if "p_value" in tv and "runs" in tv:
+        text += (
+            f" (shift {tv['shift_rel']:+.1%}, p={tv['p_value']:.2g}, {tv['runs'][0]} vs {tv['runs'][1]} runs: Welch)"
+        )
+    elif "p_value" in tv:
         seeds = f", {len(b)} seeds pooled" if len(b) > 1 else ""
         text += f" (shift {tv['shift_rel']:+.1%}, p={tv['p_value']:.2g}, {tv['n_base']} vs {tv['n_cand']} steps{seeds})"
     return f"{text}: time {tv['verdict']}, {tv['why']}"
@@ -284,11 +330,14 @@ def _time_verdicts(base: dict, cand: dict, common: set[str], differing: dict, to
     out = {}
     for hs in groups.values():
         b, c = [base[h] for h in hs], [cand[h] for h in hs]
-        tv = time_verdict(
-            [t for r in b for t in r["timing"]["step_times_s"] or []],
-            [t for r in c for t in r["timing"]["step_times_s"] or []],
-            tol,
-        )
+        if len(hs) >= max(tol.time_min_runs, 2):  # enough runs: the run is the sample (Welch on run medians)
+            tv = run_verdict(*([r["timing"]["step_times_s"] or [] for r in rs] for rs in (b, c)), tol)
+        else:
+            tv = time_verdict(
+                [t for r in b for t in r["timing"]["step_times_s"] or []],
+                [t for r in c for t in r["timing"]["step_times_s"] or []],
+                tol,
+            )
         if any(differing.get(h) for h in hs):
             tv = {**tv, "verdict": "inconclusive", "why": "other hardware"}
         tv["text"] = time_text(b, c, tv)

@@ -116,6 +116,38 @@ def _rates(trials, tol) -> dict:
     return out
 
 
+RUNS_PER_SIDE = (3, 5, 7, 10)  # the run-level rule (Welch on run medians): runs per side
+DRAWS = 400  # trials per setting, each 2 * s distinct runs drawn at random from the workload's runs
+
+
+def _run_rates(times: list[list[float]], s: int, k: int, tol) -> dict:
+    """compare's run-level verdict (membench.compare.run_verdict) on DRAWS trials of s runs against s other runs
+    (first k steps each), drawn at random (seeded) from the fresh runs: identical code as drawn, and the candidate
+    runs x1.10. Runs are reused across trials (the trials are not independent; each is a pair of fresh run sets)."""
+    import random
+
+    from membench.compare import run_verdict
+
+    rng = random.Random(s * 1000 + k)
+    cut = [t[:k] for t in times]
+    trials = []
+    for _ in range(DRAWS):
+        idx = rng.sample(range(len(cut)), 2 * s)
+        trials.append(([cut[i] for i in idx[:s]], [cut[i] for i in idx[s:]]))
+    same = Counter(run_verdict(b, c, tol)["verdict"] for b, c in trials)
+    slow = Counter(run_verdict(b, [[x * SLOWDOWN for x in r] for r in c], tol)["verdict"] for b, c in trials)
+    caught = {
+        f: sum(run_verdict(b, [[x * f for x in r] for r in c], tol)["verdict"] == "regressed" for b, c in trials)
+        for f in FACTORS
+    }
+    return {
+        "trials": DRAWS,
+        "identical": dict(same),
+        "slowdown": dict(slow),
+        "smallest_caught_90": next((f for f in FACTORS if caught[f] >= 0.9 * DRAWS), None),
+    }
+
+
 def _shift(base, cand) -> float:
     return statistics.median(c - b for c in cand for b in base) / statistics.median(base)
 
@@ -159,6 +191,18 @@ def analyse(raw: Path, out: Path) -> None:
             for s in (1, SEEDS)
             for k in STEPS
         ]
+        r["rates"] += [
+            {
+                "pairs": "fresh runs, drawn",
+                "rule": "runs",
+                "seeds": s,
+                "steps": k,
+                **_run_rates(times, s, k, Tolerances()),
+            }
+            for s in RUNS_PER_SIDE
+            for k in (20, 40)
+            if 2 * s <= len(times)
+        ]
         res["workloads"][wl] = r
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
@@ -180,6 +224,9 @@ DOC_ROWS = {  # the rows docs/tracking.md shows: (pairs, rule, runs per side, st
     ("fresh runs", "plain", SEEDS, 40),
     ("fresh runs", "floor", 1, 40),
     ("fresh runs", "floor", SEEDS, 40),
+    ("fresh runs, drawn", "runs", 5, 20),
+    ("fresh runs, drawn", "runs", 10, 20),
+    ("fresh runs, drawn", "runs", 10, 40),
 }
 
 

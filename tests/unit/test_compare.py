@@ -19,7 +19,7 @@ import pytest
 
 from membench import sweep as sweep_module
 from membench.cli import main
-from membench.compare import Tolerances, time_verdict
+from membench.compare import Tolerances, run_verdict, time_verdict
 from membench.records import config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,6 +229,48 @@ def test_seeds_of_a_cell_are_pooled_on_both_sides(tmp_path, capsys):
     _seed_group(tmp_path / "base1", 1.0, seeds=(0,), noise_seed=1)
     assert _compare(tmp_path / "base1", tmp_path / "one") == 3
     assert "8 vs 8 steps: under the 20 per side" in capsys.readouterr().out
+
+
+def test_from_five_runs_per_side_the_run_is_the_sample():
+    """Five runs per side whose levels drift by +-10% between runs (as fresh runs do on a shared machine), 20 steps
+    each with 2% noise: the pooled steps call a +8% drift a regression (p ~ 2e-6); Welch's t on the five run
+    medians sees that the runs spread as much and says inconclusive. The same runs x1.10 are not enough either
+    (p ~ 0.06: five runs this spread cannot show 10%); identical runs are ok."""
+    rng = random.Random(0)
+
+    def runs(levels):
+        return [[lv * rng.gauss(1.0, 0.02) for _ in range(20)] for lv in levels]
+
+    base, drifted = runs([0.9, 1.0, 1.1, 0.95, 1.05]), runs([1.2, 0.95, 1.15, 0.9, 1.2])
+    steps = time_verdict([t for r in base for t in r], [t for r in drifted for t in r], Tolerances())
+    assert steps["verdict"] == "regressed" and steps["p_value"] < 1e-5
+    v = run_verdict(base, drifted, Tolerances())
+    assert v["verdict"] == "inconclusive" and v["runs"] == [5, 5] and 0.1 < v["p_value"] < 0.2
+    assert v["why"] == "5 vs 5 runs: shift beyond ±5% but not significant"
+    v = run_verdict(base, [[t * 1.10 for t in r] for r in base], Tolerances())
+    assert v["verdict"] == "inconclusive" and abs(v["shift_rel"] - 0.10) < 1e-12 and 0.05 < v["p_value"] < 0.06
+    assert run_verdict(base, base, Tolerances())["verdict"] == "ok"
+    tight = runs([1.0, 1.01, 0.99, 1.0, 1.0])  # runs that agree: x1.10 is significant
+    v = run_verdict(tight, [[t * 1.10 for t in r] for r in runs([1.0, 1.01, 0.99, 1.0, 1.0])], Tolerances())
+    assert v["verdict"] == "regressed" and v["p_value"] < 1e-4
+    assert run_verdict([[1.0]], [[1.0], [1.1]], Tolerances())["verdict"] == "inconclusive"  # one run: no variance
+
+
+def test_compare_switches_to_runs_at_time_min_runs(tmp_path, capsys):
+    """A seed group of 5 per side is judged on its runs (Welch), one of 4 on its pooled steps; --time-min-runs
+    moves the switch."""
+    _seed_group(tmp_path / "a", 1.0, seeds=range(5), steps=20, noise_seed=1)
+    _seed_group(tmp_path / "b", 1.10, seeds=range(5), steps=20, noise_seed=2)
+    assert _compare(tmp_path / "a", tmp_path / "b") == 1
+    out = capsys.readouterr().out
+    assert "5 regressed" in out and out.count("5 vs 5 runs: Welch") == 5
+    assert _compare(tmp_path / "a", tmp_path / "b", "--time-min-runs", "6") == 1
+    assert capsys.readouterr().out.count("100 vs 100 steps, 5 seeds pooled") == 5
+    _seed_group(tmp_path / "c", 1.0, seeds=range(4), steps=20, noise_seed=1)
+    _seed_group(tmp_path / "d", 1.0, seeds=range(4), steps=20, noise_seed=2)
+    assert _compare(tmp_path / "c", tmp_path / "d") == 0
+    assert capsys.readouterr().out.count("80 vs 80 steps, 4 seeds pooled") == 4
+    assert main(["compare", str(tmp_path / "c"), str(tmp_path / "d"), "--time-run-alpha", "1"]) == 2
 
 
 def test_status_changes_are_judged_and_both_failed_is_inconclusive(tmp_path, capsys):
@@ -473,7 +515,8 @@ def test_confirm_reruns_a_real_cell(tmp_path, capsys):
 
 def test_gate_power_counts_detections_and_false_alarms(tmp_path):
     """scripts/gate_power.py analyse on synthetic runs with 1% step noise and no drift: the 10% injection is
-    caught in every trial at 20 steps and more, and identical code is never flagged."""
+    caught in every trial at 20 steps and more (and by the run-level rule from 3 runs per side), and identical code
+    is never flagged."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gate_power", ROOT / "scripts" / "gate_power.py")
@@ -489,5 +532,9 @@ def test_gate_power_counts_detections_and_false_alarms(tmp_path):
         if r["rule"] == "plain" and r["seeds"] * r["steps"] >= 20:
             assert r["slowdown"] == {"regressed": r["trials"]}, r
             assert "regressed" not in r["identical"], r
+    on_runs = [r for r in rates if r["rule"] == "runs"]  # Welch on run medians: 3 and 5 runs per side (12 runs)
+    assert {(r["seeds"], r["steps"]) for r in on_runs} == {(3, 20), (3, 40), (5, 20), (5, 40)}
+    for r in on_runs:
+        assert r["slowdown"] == {"regressed": r["trials"]} and "regressed" not in r["identical"], r
     fresh = [r for r in rates if r["pairs"] == "fresh runs" and r["seeds"] == 1]
     assert {r["trials"] for r in fresh} == {6} and all(r["confirmed_false_alarms"] == 0 for r in fresh)
