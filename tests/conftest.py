@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import gc
+import signal
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+# A shell without job control that starts pytest as a background job (`make test &`, `nohup make test &`, some CI
+# wrappers) starts it with SIGINT ignored (POSIX, for asynchronous lists), nohup with SIGHUP ignored, and an ignored
+# signal stays ignored in every child: the CLI processes the e2e tests start and then signal as a terminal would
+# never saw the signal (the Slurm detach test waited forever after its SIGINT, on a fresh clone's `make test` run in
+# the background). The tests signal their children as a user's terminal does, so the suite restores the defaults.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def pytest_collection_modifyitems(config, items):
