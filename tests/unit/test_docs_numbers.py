@@ -669,7 +669,8 @@ def test_zero_moved_with_issue_19():
     ddp = [zero("torch", 0, n) for n in (1, 2)]
     assert {f"{pk(r):.1f}" for r in ddp} == {f"{pk(ddp[0]):.1f}"}
     claim(z, f"DDP's peak (torch stage 0, N=1 and N=2) went from 321.0 to {pk(ddp[0]):.1f} MiB")
-    claim(z, f"ZeroRedundancyOptimizer's at N=2 from 279.5 to {pk(zero('torch', 1, 2)):.1f} MiB")
+    claim(z, f"ZeroRedundancyOptimizer's from 321.0 to {pk(zero('torch', 1, 1)):.1f} MiB at N=1 and from 279.5 to "
+             f"{pk(zero('torch', 1, 2)):.1f} MiB at N=2")  # fmt: skip
     cat = ddp[1]["memory"]["by_category"]
     claim(z, f"with {cat['grads'] / MiB:.1f} MiB of gradients, {cat['activations'] / MiB:.1f} MiB of activations and "
              f"{cat['temporaries'] / MiB:.1f} MiB of temporaries")  # fmt: skip
