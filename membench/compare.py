@@ -96,7 +96,7 @@ def hardware_profile(r: dict) -> dict:
         "gpu": env.get("gpu"),
         "cuda": env.get("cuda"),
         "cpu": env.get("cpu"),
-        "cpu_flags": sorted(env.get("cpu_flags") or []),
+        "cpu_flags": sorted(set(env.get("cpu_flags") or [])),  # a flag named twice is the same CPU
         "torch_threads": env.get("torch_threads"),
         "python": env.get("python"),
         "versions": env.get("versions") or {},
