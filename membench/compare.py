@@ -501,3 +501,55 @@ def compare(
     result = compare_dirs(baseline_dir, candidate_dir, tol, experiment, rerun)
     text = json.dumps(result, indent=1) if fmt == "json" else markdown(result)
     return text, result["exit_code"]
+
+
+def gate_table(results_root) -> str:
+    """Markdown, one row per committed study (results/*/runs): how much timing compare has to judge it by, and what
+    it says of a copy of the study with every step time raised 10% (the check of tracking.md, issue 19): regressed
+    / inconclusive / ok cells (an ok there would be a missed slowdown). A seed group of `time_min_runs` seeds or
+    more is judged on its runs, smaller ones on their pooled steps, as `compare` does."""
+    from pathlib import Path
+
+    tol = Tolerances()
+    lines = [
+        "| study | ok cells | seeds per cell | timed steps per cell | load at cell starts (1 min, 2 cores) "
+        "| steps' IQR / median: median, max | a +10% copy: regressed / inconclusive / ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted(p.parent for p in Path(results_root).glob("*/runs")):
+        rs = [r for r in latest_by_cell(load_records(d)).values() if r["status"] == "ok"]
+        rs = [r for r in rs if r["timing"].get("step_times_s")]
+        if not rs:
+            continue
+        groups: dict[str, list[dict]] = {}
+        for r in rs:
+            groups.setdefault(seed_group(r), []).append(r)
+        counts = dict.fromkeys(("regressed", "inconclusive", "ok", "improved"), 0)
+        for g in groups.values():
+            runs = [r["timing"]["step_times_s"] for r in g]
+            slow = [[t * 1.10 for t in x] for x in runs]
+            if len(g) >= max(tol.time_min_runs, 2):
+                v = run_verdict(runs, slow, tol)["verdict"]
+            else:
+                v = time_verdict(sum(runs, []), sum(slow, []), tol)["verdict"]
+            counts[v] += len(g)
+        steps = sorted({len(r["timing"]["step_times_s"]) for r in rs})
+        loads = [((r["timing"].get("load") or {}).get("start") or {}).get("load_avg_1m") for r in rs]
+        loads = [x for x in loads if x is not None]
+        spread = sorted(
+            (q[2] - q[0]) / q[1]
+            for q in (
+                statistics.quantiles(r["timing"]["step_times_s"], n=4)
+                for r in rs
+                if len(r["timing"]["step_times_s"]) >= 2
+            )
+        )
+        seeds = sorted({len(g) for g in groups.values()})
+        lines.append(
+            f"| {d.name} | {len(rs)} | {'/'.join(map(str, seeds))} "
+            f"| {steps[0]}{f'-{steps[-1]}' if steps[-1] != steps[0] else ''} "
+            f"| {f'{min(loads):.1f}-{max(loads):.1f}' if loads else '-'} "
+            f"| {f'{statistics.median(spread):.0%}, {spread[-1]:.0%}' if spread else '-'} "
+            f"| {counts['regressed']} / {counts['inconclusive']} / {counts['ok']} |"
+        )
+    return "\n".join(lines)

@@ -4,7 +4,8 @@ A table sits between `<!-- table:EXPERIMENT -->` (or `<!-- table:EXPERIMENT:KIND
 and is rendered from results/EXPERIMENT (latest record per cell of that experiment) by the KIND's table
 function: `main` (membench.report.table, the default), `zero`, `quantization`, `pruning`, `techniques` (with results/NAME/predicted.json), `device` (tracker vs
 device), `plan` (verified plans' predicted vs measured), `planverified` (the verified study: error per predictor);
-`planjson` renders results/plan/NAME.json's top rows. `--check` exits 1 if
+`planjson` renders results/plan/NAME.json's top rows; `gate` (any NAME) one row per committed study:
+its timed steps and what compare says of a copy with step times raised 10%. `--check` exits 1 if
 a file differs from what the records give (a test runs it, so tables cannot drift from the records).
 """
 
@@ -42,6 +43,10 @@ def _renderer(kind: str):
 def render(text: str, results: Path = ROOT / "results") -> str:
     def sub(m: re.Match) -> str:
         name, kind = m.group("name"), m.group("kind") or "main"
+        if kind == "gate":  # every committed study: what compare can judge of it (docs/tracking.md)
+            from membench.compare import gate_table
+
+            return f"{m.group(1)}{gate_table(results)}\n{m.group(5)}"
         if kind == "planjson":  # a saved `membench plan` result: results/plan/NAME.json, its top rows
             from membench.plan.tables import table  # the package imports torch
 
