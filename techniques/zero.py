@@ -219,11 +219,21 @@ class Zero(Technique):
           (stage_1_and_2.py: `process_gradients` -> `setup_buckets`, `torch.empty(reduce_bucket_size)`) and dropped
           by the backward epilogue (`independent_gradient_partition_epilogue` -> `_release_ipg_buffers`): it is
           live in "backward" only, not while the loss and the head's backward still hold the logits;
+        - stage 2: the gradients sit in the bucket (`reduce_independent_p_g_buckets_and_remove_grads` copies each
+          one in and points the parameter's grad at it) until a bucket is reduced; the first reduction allocates
+          this rank's gradient partition whole (`copy_grads_in_partition`, `torch.empty(total_size)`), held
+          through the optimizer step (`averaged_gradients`). With every gradient in one bucket the first reduction
+          is the epilogue's, after backward: "optimizer" only; with more, it comes mid-backward: "backward" too;
+        - stage 1: the hook only sets the bucket up (`process_gradients`: no reduction before the epilogue without
+          overlap_comm), so the gradients build up as the simulated ones do;
         - stage 3: the bucket (stage3.py `_setup_for_real_optimizer`, `bucket.buffer = torch.empty(...)`) and the
           flat gradient partition (`grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`) are
           allocated at init and held through every phase."""
         if self.stage in (1, 2) and "deepspeed_reduce_bucket" in s.other:
             s.live["deepspeed_reduce_bucket"] = ("backward",)
+        if self.stage == 2:
+            one_bucket = self.reduce_bucket_size >= sum(s.trainable)
+            s.live["grads"] = ("optimizer",) if one_bucket else ("backward", "optimizer")
         if self.stage == 3:
             s.live["grads"] = STEP_PHASES
 
