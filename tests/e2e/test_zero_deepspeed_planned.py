@@ -6,9 +6,7 @@ default 5e8 would hide every other byte of these models).
 What must match exactly: each named buffer's bytes where the real run's peak holds it (the reduce bucket; the fp32
 master partition DeepSpeed keeps in fp32 training) and the phase of the peak (stages 1-2: after the first gradient
 hook allocated the bucket, not at the start of backward; stage 3: at the start of backward, the bucket held since
-init). The peak within the issue's 5% (issue 17 item 4): at stages 1-2 the real run's gradients sit in the bucket
-until the epilogue copies this rank's partition out, where the hybrid scales the simulated gradients to the
-rank's partition as they build up (tens of KB here: the difference that remains).
+init). The peak to 64 bytes (issue 17 item 4 asks 5%): the tracker's counts are deterministic on both sides.
 """
 
 from __future__ import annotations
@@ -82,13 +80,21 @@ def test_hybrid_deepspeed_row_matches_a_real_two_rank_run(real, cell):
     states = analytic(fake_workload(wcfg, cfg["run"]["seed"]), techs, b, 2, "cpu")["states"]
     kind, pred = simulated(sim, techs, states, 2)
     assert kind == "hybrid"
-    measured = rec["memory"]["by_category"]
-    # the named buffers, byte for byte, where the real peak holds them
-    assert pred["by_category"]["deepspeed_reduce_bucket"] == 4 * BUCKET == measured.get("deepspeed_reduce_bucket", 0) + (
-        measured["grads"] if stage < 3 else 0  # stages 1-2: the tracker sees the bucket as the gradients it holds
-    ) - (0 if stage == 3 else 0)
-    assert pred["by_category"]["fp32_master"] == measured["fp32_master"] == rec["memory"]["model_states"]["fp32_master"]
-    # where the peak falls: after the bucket exists (stages 1-2: from the first gradient hook; stage 3: from init)
+    measured, got = rec["memory"]["by_category"], pred["by_category"]
+    # the named buffers, byte for byte, where the real peak holds them. The reduce bucket: stage 3's is named in the
+    # run (registered at init); stage 1's hook allocates it inside backward, where the tracker calls it a temporary;
+    # stage 2's holds every gradient, so the tracker calls it the gradients (none outside it)
+    assert got["deepspeed_reduce_bucket"] == 4 * BUCKET
+    if stage == 3:
+        assert measured["deepspeed_reduce_bucket"] == 4 * BUCKET
+    elif stage == 2:
+        assert measured["grads"] == 4 * BUCKET and got["grads"] == 0
+    else:
+        assert measured["temporaries"] - got["temporaries"] == 4 * BUCKET
+    assert got["fp32_master"] == measured["fp32_master"] == rec["memory"]["model_states"]["fp32_master"]
+    # where the peak falls: stages 1-2 after the first gradient hook allocated the bucket, with the head's
+    # activations gone; stage 3 at the start of backward, the bucket held since init
     assert pred["peak_phase"] == ("backward_start" if stage == 3 else "backward")
-    assert pred["by_category"]["activations"] == pytest.approx(measured["activations"], abs=64)
-    assert pred["peak_bytes"] == pytest.approx(rec["memory"]["peak_bytes"], rel=0.05)
+    # what is left (12 B on every cell): DeepSpeed's inner AdamW keeps one 4-byte step for its one flat partition
+    # (the state rule counts none) and the real step holds 8 B more of activations than the fake one
+    assert abs(pred["peak_bytes"] - rec["memory"]["peak_bytes"]) <= 64
