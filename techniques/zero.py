@@ -133,8 +133,12 @@ class Zero(Technique):
     def hybrid_stand_in(self) -> Technique | None:
         """What runs in its place when the simulation leaves it out (its model states then come from `states`):
         FSDP2's MixedPrecisionPolicy acting on the step, so the activations are those of the policy (16-bit
-        parameters in compute, no autocast: 16-bit residual stream and norms), not autocast's. None where no policy
-        can apply (DeepSpeed, DDP, ZeroRedundancyOptimizer keep the precision technique's own handling)."""
+        parameters in compute, no autocast: 16-bit residual stream and norms), not autocast's; DeepSpeed's bf16/fp16
+        mode, which casts the parameters (not the buffers) to 16 bits at engine init (engine.py
+        `_configure_distributed_model`), the run's autocast kept. None where nothing applies (DDP,
+        ZeroRedundancyOptimizer keep the precision technique's own handling)."""
+        if self.backend == "deepspeed":  # one stand-in for every DeepSpeed config: their candidates share a simulation
+            return _DeepSpeedCastStandIn()
         if self.backend == "torch" and self.stage >= 2 and self.fsdp_param_dtype == "auto":
             return _PolicyStandIn(self)
         return None
@@ -327,11 +331,30 @@ class _PolicyStandIn(Technique):
         policy = self.zero.fsdp_param_dtype_for(dtype)
         if policy is None:
             return Patch()
-        with torch.no_grad():
-            for p in model.parameters():  # `.data`, not Module.to(): fake parameters cannot be swapped
-                if p.is_floating_point():
-                    p.data = p.data.to(policy)
+        _cast_params(model, policy)
         return Patch(applied={REPLACES_AUTOCAST: True})
+
+
+@dataclass(frozen=True)
+class _DeepSpeedCastStandIn(Technique):
+    """DeepSpeed on fake tensors where the simulation leaves it out (hybrid): in its bf16/fp16 mode the engine casts
+    the parameters, not the buffers, to 16 bits (engine.py `_configure_distributed_model`) and the run keeps its
+    autocast; fp32: nothing. No sharding, no buffers (the states and named buffers come from Zero.states)."""
+
+    order: ClassVar[float] = 10
+
+    def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
+        dtype = next((a["autocast_dtype"] for a in ctx.applied.values() if "autocast_dtype" in a), torch.float32)
+        if dtype in (torch.bfloat16, torch.float16):
+            _cast_params(model, dtype)
+        return Patch()
+
+
+def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    with torch.no_grad():
+        for p in model.parameters():  # `.data`, not Module.to(): fake parameters cannot be swapped
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
 
 
 # ---- torch backend -----------------------------------------------------------------------------------------
