@@ -342,8 +342,11 @@ def _reattribute(mt, owned: dict, peak: dict, after: dict) -> dict[str, dict[str
         ref, n = winfo.reftype.name, winfo.mem_consumed
         for snap in (peak, after):
             d = snap.get(dev)
-            if d is not None and d.get(ref, 0) >= n:
-                d[ref] -= n
+            # a storage registered before the step sits in "other" until the tracker re-types it (DeepSpeed stage 3's
+            # reduce bucket becomes GRAD at the first gradient it holds): a snapshot taken before then has it there
+            src = "OTH" if d is not None and d.get(ref, 0) < n <= d.get("OTH", 0) else ref
+            if d is not None and d.get(src, 0) >= n:
+                d[src] -= n
                 d[cat] = d.get(cat, 0) + n
                 if snap is peak:
                     moved.setdefault(dev, {})

@@ -37,7 +37,10 @@ from membench import measure
 from membench import technique as compose
 from membench.technique import Context
 
-PHASES = ("forward", "backward", "optimizer")
+# "backward_start": from the loss to the first parameter gradient (the loss's and the head's backward, before any
+# gradient hook fires); "backward": from there to the end of backward. A library buffer allocated in the first
+# gradient hook (DeepSpeed's stage 1-2 reduce bucket) is live in the second only (replace_states' `live`).
+PHASES = compose.STEP_PHASES
 STATE_CATEGORIES = ("params", "grads", "optimizer")
 
 
@@ -115,13 +118,30 @@ def _step(wl, model, optimizer, patch, batch_size, device, mark, accum: int = 1)
             loss = wl.loss(model, batch)
         if accum > 1:
             loss = loss / accum
+        hooks = []
         if j == accum - 1:
             mark("forward")
+            hooks = _on_first_grad(model, lambda: mark("backward_start"))
         loss.backward()
+        for h in hooks:
+            h.remove()
     mark("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mark("optimizer")
+
+
+def _on_first_grad(model, fn) -> list:
+    """Call `fn` once, when the first trainable parameter's gradient is accumulated (its post-accumulate-grad hook,
+    the moment a library's gradient hook first fires); the hook handles, to remove after backward."""
+    fired: list = []
+
+    def hook(_p) -> None:
+        if not fired:
+            fired.append(True)
+            fn()
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
 
 
 def _warm_up(model, optimizer) -> None:
@@ -171,8 +191,10 @@ def _phase_marker(holder: dict, phases: dict):
         mt = holder.get("mt")
         if mt is None:  # the warm-up step runs untracked
             return
-        phases[name] = measure.by_name(mt.get_tracker_snapshot("peak"))
         now = mt.get_tracker_snapshot("current")
+        if name == "backward" and "backward_start" not in phases:  # no gradient hook fired (FSDP2 sets sharded
+            phases["backward_start"] = phases["_end_forward"]  # grads itself): backward starts where forward ended
+        phases[name] = measure.by_name(mt.get_tracker_snapshot("peak"))
         mt._peak_mem_snap = {d: dict(s) for d, s in now.items()}
         mt._peak_mem = {d: s["Total"] for d, s in now.items()}
         if name in ("forward", "backward"):  # held for backward; at the end of backward every gradient is live
@@ -266,7 +288,7 @@ def _simulate_once(wcfg, techniques, batch_size: int, seed: int, device: str, ac
 
 def _summary(phases: dict, states: dict, after_forward: dict) -> dict:
     """`after_forward`: what the step holds right after the loss (what forward saved for backward)."""
-    top = max(PHASES, key=lambda p: sum(phases[p].values()))
+    top = max(phases, key=lambda p: sum(phases[p].values()))
     return {"peak_bytes": sum(phases[top].values()), "by_category": dict(phases[top]), "peak_phase": top,
             "phases": phases, "states": states, "after_forward": after_forward}  # fmt: skip
 
@@ -315,24 +337,31 @@ def simulate(wcfg, techniques, batch_size: int, seed: int = 0, max_layers: int |
     return out
 
 
-def replace_states(s: dict, device_states: dict, other: dict) -> dict:
+def replace_states(s: dict, device_states: dict, other: dict, live: dict | None = None) -> dict:
     """The hybrid prediction: in every phase, the model-state categories of the simulation (which ran without the
     techniques it left out) are replaced by `device_states` (all techniques' pure `states` steps), each scaled by
     how much of that category the phase held (gradients build up during backward: a phase holding a third of the
     simulated gradients holds a third of the predicted ones); a category the simulation had none of is taken whole
     from the optimizer step on (params and optimizer state: in every phase). `other`: named device buffers the
-    simulation cannot see (DeepSpeed's buckets), added to every phase. Nothing is subtracted from a measured peak."""
+    simulation cannot see (DeepSpeed's buckets), added to every phase, or only to the phases `live` names for it
+    (a buffer the library allocates in its first gradient hook and frees at the end of backward: ("backward",)). A
+    state category that `live` names is held whole in those phases (a buffer allocated at init, e.g. DeepSpeed stage
+    3's flat gradient partition) instead of following the simulated profile. Nothing is subtracted from a measured
+    peak."""
+    live = live or {}
     phases = {}
-    for p in PHASES:
+    for p in (p for p in PHASES if p in s["phases"]):
         cats = dict(s["phases"][p])
         for c in STATE_CATEGORIES:
             full, measured = device_states.get(c, 0.0), s["states"][c]
-            if measured > 0:
+            if c in live:
+                cats[c] = full if p in live[c] else 0.0
+            elif measured > 0:
                 cats[c] = cats[c] * full / measured
             else:
                 cats[c] = full if (c != "grads" or p == "optimizer") else 0.0
         for name, nbytes in other.items():
-            cats[name] = cats.get(name, 0.0) + nbytes
+            cats[name] = cats.get(name, 0.0) + (nbytes if p in live.get(name, PHASES) else 0.0)
         phases[p] = cats
     return _summary(phases, dict(device_states), s["after_forward"])
 

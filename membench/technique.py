@@ -88,6 +88,11 @@ class Prediction:
     act_offload: bool = False
 
 
+# The phases of a simulated step (membench.simulate): "backward_start" runs from the loss to the first parameter
+# gradient, "backward" from there to the end of backward. States.live names them.
+STEP_PHASES = ("forward", "backward_start", "backward", "optimizer")
+
+
 @dataclass
 class States:
     """Per-rank model-state description that each technique's pure `states` step transforms, in apply order.
@@ -111,6 +116,10 @@ class States:
     optimizer: float | None = None  # absolute optimizer bytes where a per-element rate does not fit
     autocast: torch.dtype | None = None  # 16-bit autocast in force (set by the precision step)
     other: dict[str, float] = field(default_factory=dict)  # named device bytes outside the states (buffers...)
+    # The simulated phases (membench.simulate.PHASES) in which a named buffer, or a state category the library
+    # allocates whole, is held, where its library fixes that (absent: a buffer in every phase, a state category
+    # as the simulated step holds it); the hybrid prediction reads it (simulate.replace_states).
+    live: dict[str, tuple[str, ...]] = field(default_factory=dict)
     post: list[Callable[[dict, dict], None]] = field(default_factory=list)  # (device, host) -> None, in order
     rule: list[str] = field(default_factory=lambda: ["fp32 AdamW 4+4+8"])
     roles: dict[str, str] | None = None  # the workload's linear_roles() where the caller has them (lora's targets)
@@ -343,4 +352,5 @@ def model_states(model, blocks, techniques: list[Technique], world_size: int,
     for t in ordered(techniques):
         t.states(s)
     device, host = s.totals()
-    return {"device": device, "host": host, "other": dict(s.other), "rule": "; ".join(s.rule), "psi": s.psi}
+    return {"device": device, "host": host, "other": dict(s.other), "live": dict(s.live), "rule": "; ".join(s.rule),
+            "psi": s.psi}  # fmt: skip

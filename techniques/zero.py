@@ -24,7 +24,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
-from membench.techniques.base import Context, Patch, Prediction, States, Technique
+from membench.techniques.base import STEP_PHASES, Context, Patch, Prediction, States, Technique
 from membench.techniques.precision import REPLACES_AUTOCAST  # FSDP2's policy: autocast steps aside
 
 BACKENDS = ("deepspeed", "torch")
@@ -133,8 +133,12 @@ class Zero(Technique):
     def hybrid_stand_in(self) -> Technique | None:
         """What runs in its place when the simulation leaves it out (its model states then come from `states`):
         FSDP2's MixedPrecisionPolicy acting on the step, so the activations are those of the policy (16-bit
-        parameters in compute, no autocast: 16-bit residual stream and norms), not autocast's. None where no policy
-        can apply (DeepSpeed, DDP, ZeroRedundancyOptimizer keep the precision technique's own handling)."""
+        parameters in compute, no autocast: 16-bit residual stream and norms), not autocast's; DeepSpeed's bf16/fp16
+        mode, which casts the parameters (not the buffers) to 16 bits at engine init (engine.py
+        `_configure_distributed_model`), the run's autocast kept. None where nothing applies (DDP,
+        ZeroRedundancyOptimizer keep the precision technique's own handling)."""
+        if self.backend == "deepspeed":  # one stand-in for every DeepSpeed config: their candidates share a simulation
+            return _DeepSpeedCastStandIn()
         if self.backend == "torch" and self.stage >= 2 and self.fsdp_param_dtype == "auto":
             return _PolicyStandIn(self)
         return None
@@ -212,6 +216,31 @@ class Zero(Technique):
             return 0.0
         return float(self.reduce_bucket_size * elem_bytes)
 
+    def _deepspeed_lifetimes(self, s: States) -> None:
+        """When DeepSpeed holds what it allocates (deepspeed 0.19.8), for the hybrid prediction's phases
+        (States.live; the simulated step splits backward at the first parameter gradient):
+        - stages 1-2: the reduce bucket is allocated in the first gradient hook of each backward
+          (stage_1_and_2.py: `process_gradients` -> `setup_buckets`, `torch.empty(reduce_bucket_size)`) and dropped
+          by the backward epilogue (`independent_gradient_partition_epilogue` -> `_release_ipg_buffers`): it is
+          live in "backward" only, not while the loss and the head's backward still hold the logits;
+        - stage 2: the gradients sit in the bucket (`reduce_independent_p_g_buckets_and_remove_grads` copies each
+          one in and points the parameter's grad at it) until a bucket is reduced; the first reduction allocates
+          this rank's gradient partition whole (`copy_grads_in_partition`, `torch.empty(total_size)`), held
+          through the optimizer step (`averaged_gradients`). With every gradient in one bucket the first reduction
+          is the epilogue's, after backward: "optimizer" only; with more, it comes mid-backward: "backward" too;
+        - stage 1: the hook only sets the bucket up (`process_gradients`: no reduction before the epilogue without
+          overlap_comm), so the gradients build up as the simulated ones do;
+        - stage 3: the bucket (stage3.py `_setup_for_real_optimizer`, `bucket.buffer = torch.empty(...)`) and the
+          flat gradient partition (`grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`) are
+          allocated at init and held through every phase."""
+        if self.stage in (1, 2) and "deepspeed_reduce_bucket" in s.other:
+            s.live["deepspeed_reduce_bucket"] = ("backward",)
+        if self.stage == 2:
+            one_bucket = self.reduce_bucket_size >= sum(s.trainable)
+            s.live["grads"] = ("optimizer",) if one_bucket else ("backward", "optimizer")
+        if self.stage == 3:
+            s.live["grads"] = STEP_PHASES
+
     def states(self, s: States) -> None:
         """ZeRO paper (Rajbhandari et al. 2020, sec. 5): stage s divides optimizer (s >= 1), grads (s >= 2),
         params (s = 3) by N; offload moves them to the host. DeepSpeed mixed precision: 2 + 2 + K=12."""
@@ -223,6 +252,12 @@ class Zero(Technique):
         if bucket:
             s.other["deepspeed_reduce_bucket"] = bucket
         n, buffers = s.world_size, s.buffers
+        if self.backend == "deepspeed" and self.stage >= 1:
+            if s.autocast is None:  # fp32 training: DeepSpeed still clones an fp32 master partition of the
+                # parameters for its optimizer (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
+                # `fp32_partitioned_groups_flat`), a copy the 4+4+8 rule does not have (in 16-bit modes it is in K=12)
+                s.other["fp32_master"] = 4.0 * sum(s.trainable) / n
+            self._deepspeed_lifetimes(s)
         persistent = self.persistent_elements(s) * s.param_rate
 
         def shard(device: dict, host: dict) -> None:
@@ -296,11 +331,30 @@ class _PolicyStandIn(Technique):
         policy = self.zero.fsdp_param_dtype_for(dtype)
         if policy is None:
             return Patch()
-        with torch.no_grad():
-            for p in model.parameters():  # `.data`, not Module.to(): fake parameters cannot be swapped
-                if p.is_floating_point():
-                    p.data = p.data.to(policy)
+        _cast_params(model, policy)
         return Patch(applied={REPLACES_AUTOCAST: True})
+
+
+@dataclass(frozen=True)
+class _DeepSpeedCastStandIn(Technique):
+    """DeepSpeed on fake tensors where the simulation leaves it out (hybrid): in its bf16/fp16 mode the engine casts
+    the parameters, not the buffers, to 16 bits (engine.py `_configure_distributed_model`) and the run keeps its
+    autocast; fp32: nothing. No sharding, no buffers (the states and named buffers come from Zero.states)."""
+
+    order: ClassVar[float] = 10
+
+    def apply(self, model: torch.nn.Module, ctx: Context) -> Patch:
+        dtype = next((a["autocast_dtype"] for a in ctx.applied.values() if "autocast_dtype" in a), torch.float32)
+        if dtype in (torch.bfloat16, torch.float16):
+            _cast_params(model, dtype)
+        return Patch()
+
+
+def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    with torch.no_grad():
+        for p in model.parameters():  # `.data`, not Module.to(): fake parameters cannot be swapped
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
 
 
 # ---- torch backend -----------------------------------------------------------------------------------------
@@ -458,15 +512,20 @@ DS_RECORDED = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "p
 
 def _ds_state(engine, stage: int) -> dict[str, list[torch.Tensor]]:
     """The rank's own DeepSpeed shards, as named categories: its fp32 master partition is kept even in fp32
-    training (a copy the paper's fp32 formula does not have); stage 3 params live in ds_tensor partitions."""
+    training (a copy the paper's fp32 formula does not have); stage 3 params live in ds_tensor partitions. Stage 3's
+    reduce bucket is allocated at engine init (stage3.py `_setup_for_real_optimizer`), before the tracker exists:
+    named here so that the tracker counts it from the step's first op, as the device holds it, and not from the
+    first gradient it sees as a view of it (stages 1-2 allocate theirs inside the step, where the tracker sees it)."""
     opt = engine.optimizer
     if stage == 0:
         return {}
     if stage == 3:
+        buckets = [b.buffer for b in getattr(opt, "ipg_buckets", {}).values() if b.buffer is not None]
         return {
             "params": [p.ds_tensor for p in engine.module.parameters()],
             "fp32_master": list(opt.fp32_partitioned_groups_flat),
             "grads": [opt.grad_partitions_flat_buffer] if hasattr(opt, "grad_partitions_flat_buffer") else [],
+            "deepspeed_reduce_bucket": buckets,
         }
     grads = [g for gs in opt.averaged_gradients.values() if gs for g in gs if g is not None]
     return {"fp32_master": list(opt.single_partition_of_fp32_groups), "grads": grads}

@@ -111,7 +111,7 @@ def simulated(s: dict, techs, states: dict, world_size: int | None = None) -> tu
     keep = {k: s[k] for k in ("method", "seconds", "device", "world_size") if k in s}
     if not left:
         return "simulation", {**s, **keep}
-    h = sim.replace_states(s, states["device"], states["other"])
+    h = sim.replace_states(s, states["device"], states["other"], states.get("live"))
     return "hybrid", {**h, **keep, "simulated_peak_bytes": s["peak_bytes"], "left_out": list(left)}
 
 

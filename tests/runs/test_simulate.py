@@ -68,14 +68,17 @@ def test_fake_step_matches_real_tracker(overrides):
 
 def test_phases_hold_the_peak_and_the_states():
     """The step's phases: the peak is the largest phase; the optimizer step holds every model state; forward holds
-    no gradients (zeroed with set_to_none)."""
+    no gradients (zeroed with set_to_none); backward splits at the first parameter gradient: none before it, the
+    gradients from it on."""
     wcfg, techs = _parts(compose("workload=gpt_tiny"))
     out = simulate(wcfg, techs, 4)
+    assert tuple(out["phases"]) == ("forward", "backward_start", "backward", "optimizer")
     totals = {p: sum(c.values()) for p, c in out["phases"].items()}
     assert out["peak_bytes"] == max(totals.values()) and out["by_category"] == out["phases"][out["peak_phase"]]
     opt = out["phases"]["optimizer"]
     assert (opt["params"], opt["grads"], opt["optimizer"]) == tuple(out["states"][c] for c in STATES)
     assert out["phases"]["forward"]["grads"] == 0
+    assert out["phases"]["backward_start"]["grads"] == 0 < out["phases"]["backward"]["grads"]
 
 
 def test_replaced_states_never_subtract():
@@ -90,6 +93,25 @@ def test_replaced_states_never_subtract():
     assert h["phases"]["backward"] == {"params": 1, "grads": 20, "optimizer": 80, "activations": 10, "bucket": 3}
     assert h["peak_phase"] == "optimizer" and h["peak_bytes"] == 1 + 40 + 80 + 1 + 3  # the peak moved
     assert h["peak_bytes"] >= sum(full.values())
+
+
+def test_replaced_states_follow_the_phases_a_library_holds_them_in():
+    """`live`: a buffer allocated in the first gradient hook and freed at the end of backward is in "backward"
+    only; a state category allocated whole at init is whole in every phase it names, not scaled with the
+    simulated profile."""
+    s = {"phases": {"forward": {"params": 4, "grads": 0, "optimizer": 8, "activations": 30},
+                    "backward_start": {"params": 4, "grads": 0, "optimizer": 8, "activations": 28},
+                    "backward": {"params": 4, "grads": 2, "optimizer": 8, "activations": 10},
+                    "optimizer": {"params": 4, "grads": 4, "optimizer": 8, "optimizer_temp": 1}},
+         "states": {"params": 4, "grads": 4, "optimizer": 8}, "after_forward": {}}  # fmt: skip
+    full = {"params": 1.0, "grads": 40.0, "optimizer": 80.0}
+    h = replace_states(s, full, {"bucket": 30.0, "master": 5.0},
+                       {"bucket": ("backward",), "grads": ("forward", "backward_start", "backward", "optimizer")})
+    assert [h["phases"][p]["bucket"] for p in s["phases"]] == [0, 0, 30, 0]
+    assert [h["phases"][p]["master"] for p in s["phases"]] == [5, 5, 5, 5]
+    assert [h["phases"][p]["grads"] for p in s["phases"]] == [40, 40, 40, 40]
+    # the bucket moves the peak to "backward": 1 + 40 + 80 + 10 + 30 + 5, above backward_start's 1 + 40 + 80 + 28 + 5
+    assert h["peak_phase"] == "backward" and h["peak_bytes"] == 166
 
 
 def test_per_layer_extrapolation_equals_full_simulation():

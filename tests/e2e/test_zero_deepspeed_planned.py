@@ -1,0 +1,110 @@
+"""The planner's DeepSpeed prediction (hybrid: a single-process fake-tensor step whose model states are replaced by
+zero's state rules, plus DeepSpeed's named buffers in the phases DeepSpeed holds them) against real 2-rank gloo
+runs of the same cells: DeepSpeed ZeRO stages 1-3 on llama_tiny and gpt_tiny in fp32, and on gpt_tiny in DeepSpeed's
+bf16 mode, with 5e5-element buckets (DeepSpeed's default 5e8 would hide every other byte of these models).
+
+What must match exactly: each named buffer's bytes where the real run's peak holds it (the reduce bucket; the fp32
+master partition DeepSpeed keeps in fp32 training) and the phase of the peak (fp32 stages 1-2: after the first
+gradient hook allocated the bucket, not at the start of backward; stage 3: at the start of backward, the bucket
+held since init). The peak to 64 bytes (issue 17 item 4 asks 5%): the tracker's counts are deterministic on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from membench.plan.predictors import analytic, fake_workload, simulated
+from membench.simulate import simulate
+from tests.helpers import compose, config_parts
+
+BUCKET = 500_000
+# (workload, stage, precision): fp32 on both presets; bf16 (DeepSpeed's bf16 mode: bf16 parameters, fp32 master in
+# K = 12) on gpt_tiny (llama_tiny under DeepSpeed's bf16 fails in the real run: its fp32 RoPE buffers, which the
+# engine keeps, meet bf16 values in attention)
+CELLS = [(w, s, "") for w in ("llama_tiny", "gpt_tiny") for s in (1, 2, 3)] + [("gpt_tiny", s, "bf16") for s in (1, 2, 3)]
+RUN = ("run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4", "run.num_threads=1", "run.batch_size=6")
+
+
+def _overrides(workload: str, stage: int, half: str) -> list[str]:
+    techs = f"zero,{half}" if half else "zero"
+    return [f"workload={workload}", *RUN, f"technique=[{techs}]", "technique.zero.backend=deepspeed",
+            f"technique.zero.stage={stage}", f"technique.zero.reduce_bucket_size={BUCKET}",
+            f"technique.zero.allgather_bucket_size={BUCKET}", "run.world_size=2"]  # fmt: skip
+
+
+def _name(cell: tuple) -> str:
+    return f"{cell[0]}-stage{cell[1]}{'-' + cell[2] if cell[2] else ''}"
+
+
+def _rank(rank: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    log = open(Path(out_dir, f"rank{rank}.stderr"), "w")  # noqa: SIM115 (open for the life of the process)
+    os.dup2(log.fileno(), 2)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    sys.modules["mlflow"] = None  # `import deepspeed` would import it: seconds per rank
+    # a file rendezvous in this test's tmp dir: no port another session could take (tests/e2e/test_zero.py)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'rendezvous')}", rank=rank, world_size=2)
+    from membench.execute import execute
+
+    for cell in CELLS:
+        out = execute(compose(*_overrides(*cell)))
+        if rank == 0:
+            Path(out_dir, f"{_name(cell)}.json").write_text(json.dumps(out, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> dict[tuple, dict]:
+    out = tmp_path_factory.mktemp("zero_ds_plan")
+    try:
+        torch.multiprocessing.spawn(_rank, args=(str(out),), nprocs=2)
+    except torch.multiprocessing.ProcessExitedException as e:
+        tails = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("rank*.stderr"))}
+        pytest.fail(f"{e}\n" + "\n".join(f"--- {name} ---\n{text}" for name, text in tails.items()))
+    return {cell: json.loads((out / f"{_name(cell)}.json").read_text()) for cell in CELLS}
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=[_name(c) for c in CELLS])
+def test_hybrid_deepspeed_row_matches_a_real_two_rank_run(real, cell):
+    rec = real[cell]
+    stage = cell[1]
+    cfg = compose(*_overrides(*cell))
+    wcfg, techs = config_parts(cfg)
+    b = cfg["run"]["batch_size"]
+    sim = simulate(wcfg, techs, b, cfg["run"]["seed"], max_layers=None, world_size=2)
+    states = analytic(fake_workload(wcfg, cfg["run"]["seed"]), techs, b, 2, "cpu")["states"]
+    kind, pred = simulated(sim, techs, states, 2)
+    assert kind == "hybrid"
+    measured, got = rec["memory"]["by_category"], pred["by_category"]
+    # the named buffers, byte for byte, where the real peak holds them. The reduce bucket: stage 3's is named in the
+    # run (registered at init); stage 1's hook allocates it inside backward, where the tracker calls it a temporary;
+    # stage 2's holds every gradient, so the tracker calls it the gradients (none outside it)
+    half = cell[2]
+    elem = 2 if half else 4  # the bucket is in the gradient dtype: the parameters' (bf16 in DeepSpeed's bf16 mode)
+    assert pred["phases"]["backward"]["deepspeed_reduce_bucket"] == elem * BUCKET
+    if stage == 3:
+        assert measured["deepspeed_reduce_bucket"] == elem * BUCKET
+    elif pred["peak_phase"] == "backward" and stage == 2:
+        assert measured["grads"] == elem * BUCKET and got["grads"] == 0
+    elif pred["peak_phase"] == "backward":
+        assert measured["temporaries"] - got["temporaries"] == elem * BUCKET
+    if half:  # the fp32 master partition is inside K = 12 (optimizer): the run records it apart
+        assert got["optimizer"] == measured["optimizer"] + measured["fp32_master"] - 4
+    else:
+        assert got["fp32_master"] == measured["fp32_master"] == rec["memory"]["model_states"]["fp32_master"]
+    # where the peak falls: fp32 stages 1-2 after the first gradient hook allocated the bucket, with the head's
+    # activations gone; stage 3 at the start of backward, the bucket held since init; bf16 stage 2 at the start of
+    # backward too (a 1 MB bucket is less than the logits' gradient and what the head frees)
+    assert pred["peak_phase"] == ("backward_start" if stage == 3 or (half and stage == 2) else "backward")
+    # what is left (12 B on every cell): DeepSpeed's inner AdamW keeps one 4-byte step for its one flat partition
+    # (the state rule counts none) and the real step holds 8 B more of activations than the fake one
+    assert abs(pred["peak_bytes"] - rec["memory"]["peak_bytes"]) <= 64
