@@ -35,7 +35,7 @@ WORKER_MODULES = ("membench.execute",)
 
 # Numeric options and what each allows: checked before any command reads a record or runs a cell.
 _AT_LEAST_0 = ("peak_rtol", "flops_rtol", "quality_atol", "quality_atol_exact", "quality_rtol_other_hardware",
-               "time_min_effect", "time_noise_floor", "time_min_steps", "time_min_runs", "verify")  # fmt: skip
+               "time_min_effect", "time_noise_floor", "time_min_steps", "time_min_runs", "time_load_diff", "verify")  # fmt: skip
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -97,6 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         time_noise_floor=args.time_noise_floor,
         time_min_runs=args.time_min_runs,
         time_run_alpha=args.time_run_alpha,
+        time_load_diff=args.time_load_diff,
         any_hardware=args.any_hardware,
     )
     rerun = None
@@ -249,6 +250,12 @@ def _compare_parser(sub) -> None:
         "--time-min-runs", type=int, default=5, help="runs (seeds) per side from which the verdict is on runs (Welch)"
     )
     c.add_argument("--time-run-alpha", type=float, default=0.05, help="Welch significance level on run medians")
+    c.add_argument(
+        "--time-load-diff",
+        type=float,
+        default=1.0,
+        help="1-min load difference (cores) between the sides beyond which times are not judged (0: off)",
+    )
     c.add_argument(
         "--time-noise-floor", type=float, default=0.0, help="run-to-run drift: shifts inside are inconclusive"
     )

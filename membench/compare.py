@@ -81,9 +81,11 @@ class Tolerances:
     # run share its drift (docs/tracking.md: fresh runs of identical code differ by 3-5% median, up to 17%), so a
     # test on pooled steps mistakes that drift for a change; a test on runs carries it in its variance.
     time_min_runs: int = 5
-    time_run_alpha: float = (
-        0.05  # one-sided Welch significance on the runs: independent samples, so the false-alarm rate
-    )
+    time_run_alpha: float = 0.05  # one-sided Welch on the runs: independent samples, so its false-alarm rate
+    # The machine's load at the cells' starts (records' timing.load) differing by more than this many cores between
+    # the sides: the step times are not compared (inconclusive). A loaded machine is another machine for step times:
+    # llama's study re-run at load 3.3-4.5 against its records at 0.6-2.0 read 8 of 9 cells "regressed". 0: off.
+    time_load_diff: float = 1.0
     any_hardware: bool = False
 
 
@@ -320,6 +322,12 @@ def _hardware(base: dict, cand: dict, common: set[str], tol: Tolerances) -> dict
     return differing
 
 
+def _start_load(records: list[dict]) -> float | None:
+    """Mean 1-minute load average at the cells' starts (None where a record has none)."""
+    loads = [((r["timing"].get("load") or {}).get("start") or {}).get("load_avg_1m") for r in records]
+    return None if any(x is None for x in loads) else statistics.mean(loads)
+
+
 def _time_verdicts(base: dict, cand: dict, common: set[str], differing: dict, tol: Tolerances) -> dict[str, dict]:
     """{cell: time verdict}: cells that differ only in run.seed form one group whose step times are pooled on
     each side (the matched, ok cells of the group); a run on other hardware gets no time verdict."""
@@ -338,8 +346,12 @@ def _time_verdicts(base: dict, cand: dict, common: set[str], differing: dict, to
                 [t for r in c for t in r["timing"]["step_times_s"] or []],
                 tol,
             )
+        loads = [_start_load(rs) for rs in (b, c)]
         if any(differing.get(h) for h in hs):
             tv = {**tv, "verdict": "inconclusive", "why": "other hardware"}
+        elif tol.time_load_diff and None not in loads and abs(loads[1] - loads[0]) > tol.time_load_diff:
+            why = f"loads differ: {loads[0]:.1f} vs {loads[1]:.1f} (1-min load at the starts, > {tol.time_load_diff:g} apart)"
+            tv = {**tv, "verdict": "inconclusive", "why": why}
         tv["text"] = time_text(b, c, tv)
         out.update(dict.fromkeys(hs, tv))
     return out

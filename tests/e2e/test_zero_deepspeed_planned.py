@@ -27,7 +27,9 @@ BUCKET = 500_000
 # (workload, stage, precision): fp32 on both presets; bf16 (DeepSpeed's bf16 mode: bf16 parameters, fp32 master in
 # K = 12) on gpt_tiny (llama_tiny under DeepSpeed's bf16 fails in the real run: its fp32 RoPE buffers, which the
 # engine keeps, meet bf16 values in attention)
-CELLS = [(w, s, "") for w in ("llama_tiny", "gpt_tiny") for s in (1, 2, 3)] + [("gpt_tiny", s, "bf16") for s in (1, 2, 3)]
+CELLS = [(w, s, "") for w in ("llama_tiny", "gpt_tiny") for s in (1, 2, 3)] + [
+    ("gpt_tiny", s, "bf16") for s in (1, 2, 3)
+]
 RUN = ("run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4", "run.num_threads=1", "run.batch_size=6")
 
 

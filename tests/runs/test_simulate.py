@@ -105,8 +105,12 @@ def test_replaced_states_follow_the_phases_a_library_holds_them_in():
                     "optimizer": {"params": 4, "grads": 4, "optimizer": 8, "optimizer_temp": 1}},
          "states": {"params": 4, "grads": 4, "optimizer": 8}, "after_forward": {}}  # fmt: skip
     full = {"params": 1.0, "grads": 40.0, "optimizer": 80.0}
-    h = replace_states(s, full, {"bucket": 30.0, "master": 5.0},
-                       {"bucket": ("backward",), "grads": ("forward", "backward_start", "backward", "optimizer")})
+    h = replace_states(
+        s,
+        full,
+        {"bucket": 30.0, "master": 5.0},
+        {"bucket": ("backward",), "grads": ("forward", "backward_start", "backward", "optimizer")},
+    )
     assert [h["phases"][p]["bucket"] for p in s["phases"]] == [0, 0, 30, 0]
     assert [h["phases"][p]["master"] for p in s["phases"]] == [5, 5, 5, 5]
     assert [h["phases"][p]["grads"] for p in s["phases"]] == [40, 40, 40, 40]

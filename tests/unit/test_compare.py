@@ -561,3 +561,26 @@ def test_gate_power_counts_detections_and_false_alarms(tmp_path):
         assert r["slowdown"] == {"regressed": r["trials"]} and "regressed" not in r["identical"], r
     fresh = [r for r in rates if r["pairs"] == "fresh runs" and r["seeds"] == 1]
     assert {r["trials"] for r in fresh} == {6} and all(r["confirmed_false_alarms"] == 0 for r in fresh)
+
+
+def test_step_times_taken_at_other_loads_are_not_judged(tmp_path, capsys):
+    """The candidate's cells started at a 1-minute load 2 cores above the baseline's: a 30% slowdown there is the
+    load's as much as the code's, so no time verdict (inconclusive, never ok and never regressed) unless
+    --time-load-diff 0; memory and quality are still judged."""
+    _copy(tmp_path / "a", steps=20, seed=1)
+    for f in _copy(tmp_path / "b", steps=20, factor=1.30, seed=2):
+        _edit(
+            f,
+            lambda r: r["timing"]["load"]["start"].update(
+                load_avg_1m=r["timing"]["load"]["start"]["load_avg_1m"] + 2.0
+            ),
+        )
+    assert _compare(tmp_path / "a", tmp_path / "b") == 3
+    out = capsys.readouterr().out
+    assert (
+        out.count("time inconclusive, loads differ: ") == 8 and "0 regressed, 0 improved, 8 inconclusive, 0 ok" in out
+    )
+    assert _compare(tmp_path / "a", tmp_path / "b", "--time-load-diff", "0") == 1
+    assert "8 regressed" in capsys.readouterr().out
+    assert _compare(tmp_path / "a", tmp_path / "b", "--time-load-diff", "2.5") == 1  # within 2.5 cores: judged
+    capsys.readouterr()
