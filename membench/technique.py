@@ -11,6 +11,7 @@ pure `states` step of the model-state prediction. The harness names no technique
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -131,6 +132,16 @@ class States:
                    float_buffers=(sum(b.numel() for b in floats), float_bytes),
                    trainable=[p.numel() for p in params if p.requires_grad], roles=roles,
                    device_type=device_type, workload=workload)  # fmt: skip
+
+    def fresh(self) -> States:
+        """A copy whose lists and dicts are its own, so that the steps run on it leave this one as it is: the planner
+        prices thousands of candidates from one States.of of the same model (walking an 8B model's parameters and
+        buffers for each was a tenth of a llama_8b plan). The model, blocks and workload are shared, not copied."""
+        out = copy.copy(self)
+        for k, v in vars(self).items():
+            if isinstance(v, (list, dict)):
+                setattr(out, k, copy.copy(v))
+        return out
 
     def totals(self) -> tuple[dict, dict]:
         n = sum(self.trainable)
@@ -332,14 +343,16 @@ def _prefixed(kind: str, hook, model) -> dict:
 
 
 def model_states(model, blocks, techniques: list[Technique], world_size: int,
-                 roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None) -> dict:  # fmt: skip
+                 roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None,
+                 start: States | None = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
     of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
     apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
     its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles();
     `device_type`: the device the states live on (where a technique's layout depends on it: paged 8-bit states);
-    `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward."""
-    s = States.of(model, blocks, world_size, roles, device_type, workload)
+    `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward. `start`: that
+    same States.of, made once by a caller that prices many combinations (a fresh copy of it is transformed)."""
+    s = States.of(model, blocks, world_size, roles, device_type, workload) if start is None else start.fresh()
     for t in ordered(techniques):
         t.states(s)
     device, host = s.totals()

@@ -32,7 +32,7 @@ def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dic
     """Validate each composed candidate; give the valid ones their analytic and calibrated predictions. What
     depends on one technique node or config alone (its build, its check_model on this model, its part of the key
     and label) is worked out once: a llama_8b plan has 230,400 candidates over a few dozen of them."""
-    rows, rejected, cache = [], [], {}
+    rows, rejected, cache, memo = [], [], {}, {}
     names: dict[tuple, tuple] = {}  # (kind, id(node)) -> (node, its key part, its label part)
     refused: dict[int, tuple] = {}  # id(technique) -> (technique, why its check_model refuses this model)
 
@@ -65,7 +65,7 @@ def _rows(cands, cells, wl, dev, run, cal, family) -> tuple[list[dict], list[dic
         if why:  # the same refusal the technique's apply() gives at run time, found here before any run
             rejected.append({"techniques": kk, "reason": why})
             continue
-        a = analytic(wl, techs, run.micro_batch_size, run.world_size, dev)  # activations scale with a micro-batch
+        a = analytic(wl, techs, run.micro_batch_size, run.world_size, dev, memo)  # activations: per micro-batch
         preds = {"analytic": a}
         pf = cal.peak_factor(kk, family)
         if pf and a["peak_bytes"] is not None:
