@@ -344,16 +344,27 @@ def _prefixed(kind: str, hook, model) -> dict:
 
 def model_states(model, blocks, techniques: list[Technique], world_size: int,
                  roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None,
-                 start: States | None = None) -> dict:  # fmt: skip
+                 start: States | None = None, prefixes: dict | None = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
     of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
     apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
     its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles();
     `device_type`: the device the states live on (where a technique's layout depends on it: paged 8-bit states);
     `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward. `start`: that
-    same States.of, made once by a caller that prices many combinations (a fresh copy of it is transformed)."""
+    same States.of, made once by a caller that prices many combinations (a fresh copy of it is transformed).
+    `prefixes`: with `start`, that caller's record of the States after each run of leading steps (in apply order)
+    it has priced: the longest one already made is taken up and only the steps after it run (the planner's
+    candidates share their first techniques, whose steps walk the model). Only States without `post` transforms are
+    kept: a post transform may read the States it was added to when `totals` runs."""
     s = States.of(model, blocks, world_size, roles, device_type, workload) if start is None else start.fresh()
-    for t in ordered(techniques):
+    steps = ordered(techniques)
+    done = 0
+    if prefixes is not None and start is not None:
+        done = next((i for i in range(len(steps), 0, -1) if tuple(steps[:i]) in prefixes), 0)
+        s = prefixes[tuple(steps[:done])].fresh() if done else s
+    for i, t in enumerate(steps[done:], done + 1):
         t.states(s)
+        if prefixes is not None and start is not None and not s.post:
+            prefixes[tuple(steps[:i])] = s.fresh()
     device, host = s.totals()
     return {"device": device, "host": host, "other": dict(s.other), "rule": "; ".join(s.rule), "psi": s.psi}

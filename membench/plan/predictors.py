@@ -43,13 +43,13 @@ def analytic(wl, techs, batch_size: int, world_size: int, device_type: str = "",
         t.activation_terms(pred)
     # the workload's linear roles: lora's targets by role (q/k/v/o, mlp, head) are priced on exactly its layers
     # (and the workload itself: prune_structured traces a forward of the fake model to count what it removes)
-    if ("states_of", world_size, device_type) not in memo:
+    if ("states_of", world_size, device_type) not in memo:  # with the States after each run of leading steps
         roles = wl.linear_roles()
-        memo["states_of", world_size, device_type] = (roles, States.of(wl.model, wl.blocks(), world_size, roles,
-                                                                       device_type, wl))  # fmt: skip
-    roles, start = memo["states_of", world_size, device_type]
+        start = States.of(wl.model, wl.blocks(), world_size, roles, device_type, wl)
+        memo["states_of", world_size, device_type] = (roles, start, {})
+    roles, start, prefixes = memo["states_of", world_size, device_type]
     states = model_states(wl.model, wl.blocks(), techs, world_size, roles=roles, device_type=device_type,
-                          workload=wl, start=start)  # fmt: skip
+                          workload=wl, start=start, prefixes=prefixes)  # fmt: skip
 
     # a loss that never holds the full logits (fused cross-entropy) is passed only where a technique set it: the
     # activation models without an LM head (digits, custom) take no such argument
