@@ -11,6 +11,7 @@ pure `states` step of the model-state prediction. The harness names no technique
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -140,6 +141,16 @@ class States:
                    float_buffers=(sum(b.numel() for b in floats), float_bytes),
                    trainable=[p.numel() for p in params if p.requires_grad], roles=roles,
                    device_type=device_type, workload=workload)  # fmt: skip
+
+    def fresh(self) -> States:
+        """A copy whose lists and dicts are its own, so that the steps run on it leave this one as it is: the planner
+        prices thousands of candidates from one States.of of the same model (walking an 8B model's parameters and
+        buffers for each was a tenth of a llama_8b plan). The model, blocks and workload are shared, not copied."""
+        out = copy.copy(self)
+        for k, v in vars(self).items():
+            if isinstance(v, (list, dict)):
+                setattr(out, k, copy.copy(v))
+        return out
 
     def totals(self) -> tuple[dict, dict]:
         n = sum(self.trainable)
@@ -341,16 +352,29 @@ def _prefixed(kind: str, hook, model) -> dict:
 
 
 def model_states(model, blocks, techniques: list[Technique], world_size: int,
-                 roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None) -> dict:  # fmt: skip
+                 roles: dict[str, str] | None = None, device_type: str = "", workload: Any = None,
+                 start: States | None = None, prefixes: dict | None = None) -> dict:  # fmt: skip
     """Per-rank model-state bytes {device: {params, grads, optimizer}, host: {...}, other, rule, psi}: the States
     of `model` as built (before any technique touched it), transformed by each technique's pure `states` step in
     apply order. The one model-state predictor: the planner calls it on a fake or meta model, a run's record on
     its real model right before apply_all (membench/execute.py). `roles`: the workload's linear_roles();
     `device_type`: the device the states live on (where a technique's layout depends on it: paged 8-bit states);
-    `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward."""
-    s = States.of(model, blocks, world_size, roles, device_type, workload)
-    for t in ordered(techniques):
+    `workload`: the workload whose model this is (its batch and loss), for steps that trace a forward. `start`: that
+    same States.of, made once by a caller that prices many combinations (a fresh copy of it is transformed).
+    `prefixes`: with `start`, that caller's record of the States after each run of leading steps (in apply order)
+    it has priced: the longest one already made is taken up and only the steps after it run (the planner's
+    candidates share their first techniques, whose steps walk the model). Only States without `post` transforms are
+    kept: a post transform may read the States it was added to when `totals` runs."""
+    s = States.of(model, blocks, world_size, roles, device_type, workload) if start is None else start.fresh()
+    steps = ordered(techniques)
+    done = 0
+    if prefixes is not None and start is not None:
+        done = next((i for i in range(len(steps), 0, -1) if tuple(steps[:i]) in prefixes), 0)
+        s = prefixes[tuple(steps[:done])].fresh() if done else s
+    for i, t in enumerate(steps[done:], done + 1):
         t.states(s)
+        if prefixes is not None and start is not None and not s.post:
+            prefixes[tuple(steps[:i])] = s.fresh()
     device, host = s.totals()
     return {"device": device, "host": host, "other": dict(s.other), "live": dict(s.live), "rule": "; ".join(s.rule),
             "psi": s.psi}  # fmt: skip

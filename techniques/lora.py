@@ -33,7 +33,15 @@ def select(roles: dict[str, str], targets: tuple[str, ...], model: nn.Module, bl
     wanted = {r for t in targets for r in GROUPS.get(t, (t,))}
     inside = {id(m) for m in blocks.modules()}
     every = "blocks" in targets
-    return [p for p, r in roles.items() if r in wanted or (every and id(model.get_submodule(p)) in inside)]
+    found = modules_at(model, [p for p, r in roles.items() if r not in wanted]) if every else {}
+    return [p for p, r in roles.items() if r in wanted or (every and id(found[p]) in inside)]
+
+
+def modules_at(model: nn.Module, paths: list[str]) -> dict[str, nn.Module]:
+    """model.get_submodule(p) for each path, from one walk of the model (a get_submodule per linear of an 8B model
+    was most of the planner's LoRA pricing); a path the walk does not name is looked up as get_submodule does."""
+    every = dict(model.named_modules(remove_duplicate=False))
+    return {p: every[p] if p in every else model.get_submodule(p) for p in paths}
 
 
 def default_roles(model: nn.Module, blocks: nn.Module) -> dict[str, str]:
@@ -84,7 +92,8 @@ def float_dtype(model: nn.Module) -> torch.dtype:
 
 def adapter_sizes(model: nn.Module, paths: list[str], rank: int) -> list[int]:
     """Pure: rank * in and rank * out elements per targeted linear (A is [rank, in], B is [out, rank])."""
-    lins = [model.get_submodule(p) for p in paths]
+    found = modules_at(model, paths)
+    lins = [found[p] for p in paths]
     return [n for lin in lins for n in (rank * lin.in_features, rank * lin.out_features)]
 
 

@@ -136,8 +136,8 @@ class OptimizerLowmem(Technique):
 
     def total_bytes(self, model: torch.nn.Module, blocks, c, e: int) -> int:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        low = projected([p for _, p in params], blocks) if self.algo in ("galore", "apollo") else []
-        return sum(self.state_bytes(n, tuple(p.shape), e, any(p is q for q in low), c) for n, p in params)
+        low = {id(q) for q in projected([p for _, p in params], blocks)} if self.algo in ("galore", "apollo") else set()
+        return sum(self.state_bytes(n, tuple(p.shape), e, id(p) in low, c) for n, p in params)
 
     def states(self, s: States) -> None:
         s.optimizer = self.total_bytes(s.model, s.blocks, _Dims.of(s.model), int(s.param_rate))

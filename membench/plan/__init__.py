@@ -19,7 +19,7 @@ other, never the package itself.
 """
 
 from membench.plan.config import PlanConfig, split_overrides
-from membench.plan.enumeration import candidates, compose_cells, fast_cells, validated, without_list
+from membench.plan.enumeration import candidates, compose_cells, fast_cells, shared_cells, validated, without_list
 from membench.plan.predictors import (
     HALF_SPEED,
     analytic,
@@ -56,6 +56,7 @@ __all__ = [
     "quality",
     "rank_key",
     "sim_device",
+    "shared_cells",
     "sim_key",
     "simulated",
     "split_overrides",

@@ -7,6 +7,7 @@ import copy
 import functools
 import itertools
 import json
+from collections.abc import Iterator
 
 import yaml
 from hydra import initialize_config_dir
@@ -44,14 +45,20 @@ def candidates(world_size: int, device_type: str, pc: PlanConfig, fixed: tuple[s
 def validated(cfg: dict, device_type: str, cache: dict | None = None):
     """The same rules as `run` (membench.execute.build_all), for a device that need not be present here. `cache`:
     built configs by node (the planner's candidates share their run, workload and most technique nodes; building
-    each through OmegaConf was a fifth of a llama_8b plan)."""
+    each through OmegaConf was a fifth of a llama_8b plan). A node object seen before (`shared_cells` gives every
+    candidate the same objects) is found by identity, without serialising it again: the cache holds each node it
+    was given, so its id stays its own, and the planner never changes a node once built."""
 
     def once(key: str, node: dict, make):
         if cache is None:
             return make(node)
+        seen = cache.get((key, id(node)))
+        if seen is not None and seen[0] is node:
+            return seen[1]
         ck = (key, json.dumps(node, sort_keys=True, default=str))
         if ck not in cache:
             cache[ck] = make(node)
+        cache[key, id(node)] = (node, cache[ck])
         return cache[ck]
 
     run = once("run", cfg["run"], build_run)
@@ -83,20 +90,38 @@ def compose_cells(user: list[str], extra: list[list[str]]) -> list[dict | Config
 def fast_cells(user: list[str], base: dict, extra: list[list[str]]) -> list[dict]:
     """The same dicts compose_cells would give, from one Hydra composition: technique nodes are independent
     group members, so each candidate copies the ones it names and sets its `technique.K.F=V` overrides.
-    (Composing hundreds of candidates through Hydra took minutes on this machine.)"""
+    (Composing hundreds of candidates through Hydra took minutes on this machine.) Each cell is its own copy;
+    `shared_cells` gives the same cells without copying."""
+    return [copy.deepcopy(c) for c in shared_cells(user, base, extra)]
 
-    kinds = sorted({k for ov in extra for k in ov[0].split("=", 1)[1].strip("[]").split(",") if k})
+
+def shared_cells(user: list[str], base: dict, extra: list[list[str]]) -> Iterator[dict]:
+    """fast_cells' dicts, read-only and made one at a time: every cell holds `base`'s own nodes (run, workload, ...),
+    and one technique node object per (kind, its knob overrides), shared by every candidate naming them. Copying
+    `base` and parsing each knob's value for each of a llama_8b plan's 230,400 candidates was a third of the plan."""
+    kinds = sorted({k for ov in extra for k in _kinds(ov)})
     nodes = compose_cells(user, [[f"technique=[{','.join(kinds)}]"]])[0]["technique"] if kinds else {}
-    out = []
+    made: dict[tuple, dict] = {}  # (kind, its `technique.kind.F=V` overrides) -> its node
+
+    def node(kind: str, knobs: tuple[str, ...]) -> dict:
+        if (kind, knobs) not in made:
+            n = copy.deepcopy(nodes[kind])
+            for o in knobs:
+                path, value = o.split("=", 1)
+                n[path.split(".")[2]] = yaml.safe_load(value)
+            made[kind, knobs] = n
+        return made[kind, knobs]
+
     for ov in extra:
-        cell = copy.deepcopy(base)
-        cell["technique"] = {k: copy.deepcopy(nodes[k]) for k in ov[0].split("=", 1)[1].strip("[]").split(",") if k}
+        knobs: dict[str, list[str]] = {}
         for o in ov[1:]:
-            path, value = o.split("=", 1)
-            _, kind, fld = path.split(".")
-            cell["technique"][kind][fld] = yaml.safe_load(value)
-        out.append(cell)
-    return out
+            knobs.setdefault(o.split("=", 1)[0].split(".")[1], []).append(o)
+        yield {**base, "technique": {k: node(k, tuple(knobs.get(k, ()))) for k in _kinds(ov)}}
+
+
+def _kinds(ov: list[str]) -> list[str]:
+    """The kinds a candidate's `technique=[...]` override names, in its order."""
+    return [k for k in ov[0].split("=", 1)[1].strip("[]").split(",") if k]
 
 
 def _is_list(o: str) -> bool:

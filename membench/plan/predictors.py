@@ -12,7 +12,7 @@ from membench import simulate as sim
 from membench.calibrate import Calibration
 from membench.predict import model_states, place_activations
 from membench.records import cpu_flags
-from membench.technique import Prediction
+from membench.technique import Prediction, States
 
 # Each technique declares its planner family, knob values, time prior and hybrid margin (membench/technique.py).
 HALF_SPEED = {"cuda": 0.6, "cpu_native": 0.8, "cpu_emulated": 20.0}  # 16-bit step vs fp32
@@ -30,19 +30,26 @@ def fake_workload(wcfg, seed: int):
         return wcfg.build(seed)
 
 
-def analytic(wl, techs, batch_size: int, world_size: int, device_type: str = "") -> dict:
+def analytic(wl, techs, batch_size: int, world_size: int, device_type: str = "", memo: dict | None = None) -> dict:
     """Model states by each technique's pure `states` step plus the workload's activation model. A workload
     without an activation model (hf, custom) gives activations None and no peak: the simulation decides.
     `device_type`: the planned device, for layouts that depend on it (bitsandbytes' paged states live in CUDA
-    managed memory, outside the allocator: the host column)."""
+    managed memory, outside the allocator: the host column). `memo`: one dict for the many candidates of one plan
+    on the same (unchanged) workload: its roles, States.of and activation models by their inputs, each made once."""
 
+    memo = {} if memo is None else memo
     pred = Prediction(param_bytes=4, grad_bytes=4, optimizer_bytes=8)
     for t in techs:
         t.activation_terms(pred)
     # the workload's linear roles: lora's targets by role (q/k/v/o, mlp, head) are priced on exactly its layers
     # (and the workload itself: prune_structured traces a forward of the fake model to count what it removes)
-    states = model_states(wl.model, wl.blocks(), techs, world_size, roles=wl.linear_roles(), device_type=device_type,
-                          workload=wl)  # fmt: skip
+    if ("states_of", world_size, device_type) not in memo:  # with the States after each run of leading steps
+        roles = wl.linear_roles()
+        start = States.of(wl.model, wl.blocks(), world_size, roles, device_type, wl)
+        memo["states_of", world_size, device_type] = (roles, start, {})
+    roles, start, prefixes = memo["states_of", world_size, device_type]
+    states = model_states(wl.model, wl.blocks(), techs, world_size, roles=roles, device_type=device_type,
+                          workload=wl, start=start, prefixes=prefixes)  # fmt: skip
 
     # a loss that never holds the full logits (fused cross-entropy) is passed only where a technique set it: the
     # activation models without an LM head (digits, custom) take no such argument
@@ -50,8 +57,12 @@ def analytic(wl, techs, batch_size: int, world_size: int, device_type: str = "")
 
     def placed(b: int) -> tuple[float | None, float]:  # (device, host): activation offloading moves them on CUDA
         autocast = pred.autocast_dtype is not None
-        terms = wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=autocast, **chunk)
-        return place_activations(terms, len(wl.blocks()), pred.act_offload, device_type)
+        k = ("acts", b, pred.act_elem_bytes, pred.checkpoint, autocast, pred.loss_chunk_tokens, pred.act_offload,
+             device_type)  # fmt: skip
+        if k not in memo:
+            terms = wl.activation_model(b, pred.act_elem_bytes, pred.checkpoint, autocast=autocast, **chunk)
+            memo[k] = place_activations(terms, len(wl.blocks()), pred.act_offload, device_type)
+        return memo[k]
 
     def act(b: int) -> float | None:
         return placed(b)[0]

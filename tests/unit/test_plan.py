@@ -9,7 +9,7 @@ import torch
 
 from membench import plan as pl
 from membench.cli import main
-from membench.errors import MemoryBudgetExceeded
+from membench.errors import ConfigError, MemoryBudgetExceeded
 from membench.predict import model_states
 from membench.techniques.precision import BF16
 from membench.techniques.zero import Zero
@@ -64,6 +64,38 @@ def test_exact_only_and_fast_composition_matches_hydra():
     many = every[:: max(1, len(every) // 24)]  # ~24 spread over the whole enumeration (Hydra composes each: ~1 s)
     base = pl.compose_cells(user, [[]])[0]
     assert pl.fast_cells(user, base, many) == pl.compose_cells(user, many)
+
+
+def test_shared_work_between_candidates_changes_no_prediction():
+    """The plan prices its candidates from one States.of, the States of the leading steps already priced, shared
+    cells and one build, check and name per technique node; each row's analytic prediction is the one made for that
+    candidate alone, and the rows and rejections are those of cells composed one by one."""
+    from membench.config import build
+
+    fams = "plan.techniques=[precision,quantized_base,lora,optimizer_lowmem,optimizer_8bit,zero]"
+    pc, user = pl.split_overrides(["workload=llama_tiny", "run.device=cuda", "run.memory_budget_mib=64",
+                                   "plan.records=[/nonexistent]", fams])  # fmt: skip
+    pc.simulate = 0
+    r = pl.plan(user, pc, progress=lambda m: None)
+    assert len(r["rows"]) > 50 and r["rejected"]
+    base = pl.compose_cells(user, [[]])[0]
+    wl = pl.fake_workload(build(base["workload"], "workload"), 0)
+    cands = pl.candidates(1, "cuda", pc)
+    valid, rejected = [], []
+    for ov, cell in zip(cands, pl.fast_cells(user, base, cands), strict=True):  # each its own copy, no cache
+        try:
+            techs = pl.validated(cell, "cuda")[2]
+        except ConfigError as e:
+            rejected.append(str(e))
+            continue
+        why = next((w for t in techs if (w := t.check_model(wl.model, wl.blocks()))), None)
+        (rejected if why else valid).append(why or ov)
+    assert [x["reason"] for x in r["rejected"]] == rejected
+    assert sorted(map(str, valid)) == sorted(str(x["overrides"]) for x in r["rows"])
+    for row, cell in zip(r["rows"], pl.fast_cells(user, base, [x["overrides"] for x in r["rows"]]), strict=True):
+        alone = pl.analytic(wl, pl.validated(cell, "cuda")[2], r["micro_batch_size"], 1, "cuda")
+        alone.pop("states")
+        assert row["predictions"]["analytic"] == alone, row["label"]
 
 
 def test_plan_ranks_fitting_simulated_plans_first(tmp_path):
