@@ -23,20 +23,10 @@ run:
 	echo "make run: set-up $$((t1 - t0)) s, demo $$((t2 - t1)) s (load average $$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null))"; \
 	exit $$rc
 
-# Every CPU test, the ones marked slow included (a bare `pytest` deselects those through pyproject's addopts), in
-# three processes. The real-Slurm tests run beside the unit tests (they mostly wait on the scheduler; their output
-# is printed when both end); then the runs and end-to-end tests. The whole suite in one process once died of a
-# segfault inside Hydra's compose (deepcopy) late in the unit tests, which pass in a process of their own (not
-# diagnosed: a native library's state left by earlier tests is the suspect); the session's other imports also left
-# the slurmd fixture unable to run two cells at once (each alone passes). The Slurm detach test's old hang after
-# SIGINT was pytest started as a background job, SIGINT ignored (tests/conftest.py restores it).
+# Every CPU test, the ones marked slow included, in three pytest processes at once (scripts/test_all.sh says why and
+# how they are grouped); exit 0 only when every group passed.
 test: setup
-	@log=$$(mktemp); $(PY) -m pytest -q -m 'slow or not slow' tests/e2e/test_slurm_real.py > $$log 2>&1 & slurm=$$!; \
-	trap 'kill $$slurm 2>/dev/null; rm -f $$log' INT TERM; \
-	$(PY) -m pytest -q -m 'slow or not slow' tests/unit; unit=$$?; \
-	wait $$slurm; s=$$?; echo "--- tests/e2e/test_slurm_real.py (ran beside the unit tests):"; cat $$log; rm -f $$log; \
-	[ $$unit -eq 0 ] && [ $$s -eq 0 ]
-	$(PY) -m pytest -q -m 'slow or not slow' tests/runs tests/e2e --ignore=tests/e2e/test_slurm_real.py
+	@bash scripts/test_all.sh $(PY)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
