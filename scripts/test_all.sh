@@ -2,22 +2,28 @@
 # `make test`: every CPU test, the slow-marked ones included (a bare `pytest` deselects those through pyproject's
 # addopts), in three pytest processes at once, each group's output printed when it ends.
 #
-# Why three processes at once: on 2 cores one process left a core idle for most of the suite (Python-bound tests, the
-# real-Slurm tests waiting on the scheduler) and took 11.9-12.8 min from a fresh clone, over the 10-minute budget.
+# How: the real-Slurm tests (mostly waiting on the scheduler; its cells run under slurmd, on every core) in one
+# process; the rest in two groups, each pinned to one core with one torch thread (tests/conftest.py follows the
+# affinity; a cell a test starts takes its threads from the affinity too), balanced by the durations measured alone on
+# this machine on 2026-12-07 (unit 287 s, runs 80 s, end-to-end 274 s, real Slurm 119 s): ~5.5 min of one core each.
+# Three unpinned processes with two threads each oversubscribed the 2 cores (648 s of tests, 12.2 min with set-up);
+# one process after another took 11.9-12.8 min.
 # Why not one process: the whole suite in one process twice died of a native crash late in the unit tests (a
 # segfault in Hydra's compose, deepcopy; a SIGABRT in malloc under torch-pruning's tracing in test_plan_states), each
 # passing in a process of its own and on a re-run: heap corruption left by some native library (not diagnosed), so
-# the groups stay small. The groups are balanced by durations measured alone on this machine (2026-12-07: unit 287 s,
-# runs 80 s, end-to-end 274 s, real Slurm 119 s mostly waiting): ~3-4.5 min of one core each.
+# the groups stay small.
 set -u
 PY=${1:-.venv/bin/python}
 dir=$(mktemp -d)
 pids=()
 names=()
-group() {  # NAME "PYTEST ARGS" ...: the pytest runs of one group, one after another, in a session of its own
-  local name=$1
-  shift
-  setsid bash -c 'py=$1; shift; r=0; for a in "$@"; do $py -m pytest -q -m "slow or not slow" $a || r=1; done; exit $r' \
+cpus=($("$PY" -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+group() {  # NAME CPU "PYTEST ARGS" ...: the pytest runs of one group, one after another, in a session of its own,
+  # pinned to CPU (where there are 2 cores or more and taskset exists; "-" leaves it unpinned)
+  local name=$1 cpu=$2 pin=()
+  shift 2
+  if [ "$cpu" != "-" ] && [ "${#cpus[@]}" -ge 2 ] && command -v taskset > /dev/null; then pin=(taskset -c "$cpu"); fi
+  setsid "${pin[@]}" bash -c 'py=$1; shift; r=0; for a in "$@"; do $py -m pytest -q -m "slow or not slow" $a || r=1; done; exit $r' \
     _ "$PY" "$@" > "$dir/$name.log" 2>&1 &
   pids+=($!)
   names+=("$name")
@@ -29,11 +35,12 @@ stop() {
 }
 trap stop INT TERM HUP
 t0=$(date +%s)
-group slurm+runs+kill "tests/e2e/test_slurm_real.py" "tests/runs tests/e2e/test_kill.py"
-group plan+zero+docs "tests/unit/test_plan.py tests/unit/test_plan_act.py tests/unit/test_plan_states.py" \
-  "tests/e2e/test_zero.py tests/e2e/test_zero_deepspeed_planned.py tests/e2e/test_zero_simulated.py tests/e2e/test_distributed.py tests/e2e/test_doc_commands.py"
-group unit+e2e "tests/unit --ignore=tests/unit/test_plan.py --ignore=tests/unit/test_plan_act.py --ignore=tests/unit/test_plan_states.py" \
-  "tests/e2e --ignore=tests/e2e/test_slurm_real.py --ignore=tests/e2e/test_kill.py --ignore=tests/e2e/test_zero.py --ignore=tests/e2e/test_zero_deepspeed_planned.py --ignore=tests/e2e/test_zero_simulated.py --ignore=tests/e2e/test_distributed.py --ignore=tests/e2e/test_doc_commands.py"
+group slurm - "tests/e2e/test_slurm_real.py"
+group unit+runs+docs "${cpus[0]}" \
+  "tests/unit --ignore=tests/unit/test_plan.py --ignore=tests/unit/test_plan_act.py --ignore=tests/unit/test_plan_states.py" \
+  "tests/runs tests/e2e/test_doc_commands.py tests/e2e/test_launch.py tests/e2e/test_library_use.py"
+group plan+e2e "${cpus[1]:-${cpus[0]}}" "tests/unit/test_plan.py tests/unit/test_plan_act.py tests/unit/test_plan_states.py" \
+  "tests/e2e --ignore=tests/e2e/test_slurm_real.py --ignore=tests/e2e/test_doc_commands.py --ignore=tests/e2e/test_launch.py --ignore=tests/e2e/test_library_use.py"
 echo "make test: 3 groups of tests at once (${names[*]}); each one's output follows when it ends"
 rc=0
 for i in "${!pids[@]}"; do
