@@ -5,7 +5,8 @@
 # How: the real-Slurm tests (mostly waiting on the scheduler; its cells run under slurmd, on every core) in one
 # process; the rest in two groups, each pinned to one core with one torch thread (tests/conftest.py follows the
 # affinity; a cell a test starts takes its threads from the affinity too), balanced by the durations measured alone on
-# this machine on 2026-12-07 (unit 287 s, runs 80 s, end-to-end 274 s, real Slurm 119 s): ~5.5 min of one core each.
+# this machine on 2026-12-07 (unit 287 s, runs 80 s, end-to-end 274 s, real Slurm 119 s) and then pinned (7.9 min
+# against 6.7 for the two groups before a last move: 516 s of tests, 10.1 min with set-up from a fresh clone).
 # Three unpinned processes with two threads each oversubscribed the 2 cores (648 s of tests, 12.2 min with set-up);
 # one process after another took 11.9-12.8 min.
 # Why not one process: the whole suite in one process twice died of a native crash late in the unit tests (a
@@ -36,11 +37,12 @@ stop() {
 trap stop INT TERM HUP
 t0=$(date +%s)
 group slurm - "tests/e2e/test_slurm_real.py"
-group unit+runs+docs "${cpus[0]}" \
+# a new end-to-end file joins the first group
+group unit+runs+e2e "${cpus[0]}" \
   "tests/unit --ignore=tests/unit/test_plan.py --ignore=tests/unit/test_plan_act.py --ignore=tests/unit/test_plan_states.py" \
-  "tests/runs tests/e2e/test_doc_commands.py tests/e2e/test_launch.py tests/e2e/test_library_use.py"
-group plan+e2e "${cpus[1]:-${cpus[0]}}" "tests/unit/test_plan.py tests/unit/test_plan_act.py tests/unit/test_plan_states.py" \
-  "tests/e2e --ignore=tests/e2e/test_slurm_real.py --ignore=tests/e2e/test_doc_commands.py --ignore=tests/e2e/test_launch.py --ignore=tests/e2e/test_library_use.py"
+  "tests/runs tests/e2e --ignore=tests/e2e/test_slurm_real.py --ignore=tests/e2e/test_kill.py --ignore=tests/e2e/test_zero.py --ignore=tests/e2e/test_zero_deepspeed_planned.py --ignore=tests/e2e/test_zero_simulated.py --ignore=tests/e2e/test_distributed.py"
+group plan+kill+zero "${cpus[1]:-${cpus[0]}}" "tests/unit/test_plan.py tests/unit/test_plan_act.py tests/unit/test_plan_states.py" \
+  "tests/e2e/test_kill.py tests/e2e/test_zero.py tests/e2e/test_zero_deepspeed_planned.py tests/e2e/test_zero_simulated.py tests/e2e/test_distributed.py"
 echo "make test: 3 groups of tests at once (${names[*]}); each one's output follows when it ends"
 rc=0
 for i in "${!pids[@]}"; do
