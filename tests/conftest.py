@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gc
+import os
 import signal
 
 import pytest
 import torch
-
-import os
 
 # two torch threads, or one where the process is pinned to one core (scripts/test_all.sh runs two groups, one per core)
 torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))

@@ -141,3 +141,44 @@ def none_left(mark: str, within_s: float) -> list[int]:
     while tagged_pids(mark) and time.monotonic() < deadline:
         time.sleep(0.1)
     return tagged_pids(mark)
+
+
+def _two_rank_worker(rank: int, out_dir: str, cells: list[tuple[str, list[str]]]) -> None:
+    """One rank of `two_rank_records`: runs every (name, overrides) cell through membench.execute, rank 0 writes
+    each record as out_dir/NAME.json; each rank's stderr goes to out_dir/rankN.stderr."""
+    import json
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    log = open(Path(out_dir, f"rank{rank}.stderr"), "w")  # noqa: SIM115 (open for the life of the process)
+    os.dup2(log.fileno(), 2)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    sys.modules["mlflow"] = None  # `import deepspeed` (registry discovery) would import it: seconds per rank
+    # a file rendezvous in the caller's tmp dir: no port another session could take (tests/e2e/test_zero.py)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'rendezvous')}", rank=rank, world_size=2)
+    from membench.execute import execute
+
+    for name, overrides in cells:
+        out = execute(compose(*overrides))
+        if rank == 0:
+            Path(out_dir, f"{name}.json").write_text(json.dumps(out, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def two_rank_records(out_dir: Path, cells: list[tuple[str, list[str]]]) -> dict[str, dict]:
+    """Real 2-rank gloo runs of `cells` ((name, overrides) pairs) in two spawned processes: {name: rank 0's record}.
+    A rank that dies fails the test with both ranks' stderr tails."""
+    import json
+
+    import pytest
+
+    try:
+        torch.multiprocessing.spawn(_two_rank_worker, args=(str(out_dir), cells), nprocs=2)
+    except torch.multiprocessing.ProcessExitedException as e:
+        tails = {p.name: p.read_text()[-6000:] for p in sorted(out_dir.glob("rank*.stderr"))}
+        pytest.fail(f"{e}\n" + "\n".join(f"--- {name} ---\n{text}" for name, text in tails.items()))
+    return {name: json.loads((out_dir / f"{name}.json").read_text()) for name, _ in cells}

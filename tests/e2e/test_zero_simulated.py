@@ -11,17 +11,11 @@ deterministic.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
 from membench.plan.predictors import analytic, fake_workload, simulated
 from membench.simulate import simulate
-from tests.helpers import compose, config_parts
+from tests.helpers import compose, config_parts, two_rank_records
 
 # (workload, techniques, stage): FSDP2 alone, under its bf16 policy, with checkpointing inside the sharded blocks,
 # on Llama (RMSNorm, RoPE buffers), and with LoRA (frozen sharded base, trainable adapters)
@@ -40,35 +34,10 @@ def _name(cell: tuple) -> str:
     return f"{cell[0]}-{cell[1].replace(',', '+')}-stage{cell[2]}"
 
 
-def _rank(rank: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    log = open(Path(out_dir, f"rank{rank}.stderr"), "w")  # noqa: SIM115 (open for the life of the process)
-    os.dup2(log.fileno(), 2)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    sys.modules["mlflow"] = None  # `import deepspeed` (registry discovery) would import it: seconds per rank
-    # a file rendezvous in this test's tmp dir: no port another session could take (tests/e2e/test_zero.py)
-    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'rendezvous')}", rank=rank, world_size=2)
-    from membench.execute import execute
-
-    for cell in CELLS:
-        out = execute(compose(*_overrides(*cell)))
-        if rank == 0:
-            Path(out_dir, f"{_name(cell)}.json").write_text(json.dumps(out, default=str))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory) -> dict[tuple, dict]:
-    out = tmp_path_factory.mktemp("zero_sim")
-    try:
-        torch.multiprocessing.spawn(_rank, args=(str(out),), nprocs=2)
-    except torch.multiprocessing.ProcessExitedException as e:
-        tails = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("rank*.stderr"))}
-        pytest.fail(f"{e}\n" + "\n".join(f"--- {name} ---\n{text}" for name, text in tails.items()))
-    return {cell: json.loads((out / f"{_name(cell)}.json").read_text()) for cell in CELLS}
+    runs = two_rank_records(tmp_path_factory.mktemp("zero_sim"), [(_name(c), _overrides(*c)) for c in CELLS])
+    return {cell: runs[_name(cell)] for cell in CELLS}
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[_name(c) for c in CELLS])
