@@ -194,6 +194,14 @@ def run_verdict(base: list[list[float]], cand: list[list[float]], tol: Tolerance
     }
 
 
+def group_verdict(base: list[list[float]], cand: list[list[float]], tol: Tolerances) -> dict:
+    """The time verdict of a seed group (each run's step times, the same seeds on both sides): on its runs (Welch on
+    run medians) from `time_min_runs` runs per side, else on its steps pooled (Mann-Whitney)."""
+    if len(base) >= max(tol.time_min_runs, 2):
+        return run_verdict(base, cand, tol)
+    return time_verdict([t for r in base for t in r], [t for r in cand for t in r], tol)
+
+
 def _band(values: list[float]) -> tuple[float, float]:
     """95% prediction interval for one more seed: mean +- t * sd * sqrt(1 + 1/n)."""
     from scipy.stats import t
@@ -338,14 +346,7 @@ def _time_verdicts(base: dict, cand: dict, common: set[str], differing: dict, to
     out = {}
     for hs in groups.values():
         b, c = [base[h] for h in hs], [cand[h] for h in hs]
-        if len(hs) >= max(tol.time_min_runs, 2):  # enough runs: the run is the sample (Welch on run medians)
-            tv = run_verdict(*([r["timing"]["step_times_s"] or [] for r in rs] for rs in (b, c)), tol)
-        else:
-            tv = time_verdict(
-                [t for r in b for t in r["timing"]["step_times_s"] or []],
-                [t for r in c for t in r["timing"]["step_times_s"] or []],
-                tol,
-            )
+        tv = group_verdict(*([r["timing"]["step_times_s"] or [] for r in rs] for rs in (b, c)), tol)
         loads = [_start_load(rs) for rs in (b, c)]
         if any(differing.get(h) for h in hs):
             tv = {**tv, "verdict": "inconclusive", "why": "other hardware"}
@@ -539,12 +540,7 @@ def gate_table(results_root) -> str:
         counts = dict.fromkeys(("regressed", "inconclusive", "ok", "improved"), 0)
         for g in groups.values():
             runs = [r["timing"]["step_times_s"] for r in g]
-            slow = [[t * 1.10 for t in x] for x in runs]
-            if len(g) >= max(tol.time_min_runs, 2):
-                v = run_verdict(runs, slow, tol)["verdict"]
-            else:
-                v = time_verdict(sum(runs, []), sum(slow, []), tol)["verdict"]
-            counts[v] += len(g)
+            counts[group_verdict(runs, [[t * 1.10 for t in x] for x in runs], tol)["verdict"]] += len(g)
         steps = sorted({len(r["timing"]["step_times_s"]) for r in rs})
         loads = [((r["timing"].get("load") or {}).get("start") or {}).get("load_avg_1m") for r in rs]
         loads = [x for x in loads if x is not None]
