@@ -9,10 +9,9 @@
 # against 6.7 for the two groups before a last move: 516 s of tests, 10.1 min with set-up from a fresh clone).
 # Three unpinned processes with two threads each oversubscribed the 2 cores (648 s of tests, 12.2 min with set-up);
 # one process after another took 11.9-12.8 min.
-# Why not one process: the whole suite in one process twice died of a native crash late in the unit tests (a
-# segfault in Hydra's compose, deepcopy; a SIGABRT in malloc under torch-pruning's tracing in test_plan_states), each
-# passing in a process of its own and on a re-run: heap corruption left by some native library (not diagnosed), so
-# the groups stay small.
+# The native crashes of earlier runs (a segfault in Hydra's compose, deepcopy; a SIGABRT in malloc after
+# torch-pruning's tracing in test_plan_states; about one run in three) were heap corruption by the planner itself:
+# `copy.deepcopy` of its fake model (FakeTensors outside FakeCopyMode); fixed by `prune_structured.fake_clone`.
 set -u
 PY=${1:-.venv/bin/python}
 dir=$(mktemp -d)

@@ -190,7 +190,7 @@ def pruned_sizes(model: nn.Module, blocks, workload, ratio: float, head_ratio: f
     memo: dict = {}
     try:
         if any(isinstance(p, FakeTensor) for p in model.parameters()):
-            clone = copy.deepcopy(model, memo)
+            clone = fake_clone(model, memo)
         else:
             with FakeCopyMode(FakeTensorMode(allow_non_fake_inputs=True)):
                 clone = copy.deepcopy(model, memo)
@@ -206,6 +206,25 @@ def pruned_sizes(model: nn.Module, blocks, workload, ratio: float, head_ratio: f
            [(b.numel(), b.element_size(), b.is_floating_point()) for b in clone.buffers()])  # fmt: skip
     _PRUNED.setdefault(model, {})[key] = out
     return out
+
+
+def fake_clone(model: nn.Module, memo: dict) -> nn.Module:
+    """A copy of `model`, whose tensors are fake already (the planner's), for torch-pruning to cut: every parameter,
+    buffer and tensor attribute a new fake tensor of the same shape, dtype and device, made by the original's own
+    FakeTensorMode (`empty_like`: no value exists to copy); the modules deep-copied around them (`memo` maps each
+    original object to its copy). Not `copy.deepcopy(model)`: torch has no deep copy of a FakeTensor outside
+    FakeCopyMode (Tensor.__deepcopy__ reads its data pointer, "undefined behavior" in torch's own warning, and
+    deep-copies its FakeTensorMode with it), and that copy corrupted the heap: segfaults in later, unrelated code
+    (Hydra's compose, datetime.strftime) and malloc aborts, in about one `make test` in three; a loop of plans
+    crashed in its second iteration under glibc's malloc checks (MALLOC_CHECK_=3, MALLOC_PERTURB_)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        tensors += [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if id(t) not in memo:
+            new = torch.empty_like(t)
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(model, memo)
 
 
 def _forward(workload, model: nn.Module, batch) -> torch.Tensor:

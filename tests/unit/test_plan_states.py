@@ -94,3 +94,29 @@ def test_paged_8bit_states_of_a_cuda_plan_are_on_the_host():
     assert rows["cuda"]["host_bytes"] == paged and rows["cpu"]["host_bytes"] == 0
     cuda, cpu = (rows[d]["predictions"]["analytic"]["by_category"]["optimizer"] for d in ("cuda", "cpu"))
     assert cpu - cuda == paged
+
+
+def test_the_fake_model_is_cloned_by_its_own_fake_mode_not_deep_copied():
+    """torch-pruning prices structured pruning on a copy of the planner's fake model. `copy.deepcopy` of FakeTensors
+    outside FakeCopyMode deep-copies their FakeTensorMode and corrupted the heap (segfaults in unrelated code later);
+    `fake_clone` makes each tensor anew with the model's own mode: new tensors of the same shapes and dtypes,
+    Parameters still Parameters, tied weights still tied, one mode, and `memo` maps the blocks onto the copy's."""
+    import torch
+
+    from membench.plan.predictors import fake_workload
+    from membench.techniques.prune_structured import fake_clone
+
+    for workload in ("gpt_tiny", "llama_tiny"):
+        wl = fake_workload(build(compose(f"workload={workload}")["workload"], "workload"), 0)
+        mode = next(wl.model.parameters()).fake_mode
+        memo: dict = {}
+        clone = fake_clone(wl.model, memo)
+        pairs = list(zip(wl.model.parameters(), clone.parameters(), strict=True))  # parameters() skips a tied repeat
+        assert all(c.fake_mode is mode and c is not p for p, c in pairs)
+        assert all(isinstance(c, torch.nn.Parameter) and (c.shape, c.dtype) == (p.shape, p.dtype) for p, c in pairs)
+        assert all(c.requires_grad == p.requires_grad for p, c in pairs)
+        originals = list(wl.model.buffers())
+        copies = list(clone.buffers())
+        assert [(b.shape, b.dtype) for b in copies] == [(b.shape, b.dtype) for b in originals]
+        assert not {id(b) for b in copies} & {id(b) for b in originals}
+        assert memo[id(wl.blocks())] is not wl.blocks() and isinstance(memo[id(wl.blocks())], torch.nn.Module)
