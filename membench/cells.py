@@ -173,8 +173,8 @@ def plan_cells(overrides: list[str], multirun: bool) -> list[tuple[dict, list[st
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for user in expand(overrides, multirun):
             base = compose(user)
-            exp_cells = list(base.get("experiment", {}).get("cells", []) or []) or [[]]
-            for extra in exp_cells:
+            exp = base.get("experiment", {}) or {}
+            for extra in _seeded(list(exp.get("cells", []) or []) or [[]], exp.get("seeds"), user):
                 # experiment cell first, the user's overrides last so they win (e.g. run.train_steps=...)
                 cfg = compose([*list(extra), *user]) if extra else base
                 try:
@@ -185,6 +185,28 @@ def plan_cells(overrides: list[str], multirun: bool) -> list[tuple[dict, list[st
                 check_inputs(resolved)
                 cells.append((resolved, [*list(extra), *user]))
     return cells
+
+
+def _seeded(cells: list, seeds, user: list[str]) -> list[list[str]]:
+    """A study's `experiment.seeds: [0, 1, ...]` runs each of its cells once per seed (`run.seed=S` added), so that
+    a re-run of the study holds the same seed groups as its committed records (docs/tracking.md: the time verdict
+    on runs needs >= --time-min-runs seeds per side). A cell that sets run.seed itself, or a user's run.seed
+    override, keeps its own seed."""
+    if seeds is None:
+        return [list(c) for c in cells]
+    if OmegaConf.is_config(seeds):
+        seeds = OmegaConf.to_container(seeds)
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
+        raise ConfigError(f"experiment.seeds={seeds!r}: must be a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"experiment.seeds={list(seeds)}: a seed is listed twice")
+    out: list[list[str]] = []
+    for c in cells:
+        if any(str(o).startswith("run.seed=") for o in [*c, *user]):
+            out.append(list(c))
+        else:
+            out.extend([*c, f"run.seed={s}"] for s in seeds)
+    return out
 
 
 def configs(overrides: list[str], multirun: bool) -> list[dict]:

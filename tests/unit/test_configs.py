@@ -210,3 +210,43 @@ def test_every_committed_record_carries_the_hash_of_its_config():
         if r["config_hash"] != config_hash(r["config"]):
             stale.append(f)
     assert stale == []
+
+
+def test_a_study_with_seeds_runs_each_cell_once_per_seed():
+    cells = plan(["+experiment=llama"], multirun=False)
+    by_seed: dict[int, list] = {}
+    for c in cells:
+        by_seed.setdefault(c["run"]["seed"], []).append(c)
+    assert sorted(by_seed) == list(range(10))
+
+    def strip(c):  # everything but the seed
+        return json.dumps({**c, "run": {k: v for k, v in c["run"].items() if k != "seed"}}, sort_keys=True)
+
+    assert len({strip(c) for c in by_seed[0]}) == 9
+    assert all(sorted(map(strip, group)) == sorted(map(strip, by_seed[0])) for group in by_seed.values())
+    # the user's run.seed wins over the study's list: one seed, the study's nine cells
+    assert [c["run"]["seed"] for c in plan(["+experiment=llama", "run.seed=7"], multirun=False)] == [7] * 9
+
+
+def test_seeds_leave_a_cell_that_sets_its_own_seed_alone():
+    from membench.cells import _seeded
+
+    cells = [["technique=[bf16]"], ["technique=[bf16_pure]", "run.seed=4"]]
+    assert _seeded(cells, [0, 1], []) == [
+        ["technique=[bf16]", "run.seed=0"],
+        ["technique=[bf16]", "run.seed=1"],
+        ["technique=[bf16_pure]", "run.seed=4"],
+    ]
+    assert _seeded(cells, None, []) == cells
+
+
+@pytest.mark.parametrize(
+    "seeds, message",
+    [([], "must be a non-empty list"), ([0, -1], "must be a non-empty list"), ("0,1", "must be a non-empty list"),
+     ([0, 0], "a seed is listed twice"), ([0.5], "must be a non-empty list")],
+)
+def test_bad_study_seeds_are_refused_in_one_line(seeds, message):
+    from membench.cells import _seeded
+
+    with pytest.raises(ConfigError, match=f"experiment.seeds=.*{message}"):
+        _seeded([[]], seeds, [])
