@@ -34,6 +34,9 @@ FSDP_PARAM_DTYPES = ("auto", "float32")
 # DeepSpeedZeroConfig's default stage3_param_persistence_threshold (elements), for the pure prediction (importing
 # DeepSpeed there would cost seconds per plan); tests/runs/test_states.py holds it to the installed package's default
 DS_PERSISTENCE_THRESHOLD = 100_000
+# DeepSpeedZeroConfig's default stage3_max_live_parameters (elements), the bound on stage 3's gathered parameters
+# (`Zero.gathered_elements`); tests/unit/test_zero_deepspeed.py holds it to the installed package's default
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 FSDP_REDUCE_DTYPES = ("float32", "bfloat16", "float16")
 # Each stage as its library names it (docs/zero.md, `membench list`, the study's table).
 LIBRARY_NAMES = {
@@ -232,7 +235,9 @@ class Zero(Technique):
           overlap_comm), so the gradients build up as the simulated ones do;
         - stage 3: the bucket (stage3.py `_setup_for_real_optimizer`, `bucket.buffer = torch.empty(...)`) and the
           flat gradient partition (`grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`) are
-          allocated at init and held through every phase."""
+          allocated at init and held through every phase; the gathered parameters (`gathered_elements`) from the
+          first fetch of forward into backward: "forward", "backward_start" and, whole (an upper bound: each
+          module's are released after its own backward), "backward"; none in the optimizer step."""
         if self.stage in (1, 2) and "deepspeed_reduce_bucket" in s.other:
             s.live["deepspeed_reduce_bucket"] = ("backward",)
         if self.stage == 2:
@@ -240,6 +245,8 @@ class Zero(Technique):
             s.live["grads"] = ("optimizer",) if one_bucket else ("backward", "optimizer")
         if self.stage == 3:
             s.live["grads"] = STEP_PHASES
+        if "deepspeed_gathered_params" in s.other:
+            s.live["deepspeed_gathered_params"] = ("forward", "backward_start", "backward")
 
     def states(self, s: States) -> None:
         """ZeRO paper (Rajbhandari et al. 2020, sec. 5): stage s divides optimizer (s >= 1), grads (s >= 2),
@@ -252,6 +259,9 @@ class Zero(Technique):
         if bucket:
             s.other["deepspeed_reduce_bucket"] = bucket
         n, buffers = s.world_size, s.buffers
+        gathered = self.gathered_elements(s)
+        if gathered:  # in the parameters' dtype (16-bit in DeepSpeed's bf16/fp16 modes)
+            s.other["deepspeed_gathered_params"] = float(gathered * s.param_rate)
         if self.backend == "deepspeed" and self.stage >= 1:
             if s.autocast is None:  # fp32 training: DeepSpeed still clones an fp32 master partition of the
                 # parameters for its optimizer (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
@@ -292,6 +302,28 @@ class Zero(Technique):
         if self.backend != "deepspeed" or self.stage != 3 or self.stage3_knobs != "deepspeed":
             return 0
         return sum(p.numel() for p in s.model.parameters() if p.numel() <= DS_PERSISTENCE_THRESHOLD)
+
+    def gathered_elements(self, s: States) -> int:
+        """DeepSpeed stage 3's all-gathered parameters held from forward into backward (0.19.8,
+        partitioned_param_coordinator.py). The first step records the trace of fetched modules, forward and backward
+        (`record_module`); from the second, each fetch also prefetches the trace's next parameters, up to
+        min(stage3_max_live_parameters - those available, stage3_prefetch_bucket_size) elements, and marks each popped
+        parameter with its latest use among the popped entries (`__most_recent_step_id_param_fetched_for`), which
+        for a parameter whose backward use was popped too lies in backward; `__params_to_release` keeps such a
+        parameter gathered after its module's forward (and any reused within stage3_max_reuse_distance), so it
+        stays until its module's backward. Bound: the partitioned elements (those over the persistence threshold:
+        the others are whole on every rank already, `persistent_elements`), at most stage3_max_live_parameters
+        (`paper`: the all-gather bucket; `deepspeed`: its default 1e9). Where the partitioned elements fit the
+        prefetch bucket, the first prefetch takes the whole trace and every partitioned parameter is held (measured,
+        docs/plan.md)."""
+        if self.backend != "deepspeed" or self.stage != 3:  # offloaded or not, they are gathered on the device
+            return 0
+        paper = self.stage3_knobs == "paper"
+        threshold, live = (
+            (0, self.allgather_bucket_size) if paper else (DS_PERSISTENCE_THRESHOLD, DS_MAX_LIVE_PARAMETERS)
+        )
+        partitioned = sum(p.numel() for p in s.model.parameters() if p.numel() > threshold)
+        return min(partitioned, live)
 
     def fsdp_unsharded_elements(self, s: States) -> int:
         """Parameters FSDP2 holds all-gathered at the peak (torch backend): every one at stage 2 (gathered before

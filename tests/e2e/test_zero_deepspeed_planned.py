@@ -18,24 +18,29 @@ from membench.simulate import simulate
 from tests.helpers import compose, config_parts, two_rank_records
 
 BUCKET = 500_000
-# (workload, stage, precision): fp32 on both presets; bf16 (DeepSpeed's bf16 mode: bf16 parameters, fp32 master in
-# K = 12) on gpt_tiny (llama_tiny under DeepSpeed's bf16 fails in the real run: its fp32 RoPE buffers, which the
-# engine keeps, meet bf16 values in attention)
-CELLS = [(w, s, "") for w in ("llama_tiny", "gpt_tiny") for s in (1, 2, 3)] + [
-    ("gpt_tiny", s, "bf16") for s in (1, 2, 3)
-]
+PAPER = "technique.zero.stage3_knobs=paper"
+# (workload, stage, precision, extra overrides): fp32 on both presets; bf16 (DeepSpeed's bf16 mode: bf16 parameters,
+# fp32 master in K = 12) on gpt_tiny (llama_tiny under DeepSpeed's bf16 fails in the real run: its fp32 RoPE buffers,
+# which the engine keeps, meet bf16 values in attention); stage 3 with every parameter partitioned (stage3_knobs=
+# paper: DeepSpeed's defaults keep all of these presets' tensors whole), where the gathered parameters are priced
+CELLS = (
+    [(w, s, "", ()) for w in ("llama_tiny", "gpt_tiny") for s in (1, 2, 3)]
+    + [("gpt_tiny", s, "bf16", ()) for s in (1, 2, 3)]
+    + [("llama_tiny", 3, "", (PAPER,)), ("gpt_tiny", 3, "", (PAPER,)), ("gpt_tiny", 3, "bf16", (PAPER,))]
+)
 RUN = ("run.warmup_steps=1", "run.measure_steps=1", "run.train_steps=4", "run.num_threads=1", "run.batch_size=6")
 
 
-def _overrides(workload: str, stage: int, half: str) -> list[str]:
+def _overrides(workload: str, stage: int, half: str, extra: tuple = ()) -> list[str]:
     techs = f"zero,{half}" if half else "zero"
     return [f"workload={workload}", *RUN, f"technique=[{techs}]", "technique.zero.backend=deepspeed",
             f"technique.zero.stage={stage}", f"technique.zero.reduce_bucket_size={BUCKET}",
-            f"technique.zero.allgather_bucket_size={BUCKET}", "run.world_size=2"]  # fmt: skip
+            f"technique.zero.allgather_bucket_size={BUCKET}", "run.world_size=2", *extra]  # fmt: skip
 
 
 def _name(cell: tuple) -> str:
-    return f"{cell[0]}-stage{cell[1]}{'-' + cell[2] if cell[2] else ''}"
+    knobs = "".join("-" + e.split("=")[-1] for e in cell[3])
+    return f"{cell[0]}-stage{cell[1]}{'-' + cell[2] if cell[2] else ''}{knobs}"
 
 
 @pytest.fixture(scope="module")
@@ -78,4 +83,14 @@ def test_hybrid_deepspeed_row_matches_a_real_two_rank_run(real, cell):
     assert pred["peak_phase"] == ("backward_start" if stage == 3 or (half and stage == 2) else "backward")
     # what is left (12 B on every cell): DeepSpeed's inner AdamW keeps one 4-byte step for its one flat partition
     # (the state rule counts none) and the real step holds 8 B more of activations than the fake one
+    if PAPER in cell[3]:  # every parameter partitioned: all of them gathered from forward into backward
+        model = fake_workload(wcfg, cfg["run"]["seed"]).model
+        psi, first = sum(p.numel() for p in model.parameters()), model.tok.weight.numel()
+        assert got["deepspeed_gathered_params"] == elem * psi
+        # the tracker calls the first module's copy (the embedding, materialised after the tracker's pre-forward
+        # hook on it ran) an activation, the others parameters (their hooks run after the copies exist)
+        assert measured["params"] - got["params"] == elem * (psi - first)
+        assert measured["activations"] - got["activations"] == elem * first + 8
+    else:
+        assert "deepspeed_gathered_params" not in got
     assert abs(pred["peak_bytes"] - rec["memory"]["peak_bytes"]) <= 64
