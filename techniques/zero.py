@@ -24,6 +24,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
+from membench.simulate import AS_SIMULATED
 from membench.techniques.base import STEP_PHASES, Context, Patch, Prediction, States, Technique
 from membench.techniques.precision import REPLACES_AUTOCAST  # FSDP2's policy: autocast steps aside
 
@@ -233,6 +234,11 @@ class Zero(Technique):
           is the epilogue's, after backward: "optimizer" only; with more, it comes mid-backward: "backward" too;
         - stage 1: the hook only sets the bucket up (`process_gradients`: no reduction before the epilogue without
           overlap_comm), so the gradients build up as the simulated ones do;
+        - stages 1-2, the optimizer step (stage_1_and_2.py `step`), priced at its inner optimizer's step: the rank's
+          gradients flattened and converted to fp32 (`single_grad_partition`, 4 Psi/N, also in fp32 training, where
+          `flatten` copies them), the 16-bit/fp32 gradients freed before the inner step (`free_grad_in_param_list`,
+          `averaged_gradients[i] = None`): no "grads" in "optimizer"; the inner optimizer's temporaries over that one
+          flat partition (`optimizer_temps`) instead of the simulated optimizer's, which stepped every tensor;
         - stage 3: the bucket (stage3.py `_setup_for_real_optimizer`, `bucket.buffer = torch.empty(...)`) and the
           flat gradient partition (`grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`) are
           allocated at init and held through every phase; the gathered parameters (`gathered_elements`) from the
@@ -240,9 +246,16 @@ class Zero(Technique):
           module's are released after its own backward), "backward"; none in the optimizer step."""
         if self.stage in (1, 2) and "deepspeed_reduce_bucket" in s.other:
             s.live["deepspeed_reduce_bucket"] = ("backward",)
-        if self.stage == 2:
+        if self.stage == 1:  # built up as simulated; the step frees them before the inner optimizer runs
+            s.live["grads"] = (AS_SIMULATED, "forward", "backward_start", "backward")
+        if self.stage == 2:  # the partition is freed before the inner optimizer runs too (below)
             one_bucket = self.reduce_bucket_size >= sum(s.trainable)
-            s.live["grads"] = ("optimizer",) if one_bucket else ("backward", "optimizer")
+            s.live["grads"] = () if one_bucket else ("backward",)
+        for name in ("deepspeed_fp32_grad_partition", "deepspeed_optimizer_temps"):
+            if name in s.other:
+                s.live[name] = ("optimizer",)
+        if "deepspeed_optimizer_temps" in s.other:  # the simulated AdamW's, per tensor of the whole model: not these
+            s.live["optimizer_temp"] = ()
         if self.stage == 3:
             s.live["grads"] = STEP_PHASES
         if "deepspeed_gathered_params" in s.other:
@@ -267,6 +280,11 @@ class Zero(Technique):
                 # parameters for its optimizer (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
                 # `fp32_partitioned_groups_flat`), a copy the 4+4+8 rule does not have (in 16-bit modes it is in K=12)
                 s.other["fp32_master"] = 4.0 * sum(s.trainable) / n
+            if self.stage in (1, 2) and self.offload_optimizer == "none":
+                s.other["deepspeed_fp32_grad_partition"] = 4.0 * sum(s.trainable) / n
+                temps = self.optimizer_temps(s)
+                if temps:
+                    s.other["deepspeed_optimizer_temps"] = temps
             self._deepspeed_lifetimes(s)
         persistent = self.persistent_elements(s) * s.param_rate
 
@@ -294,6 +312,16 @@ class Zero(Technique):
         s.rule.append(f"ZeRO stage {self.stage} over N={n}"
                       + ("; DeepSpeed's fp32 master partition is recorded as fp32_master" if self.backend == "deepspeed"
                          else ""))  # fmt: skip
+
+    def optimizer_temps(self, s: States) -> float:
+        """The temporaries of DeepSpeed's inner optimizer (torch's AdamW, `torch_adam`) stepping the rank's one flat
+        fp32 partition (Psi/N elements) at stages 1-2: torch's single-tensor AdamW (the CPU default) holds
+        `exp_avg_sq.sqrt()` and its quotient by the bias correction at once (torch/optim/adam.py
+        `_single_tensor_adam`: two fp32 partitions); the foreach one (CUDA's default) one, `_foreach_sqrt`'s, divided
+        in place (not measured here). 0 where DeepSpeed's own Adam steps (its temporaries are not priced)."""
+        if not self.torch_adam:
+            return 0.0
+        return (1 if s.device_type == "cuda" else 2) * 4.0 * sum(s.trainable) / s.world_size
 
     def persistent_elements(self, s: States) -> int:
         """DeepSpeed stage 3 with its default knobs keeps every parameter of at most
