@@ -42,6 +42,7 @@ from membench.technique import Context
 # gradient hook (DeepSpeed's stage 1-2 reduce bucket) is live in the second only (replace_states' `live`).
 PHASES = compose.STEP_PHASES
 STATE_CATEGORIES = ("params", "grads", "optimizer")
+AS_SIMULATED = "as_simulated"  # in States.live: a state category follows the simulated profile in the phases listed
 
 
 def split(techniques, world_size: int | None = None) -> tuple[list, list]:
@@ -346,20 +347,28 @@ def replace_states(s: dict, device_states: dict, other: dict, live: dict | None 
     simulation cannot see (DeepSpeed's buckets), added to every phase, or only to the phases `live` names for it
     (a buffer the library allocates in its first gradient hook and frees at the end of backward: ("backward",)). A
     state category that `live` names is held whole in those phases (a buffer allocated at init, e.g. DeepSpeed stage
-    3's flat gradient partition) instead of following the simulated profile. Nothing is subtracted from a measured
-    peak."""
+    3's flat gradient partition) instead of following the simulated profile; with AS_SIMULATED among its phases it
+    follows the simulated profile in those phases and is not held in the others (DeepSpeed stage 1's gradients,
+    freed before its optimizer step). A simulated category outside the states that `live` names is kept only in
+    the phases it lists (the simulated optimizer's temporaries where the library steps its own optimizer, priced as
+    a named buffer instead). Nothing is subtracted from a measured peak."""
     live = live or {}
     phases = {}
     for p in (p for p in PHASES if p in s["phases"]):
         cats = dict(s["phases"][p])
         for c in STATE_CATEGORIES:
             full, measured = device_states.get(c, 0.0), s["states"][c]
-            if c in live:
-                cats[c] = full if p in live[c] else 0.0
+            held = live.get(c)
+            if held is not None and p not in held:
+                cats[c] = 0.0
+            elif held is not None and AS_SIMULATED not in held:
+                cats[c] = full
             elif measured > 0:
                 cats[c] = cats[c] * full / measured
             else:
                 cats[c] = full if (c != "grads" or p == "optimizer") else 0.0
+        for c in [c for c in cats if c in live and c not in STATE_CATEGORIES and c not in other]:
+            cats[c] = cats[c] if p in live[c] else 0
         for name, nbytes in other.items():
             cats[name] = cats.get(name, 0.0) + (nbytes if p in live.get(name, PHASES) else 0.0)
         phases[p] = cats

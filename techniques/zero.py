@@ -24,6 +24,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from membench import distributed, measure
 from membench.errors import ConfigError
+from membench.simulate import AS_SIMULATED
 from membench.techniques.base import STEP_PHASES, Context, Patch, Prediction, States, Technique
 from membench.techniques.precision import REPLACES_AUTOCAST  # FSDP2's policy: autocast steps aside
 
@@ -34,6 +35,9 @@ FSDP_PARAM_DTYPES = ("auto", "float32")
 # DeepSpeedZeroConfig's default stage3_param_persistence_threshold (elements), for the pure prediction (importing
 # DeepSpeed there would cost seconds per plan); tests/runs/test_states.py holds it to the installed package's default
 DS_PERSISTENCE_THRESHOLD = 100_000
+# DeepSpeedZeroConfig's default stage3_max_live_parameters (elements), the bound on stage 3's gathered parameters
+# (`Zero.gathered_elements`); tests/unit/test_zero_deepspeed.py holds it to the installed package's default
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 FSDP_REDUCE_DTYPES = ("float32", "bfloat16", "float16")
 # Each stage as its library names it (docs/zero.md, `membench list`, the study's table).
 LIBRARY_NAMES = {
@@ -230,16 +234,32 @@ class Zero(Technique):
           is the epilogue's, after backward: "optimizer" only; with more, it comes mid-backward: "backward" too;
         - stage 1: the hook only sets the bucket up (`process_gradients`: no reduction before the epilogue without
           overlap_comm), so the gradients build up as the simulated ones do;
+        - stages 1-2, the optimizer step (stage_1_and_2.py `step`), priced at its inner optimizer's step: the rank's
+          gradients flattened and converted to fp32 (`single_grad_partition`, 4 Psi/N, also in fp32 training, where
+          `flatten` copies them), the 16-bit/fp32 gradients freed before the inner step (`free_grad_in_param_list`,
+          `averaged_gradients[i] = None`): no "grads" in "optimizer"; the inner optimizer's temporaries over that one
+          flat partition (`optimizer_temps`) instead of the simulated optimizer's, which stepped every tensor;
         - stage 3: the bucket (stage3.py `_setup_for_real_optimizer`, `bucket.buffer = torch.empty(...)`) and the
           flat gradient partition (`grad_partitions_flat_buffer = torch.zeros(sum(partition_numel))`) are
-          allocated at init and held through every phase."""
+          allocated at init and held through every phase; the gathered parameters (`gathered_elements`) from the
+          first fetch of forward into backward: "forward", "backward_start" and, whole (an upper bound: each
+          module's are released after its own backward), "backward"; none in the optimizer step."""
         if self.stage in (1, 2) and "deepspeed_reduce_bucket" in s.other:
             s.live["deepspeed_reduce_bucket"] = ("backward",)
-        if self.stage == 2:
+        if self.stage == 1:  # built up as simulated; the step frees them before the inner optimizer runs
+            s.live["grads"] = (AS_SIMULATED, "forward", "backward_start", "backward")
+        if self.stage == 2:  # the partition is freed before the inner optimizer runs too (below)
             one_bucket = self.reduce_bucket_size >= sum(s.trainable)
-            s.live["grads"] = ("optimizer",) if one_bucket else ("backward", "optimizer")
+            s.live["grads"] = () if one_bucket else ("backward",)
+        for name in ("deepspeed_fp32_grad_partition", "deepspeed_optimizer_temps"):
+            if name in s.other:
+                s.live[name] = ("optimizer",)
+        if "deepspeed_optimizer_temps" in s.other:  # the simulated AdamW's, per tensor of the whole model: not these
+            s.live["optimizer_temp"] = ()
         if self.stage == 3:
             s.live["grads"] = STEP_PHASES
+        if "deepspeed_gathered_params" in s.other:
+            s.live["deepspeed_gathered_params"] = ("forward", "backward_start", "backward")
 
     def states(self, s: States) -> None:
         """ZeRO paper (Rajbhandari et al. 2020, sec. 5): stage s divides optimizer (s >= 1), grads (s >= 2),
@@ -252,11 +272,19 @@ class Zero(Technique):
         if bucket:
             s.other["deepspeed_reduce_bucket"] = bucket
         n, buffers = s.world_size, s.buffers
+        gathered = self.gathered_elements(s)
+        if gathered:  # in the parameters' dtype (16-bit in DeepSpeed's bf16/fp16 modes)
+            s.other["deepspeed_gathered_params"] = float(gathered * s.param_rate)
         if self.backend == "deepspeed" and self.stage >= 1:
             if s.autocast is None:  # fp32 training: DeepSpeed still clones an fp32 master partition of the
                 # parameters for its optimizer (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
                 # `fp32_partitioned_groups_flat`), a copy the 4+4+8 rule does not have (in 16-bit modes it is in K=12)
                 s.other["fp32_master"] = 4.0 * sum(s.trainable) / n
+            if self.stage in (1, 2) and self.offload_optimizer == "none":
+                s.other["deepspeed_fp32_grad_partition"] = 4.0 * sum(s.trainable) / n
+                temps = self.optimizer_temps(s)
+                if temps:
+                    s.other["deepspeed_optimizer_temps"] = temps
             self._deepspeed_lifetimes(s)
         persistent = self.persistent_elements(s) * s.param_rate
 
@@ -285,6 +313,16 @@ class Zero(Technique):
                       + ("; DeepSpeed's fp32 master partition is recorded as fp32_master" if self.backend == "deepspeed"
                          else ""))  # fmt: skip
 
+    def optimizer_temps(self, s: States) -> float:
+        """The temporaries of DeepSpeed's inner optimizer (torch's AdamW, `torch_adam`) stepping the rank's one flat
+        fp32 partition (Psi/N elements) at stages 1-2: torch's single-tensor AdamW (the CPU default) holds
+        `exp_avg_sq.sqrt()` and its quotient by the bias correction at once (torch/optim/adam.py
+        `_single_tensor_adam`: two fp32 partitions); the foreach one (CUDA's default) one, `_foreach_sqrt`'s, divided
+        in place (not measured here). 0 where DeepSpeed's own Adam steps (its temporaries are not priced)."""
+        if not self.torch_adam:
+            return 0.0
+        return (1 if s.device_type == "cuda" else 2) * 4.0 * sum(s.trainable) / s.world_size
+
     def persistent_elements(self, s: States) -> int:
         """DeepSpeed stage 3 with its default knobs keeps every parameter of at most
         stage3_param_persistence_threshold elements whole on every rank, next to its partition (measured: the
@@ -292,6 +330,28 @@ class Zero(Technique):
         if self.backend != "deepspeed" or self.stage != 3 or self.stage3_knobs != "deepspeed":
             return 0
         return sum(p.numel() for p in s.model.parameters() if p.numel() <= DS_PERSISTENCE_THRESHOLD)
+
+    def gathered_elements(self, s: States) -> int:
+        """DeepSpeed stage 3's all-gathered parameters held from forward into backward (0.19.8,
+        partitioned_param_coordinator.py). The first step records the trace of fetched modules, forward and backward
+        (`record_module`); from the second, each fetch also prefetches the trace's next parameters, up to
+        min(stage3_max_live_parameters - those available, stage3_prefetch_bucket_size) elements, and marks each popped
+        parameter with its latest use among the popped entries (`__most_recent_step_id_param_fetched_for`), which
+        for a parameter whose backward use was popped too lies in backward; `__params_to_release` keeps such a
+        parameter gathered after its module's forward (and any reused within stage3_max_reuse_distance), so it
+        stays until its module's backward. Bound: the partitioned elements (those over the persistence threshold:
+        the others are whole on every rank already, `persistent_elements`), at most stage3_max_live_parameters
+        (`paper`: the all-gather bucket; `deepspeed`: its default 1e9). Where the partitioned elements fit the
+        prefetch bucket, the first prefetch takes the whole trace and every partitioned parameter is held (measured,
+        docs/plan.md)."""
+        if self.backend != "deepspeed" or self.stage != 3:  # offloaded or not, they are gathered on the device
+            return 0
+        paper = self.stage3_knobs == "paper"
+        threshold, live = (
+            (0, self.allgather_bucket_size) if paper else (DS_PERSISTENCE_THRESHOLD, DS_MAX_LIVE_PARAMETERS)
+        )
+        partitioned = sum(p.numel() for p in s.model.parameters() if p.numel() > threshold)
+        return min(partitioned, live)
 
     def fsdp_unsharded_elements(self, s: States) -> int:
         """Parameters FSDP2 holds all-gathered at the peak (torch backend): every one at stage 2 (gathered before

@@ -207,8 +207,11 @@ class Llama(nn.Module):
         """Logits, or with `targets` the loss `loss_fn(hidden, head, targets)` over the flattened tokens (taken inside
         forward, so wrappers see the head used where they expect it)."""
         t = idx.shape[1]
-        cos, sin = self.cos[:t], self.sin[:t]
         x = self.tok(idx)
+        # the tables in the residual stream's dtype, as HF Llama's rotary embedding returns them (`.to(x.dtype)`):
+        # with 16-bit parameters and fp32 buffers (DeepSpeed's bf16 mode) q and k stay 16-bit like v; fp32 and
+        # autocast runs (fp32 stream) are unchanged
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin)
         x = self.norm(x)
