@@ -111,7 +111,18 @@ def test_deepspeed_estimate_minus_named_terms_is_membench(model, stage, opt, par
     dev, host = st["device"], st["host"]
     dev_total, host_total = sum(dev.values()), sum(host.values())
     fp32_grad = 4 * psi / n  # DeepSpeed's fp32 gradient partition (its 18 = 2 + 2 + 4 + 4 + 8)
-    assert st["other"] == {"deepspeed_reduce_bucket": model["bucket"]}  # membench's, not DeepSpeed's
+    other = dict(st["other"])  # membench's named DeepSpeed buffers, outside the model states
+    assert other.pop("deepspeed_reduce_bucket") == model["bucket"]  # membench's, not DeepSpeed's
+    if stage == 2 and opt == "none":
+        # the optimizer step's fp32 gradient partition: DeepSpeed's estimator's term, which membench now names too,
+        # and the inner AdamW's temporaries over it (this config composes for the CPU: torch's single-tensor AdamW)
+        assert other.pop("deepspeed_fp32_grad_partition") == fp32_grad
+        assert other.pop("deepspeed_optimizer_temps") == 2 * fp32_grad
+    if stage == 3:
+        # gathered from forward into backward, in bf16: every partitioned (above-threshold) parameter up to
+        # stage3_max_live_parameters (1e9), where DeepSpeed's estimator takes the largest layer (4L below)
+        assert other.pop("deepspeed_gathered_params") == 2 * min(psi - pers, 10**9)
+    assert other == {}
 
     if stage == 2:
         cpu, gpu = estimate_zero2_model_states_mem_needs(psi, GPUS_PER_NODE, nodes, cpu_offload=opt == "cpu")
