@@ -434,9 +434,8 @@ def test_llama_time_claims():
     rel = {n: half_width([r["timing"]["median_step_s"] for r in seeds("llama", n).values()])
            / (mean_ms("llama", n) / 1e3) for n in names}  # fmt: skip
     tao = "optimizer_8bit(backend=torchao)"
-    claim(p, f"within ±{math.ceil(max(v for n, v in rel.items() if n != tao) * 1000) / 10:.1f}% of its mean in every "
-             "row but torchao's")  # fmt: skip
-    claim(p, f"its interval is ±{rel[tao]:.0%} of its")
+    assert not any(r["timing"]["load"]["loaded"] for r in rs)  # so the table's caveat column reads "-"
+    claim(p, f"within ±{math.ceil(max(rel.values()) * 1000) / 10:.1f}% of its mean in every row")
     x = lambda n: mean_ms("llama", n) / mean_ms("llama", "baseline")  # noqa: E731
     logs = lambda n: [math.log(r["timing"]["median_step_s"]) for r in seeds("llama", n).values()]  # noqa: E731
     welch = lambda n: scipy_stats.ttest_ind(logs(n), logs("baseline"), equal_var=False).pvalue  # noqa: E731
@@ -787,8 +786,10 @@ def test_quantization_method_claims():
     first = lambda s, w: cell(s, "optimizer_8bit(backend=torchao)", w)["technique_info"][  # noqa: E731
         "optimizer_8bit.first_compiled_step_s"
     ]
-    claim("docs/quantization.md", f"{first('quantization', 'digits_cnn'):.1f} s for digits_cnn in the quantization study, "
-                                  f"{first('llama', 'llama_small'):.1f} s for llama_small")  # fmt: skip
+    ll = [r["technique_info"]["optimizer_8bit.first_compiled_step_s"]
+          for r in seeds("llama", "optimizer_8bit(backend=torchao)").values()]  # fmt: skip
+    claim("docs/quantization.md", f"{first('quantization', 'digits_cnn'):.1f} s for digits_cnn in the quantization study; "
+                                  f"{min(ll):.1f}-{max(ll):.1f} s for llama_small over the llama study's 10 seeds")  # fmt: skip
     errs = [
         r["memory"]["relative_error"].get(k, 0) for r in recs("quantization") for k in ("params", "grads", "optimizer")
     ]
@@ -867,11 +868,14 @@ def test_zero_moved_with_issue_19():
 
 def test_zero_time_claims():
     p, rs = "docs/studies/zero_stages.md", recs("zero_stages")
-    assert all(r["timing"]["load"]["loaded"] for r in rs)  # "every cell started above the 2 cores"
+    redone = [r for r in rs if r["run_id"] >= "20261207T13"]  # the DeepSpeed stage-3 cells re-run on 2026-12-07
+    assert {(r["config"]["technique"]["zero"]["backend"], r["config"]["technique"]["zero"]["stage"]) for r in redone} == {
+        ("deepspeed", 3)}  # fmt: skip
+    assert all(r["timing"]["load"]["loaded"] for r in rs if r not in redone)  # "every cell but ... above the 2 cores"
     assert {r["env"]["torch_threads"] for r in rs} == {1}
     claim(p, "Every cell trained 24 steps; `step ms` is the median of 20 timed steps after 2 warm-up")
     first = lambda r: r["timing"]["load"]["start"]["load_avg_1m"]  # noqa: E731
-    order = sorted(rs, key=lambda r: r["run_id"])  # run ids start with the run's start time
+    order = sorted((r for r in rs if r not in redone), key=lambda r: r["run_id"])  # run ids start with the start time
     assert all("bf16" in r["techniques"] for r in order[-4:])  # "the bf16 cells last"
     assert first(order[-1]) == max(first(r) for r in rs)  # the highest load at the last cell's start
     ms = lambda r: r["timing"]["median_step_s"] * 1e3  # noqa: E731
@@ -881,15 +885,16 @@ def test_zero_time_claims():
         return f"{mannwhitneyu(st(a), st(b), alternative=alt).pvalue:.2g}"
 
     d1, d3 = zero("deepspeed", 1, 1), zero("deepspeed", 3, 1)
-    claim(p, f"took {ms(d3) / ms(d1):.2f}x stage 1 ({ms(d3):.0f} against {ms(d1):.0f} ms, p = {pv(d3, d1, 'greater')} "
-             "for \"slower\")")  # fmt: skip
+    ld = lambda r: r["timing"]["load"]["start"]["load_avg_1m"]  # noqa: E731
+    claim(p, f"read {ms(d3):.0f} against stage 1's {ms(d1):.0f} ms")
+    claim(p, f"at a load of {ld(d3):.1f} against stage 1's {ld(d1):.1f}")
     pol = {s: zero("torch", s, 2, "bf16") for s in (2, 3)}
     auto = {s: zero("torch", s, 2, "bf16", param_dtype="float32") for s in (2, 3)}
     claim(p, f"took {ms(pol[2]) / ms(auto[2]):.2f}x the time of autocast over fp32 gathers at stage 2 "
              f"({ms(pol[2]):.0f} against {ms(auto[2]):.0f} ms, p = {pv(pol[2], auto[2], 'less')} for \"faster\") and "
              f"{ms(pol[3]) / ms(auto[3]):.2f}x at stage 3 ({ms(pol[3]):.0f} against {ms(auto[3]):.0f} ms, p = "
              f"{pv(pol[3], auto[3], 'less')})")  # fmt: skip
-    pairs = ((d3, d1, "greater"), (pol[2], auto[2], "less"), (pol[3], auto[3], "less"))
+    pairs = ((pol[2], auto[2], "less"), (pol[3], auto[3], "less"))
     assert all(mannwhitneyu(st(a), st(b), alternative=alt).pvalue < 0.01 for a, b, alt in pairs)
 
 
