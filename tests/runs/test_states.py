@@ -53,13 +53,22 @@ def test_deepspeed_reduce_bucket_is_predicted_at_stages_1_to_3(stage, bucket):
     # stages 1-3); with bf16 it is inside the mixed-precision states (K = 12), not a buffer of its own
     psi = sum(p.numel() for p in model.parameters())
     master = {"fp32_master": 4 * psi / 8} if stage else {}
-    assert fp32["other"] == ({"deepspeed_reduce_bucket": 5_000_000 * 4} if bucket else {}) | master
-    assert mixed["other"] == ({"deepspeed_reduce_bucket": 5_000_000 * 2} if bucket else {})
+    # stages 1-2's optimizer step: the fp32 gradient partition and the inner (CPU, single-tensor) AdamW's two
+    # temporaries over it; stage 3: the tensors above DeepSpeed's 1e5-element persistence threshold stay gathered
+    # from forward into backward, at most stage3_max_live_parameters (1e9) elements (docs/plan.md)
+    step = {}
+    if stage in (1, 2):
+        step = {"deepspeed_fp32_grad_partition": 4 * psi / 8, "deepspeed_optimizer_temps": 8 * psi / 8}
+    partitioned = min(sum(p.numel() for p in model.parameters() if p.numel() > 100_000), 10**9)
+    gathered = lambda nbytes: {"deepspeed_gathered_params": nbytes * partitioned} if stage == 3 else {}  # noqa: E731
+    assert fp32["other"] == ({"deepspeed_reduce_bucket": 5_000_000 * 4} if bucket else {}) | master | step | gathered(4)
+    assert mixed["other"] == ({"deepspeed_reduce_bucket": 5_000_000 * 2} if bucket else {}) | step | gathered(2)
     assert "deepspeed_reduce_bucket" not in torch_backend["other"]
     small = GPTConfig(**TINY).build(0).model  # fewer parameters than one bucket: DeepSpeed still allocates it whole
     tiny = model_states(small, small.blocks, [Zero(stage=2, reduce_bucket_size=10**9)], world_size=2)
     psi = sum(p.numel() for p in small.parameters())
-    assert tiny["other"] == {"deepspeed_reduce_bucket": 4 * 10**9, "fp32_master": 4 * psi / 2}
+    assert tiny["other"] == {"deepspeed_reduce_bucket": 4 * 10**9, "fp32_master": 4 * psi / 2,
+                             "deepspeed_fp32_grad_partition": 4 * psi / 2, "deepspeed_optimizer_temps": 8 * psi / 2}
 
 
 def test_zero_defaults_are_deepspeeds_own():
