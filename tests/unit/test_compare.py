@@ -20,7 +20,7 @@ import pytest
 from membench import sweep as sweep_module
 from membench.cli import main
 from membench.compare import Tolerances, run_verdict, time_verdict
-from membench.records import config_hash
+from membench.records import config_hash, latest_by_cell, load_records
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "results" / "checkpointing" / "runs"
@@ -34,19 +34,16 @@ def _copy(
     (dst / "runs").mkdir(parents=True)
     rng = random.Random(seed)
     files = []
-    latest = {}  # the latest record per cell (file names start with the run's start time), seed 0: one run per
-    for p in sorted(RECORDS.glob("*.json")):  # cell, the step-level rule (seed groups: the _seed_group tests)
-        r = json.loads(p.read_text())
-        if r["config"]["run"]["seed"] == 0:
-            latest[r["config_hash"]] = (p, r)
-    for p, r in sorted(latest.values()):
+    # the latest record of each seed-0 cell: one run per cell, the step-level rule (seed groups: _seed_group)
+    latest = [r for r in latest_by_cell(load_records(RECORDS.parent)).values() if r["config"]["run"]["seed"] == 0]
+    for r in sorted(latest, key=lambda r: r["run_id"]):
         if steps and committed:
             own = r["timing"]["step_times_s"]
             r["timing"]["step_times_s"] = [own[i % len(own)] * factor for i in range(steps)]
         elif steps:
             med = r["timing"]["median_step_s"]
             r["timing"]["step_times_s"] = [med * factor * rng.gauss(1.0, 0.02) for _ in range(steps)]
-        f = dst / "runs" / p.name
+        f = dst / "runs" / f"{r['run_id']}.json"
         f.write_text(json.dumps(r))
         files.append(f)
     return files
@@ -160,8 +157,6 @@ def test_a_copy_of_a_committed_study_with_step_times_raised_ten_percent(study, t
     plan_verified, gpu: 1-3) is inconclusive at +10% and +30%, never ok, exit 3. With the study's own step times
     repeated to 40 per cell: +10% fails again, and the unchanged copy passes with every cell ok."""
     n = _copy_study(study, tmp_path / "base", 1.0)
-    from membench.records import latest_by_cell, load_records
-
     runs = [r for r in latest_by_cell(load_records(ROOT / "results" / study)).values() if r["status"] == "ok"]
     if all(len(r["timing"]["step_times_s"]) >= 20 for r in runs):  # recorded with the gate's 20 timed steps
         # as committed, +10% and +30% fail the compare and leave no cell "ok"; every cell whose own 20 steps spread

@@ -20,7 +20,7 @@ from scipy.stats import mannwhitneyu
 from membench.compare import Tolerances, time_verdict
 from membench.readme import ROOT, files
 from membench.records import latest_by_cell, load_records
-from membench.report import label
+from membench.report import label, mean_ci
 
 MiB = 2**20
 # written in a parallel branch (issue 16, deliverable 7); the lead removes this once it is merged
@@ -392,8 +392,8 @@ def mean_ms(study: str, name: str) -> float:
 
 
 def half_width(xs: list[float]) -> float:
-    """Half-width of the 95% Student-t interval of the mean (the report's "±")."""
-    return scipy_stats.t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    """Half-width of the 95% Student-t interval of the mean: the report's "±" (membench.report.mean_ci)."""
+    return mean_ci(xs)[1]
 
 
 def test_llama_quality_claims():
